@@ -1,0 +1,173 @@
+"""Shared image-classification DataModule: seeded train/val split, per-split transforms, low-data subsets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+
+class LabeledSubset(Dataset):
+    """``dataset[indices]`` with its own transform; ``targets`` lists the labels of the subset.
+
+    The underlying dataset returns untransformed ``(image, label)`` pairs, so the same data
+    can serve train (augmented) and val (deterministic) splits.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], targets: Sequence[int], transform: Callable | None = None, with_index: bool = False):
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.targets = [int(targets[i]) for i in self.indices]
+        self.transform = transform
+        self.with_index = with_index
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[self.indices[i]]
+        if self.transform is not None:
+            x = self.transform(x)
+        return (x, int(y), i) if self.with_index else (x, int(y))
+
+
+def split_indices(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded random split of ``range(len(targets))`` into train and val indices."""
+    n = len(targets)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(n * val_fraction))
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def per_class_subset(indices: Sequence[int], targets: Sequence[int], samples_per_class: int, seed: int) -> list[int]:
+    """The first ``samples_per_class`` indices of each class after a seeded shuffle."""
+    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    counts: dict[int, int] = {}
+    keep = []
+    for p in perm:
+        i = indices[p]
+        c = int(targets[i])
+        if counts.get(c, 0) < samples_per_class:
+            counts[c] = counts.get(c, 0) + 1
+            keep.append(i)
+    return sorted(keep)
+
+
+class ClassificationDataModule(LightningDataModule):
+    """Base of the zoo's classification datamodules.
+
+    Subclasses implement :meth:`load_split` (``"train"`` / ``"test"``) returning a dataset of
+    untransformed ``(image, label)`` pairs and its list of targets, and set ``num_classes``,
+    ``in_chans``, ``native_size``, ``mean`` and ``std``.
+
+    Args:
+        data_dir: where the data lives (or is downloaded to).
+        batch_size: per process.
+        num_workers: DataLoader workers.
+        val_fraction: part of the training split held out for validation (seeded).
+        seed: seed of the split and of ``samples_per_class``.
+        samples_per_class: keep only this many training samples per class (low-data regimes).
+        image_size: resize images to this size (default: the dataset's own).
+        augment: random crop (and flip where it makes sense) on the training split.
+        download: download the data when it is absent.
+        with_index: training batches are ``(x, y, index)`` (index into the training split),
+            for techniques that key per-sample state (e.g. cached teacher outputs).
+    """
+
+    num_classes: int = 0
+    in_chans: int = 3
+    native_size: int = 32
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    flip: bool = False
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        samples_per_class: int | None = None,
+        image_size: int | None = None,
+        augment: bool = False,
+        download: bool = True,
+        with_index: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction}: expected a value in [0, 1)")
+        if samples_per_class is not None and samples_per_class < 1:
+            raise ValueError(f"samples_per_class={samples_per_class}: expected a positive integer or null")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size or self.native_size
+        self.augment = augment
+        self.download = download
+        self.with_index = with_index
+        self.train_set: LabeledSubset | None = None
+        self.val_set: LabeledSubset | None = None
+        self.test_set: LabeledSubset | None = None
+
+    # -- to implement -------------------------------------------------------------------
+    def load_split(self, split: str) -> tuple[Dataset, Sequence[int]]:
+        raise NotImplementedError
+
+    # -- transforms ---------------------------------------------------------------------
+    @property
+    def deterministic_train_transform(self) -> bool:
+        """True when the training transform has no randomness (so per-sample outputs can be cached)."""
+        return not self.augment
+
+    def eval_transform(self) -> Callable:
+        ops: list[Any] = [T.ToImage()]
+        if self.image_size != self.native_size:
+            ops.append(T.Resize(self.image_size, antialias=True))
+        return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)])
+
+    def train_transform(self) -> Callable:
+        if not self.augment:
+            return self.eval_transform()
+        ops: list[Any] = [T.ToImage()]
+        if self.image_size != self.native_size:
+            ops.append(T.Resize(self.image_size, antialias=True))
+        ops.append(T.RandomCrop(self.image_size, padding=max(1, self.image_size // 8)))
+        if self.flip:
+            ops.append(T.RandomHorizontalFlip())
+        return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)])
+
+    # -- LightningDataModule ------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_data, train_targets = self.load_split("train")
+        train_idx, val_idx = split_indices(train_targets, self.hparams.val_fraction, self.hparams.seed)
+        if self.hparams.samples_per_class:
+            train_idx = per_class_subset(train_idx, train_targets, self.hparams.samples_per_class, self.hparams.seed)
+        self.train_set = LabeledSubset(train_data, train_idx, train_targets, self.train_transform(), self.with_index)
+        self.val_set = LabeledSubset(train_data, val_idx, train_targets, self.eval_transform())
+        test_data, test_targets = self.load_split("test")
+        self.test_set = LabeledSubset(test_data, range(len(test_targets)), test_targets, self.eval_transform())
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=getattr(self, "collate_fn", None))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

