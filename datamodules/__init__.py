@@ -1,7 +1,8 @@
 """Reusable DataModules of the zoo."""
 
+from datamodules.austen import JaneAusten
 from datamodules.base import ClassificationDataModule, LabeledSubset
 from datamodules.images import CIFAR10, CIFAR100, MNIST, Digits, FashionMNIST, ImageFolder
 from datamodules.text import TextClassification
 
-__all__ = ["CIFAR10", "CIFAR100", "MNIST", "ClassificationDataModule", "Digits", "FashionMNIST", "ImageFolder", "LabeledSubset", "TextClassification"]
+__all__ = ["CIFAR10", "CIFAR100", "MNIST", "ClassificationDataModule", "Digits", "FashionMNIST", "ImageFolder", "JaneAusten", "LabeledSubset", "TextClassification"]
