@@ -7,13 +7,34 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 import callbacks  # noqa: F401  (registers the zoo's callbacks for --help and class_path short names)
 import datamodules  # noqa: F401
-import zoo
+import zoo  # noqa: F401
+from datamodules.base import ClassificationDataModule
 from zoo.classifier import Classifier
+
+
+def catalogue() -> str:
+    """The zoo's modules and datamodules, for ``zoo --help``."""
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
+
+    def name(c: type) -> str:  # the short name where the package exports the class
+        package = sys.modules[c.__module__.split(".")[0]]
+        return f"{package.__name__}.{c.__qualname__}" if getattr(package, c.__qualname__, None) is c else f"{c.__module__}.{c.__qualname__}"
+
+    def names(classes, packages):
+        return sorted({name(c) for c in classes if c.__module__.split(".")[0] in packages and c is not ClassificationDataModule})
+
+    models = names([Classifier, *subclasses(Classifier)], ("zoo",))
+    data = names(subclasses(LightningDataModule), ("datamodules",))
+    return f"Modules (--model): {', '.join(models)}. Datamodules (--data): {', '.join(data)}."
 
 
 class ZooCLI(LightningCLI):
@@ -43,6 +64,7 @@ def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
         },
+        parser_kwargs={"description": f"Lightning Zoo. {catalogue()}"},
         args=args,
         run=run,
         auto_configure_optimizers=False,

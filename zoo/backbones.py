@@ -48,7 +48,10 @@ class HFEncoder(nn.Module):
         self.num_features = model.config.hidden_size
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        hidden = self.model(**inputs).last_hidden_state
+        return self.pool(self.model(**inputs).last_hidden_state, inputs)
+
+    def pool(self, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """Pool token states ``(batch, tokens, hidden)`` into ``(batch, hidden)`` with ``inputs``' mask."""
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)

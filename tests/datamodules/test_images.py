@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules import CIFAR10, CIFAR100, MNIST, Digits, FashionMNIST, ImageFolder
+from tests.standin import write_cifar, write_idx, write_mnist_like
+
+
+def test_digits_split_is_seeded_disjoint_and_normalised():
+    a, b, c = Digits(seed=0), Digits(seed=0), Digits(seed=1)
+    for dm in (a, b, c):
+        dm.setup()
+    assert a.train_set.indices == b.train_set.indices != c.train_set.indices
+    assert not set(a.train_set.indices) & set(a.val_set.indices)
+    assert len(a.train_set) + len(a.val_set) + len(a.test_set) == 1797
+    x, y = a.train_set[0]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and 0 <= y < 10
+    assert a.num_classes == 10 and a.deterministic_train_transform and not Digits(augment=True).deterministic_train_transform
+
+
+def test_samples_per_class_keeps_exactly_that_many():
+    dm = Digits(samples_per_class=5)
+    dm.setup()
+    counts = np.bincount(dm.train_set.targets, minlength=10)
+    assert (counts == 5).all()
+
+
+def test_with_index_and_resize():
+    dm = Digits(with_index=True, image_size=16, batch_size=4)
+    dm.setup()
+    x, y, i = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 1, 16, 16) and i.shape == (4,)
+    x0, y0, i0 = dm.train_set[int(i[0])]
+    assert torch.equal(x0, x[0]) and y0 == y[0] and i0 == i[0] and y0 == dm.train_set.targets[i0]
+
+
+def test_fashion_mnist_finds_debian_files(tmp_path, monkeypatch):
+    debian = tmp_path / "debian"
+    write_mnist_like(tmp_path / "gen", "FashionMNIST", n_train=20, n_test=10)
+    debian.mkdir()
+    import gzip
+
+    for f in (tmp_path / "gen" / "FashionMNIST" / "raw").iterdir():
+        (debian / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+    monkeypatch.setattr(FashionMNIST, "debian_dir", debian)
+    dm = FashionMNIST(data_dir=str(tmp_path / "data"), download=False, val_fraction=0.25)
+    dm.setup()
+    assert len(dm.train_set) == 15 and len(dm.val_set) == 5 and len(dm.test_set) == 10
+    assert dm.train_set[0][0].shape == (1, 28, 28)
+
+
+def test_mnist_reads_idx_files(tmp_path):
+    write_mnist_like(tmp_path, "MNIST", n_train=30, n_test=12)
+    dm = MNIST(data_dir=str(tmp_path), download=False, val_fraction=0.0)
+    dm.setup()
+    raw = np.frombuffer((tmp_path / "MNIST/raw/train-images-idx3-ubyte").read_bytes()[16:], dtype=np.uint8).reshape(-1, 28, 28)
+    x = dm.train_set[4][0] * MNIST.std[0] + MNIST.mean[0]
+    np.testing.assert_allclose(x[0].numpy() * 255, raw[4], atol=1e-3)
+
+
+def test_missing_data_names_paths_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(FashionMNIST, "debian_dir", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
+        FashionMNIST(data_dir=str(tmp_path), download=False).setup()
+    assert str(tmp_path / "FashionMNIST" / "raw") in str(err.value)
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        CIFAR10(data_dir=str(tmp_path), download=False).setup()
+    with pytest.raises(FileNotFoundError, match="train"):
+        ImageFolder(data_dir=str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("cls, n_classes", [(CIFAR10, 10), (CIFAR100, 100)])
+def test_cifar_on_disk_format(tmp_path, cls, n_classes):
+    write_cifar(tmp_path, n_classes, n_per_file=20)
+    dm = cls(data_dir=str(tmp_path), download=False, augment=True)
+    dm.setup()
+    x, y = dm.train_set[0]
+    assert x.shape == (3, 32, 32) and dm.num_classes == n_classes
+    assert len(dm.test_set) == 20 and max(dm.test_set.targets) == min(19, n_classes - 1)
+
+
+def test_image_folder_with_and_without_val(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog", "eel"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    dm = ImageFolder(data_dir=str(tmp_path), image_size=16, samples_per_class=2)
+    dm.setup()
+    assert dm.num_classes == 3 and len(dm.train_set) == 6 and len(dm.val_set) == 12 and dm.test_set is not None
+    assert dm.train_set[0][0].shape == (3, 16, 16)
+    import shutil
+
+    shutil.rmtree(tmp_path / "val")
+    dm = ImageFolder(data_dir=str(tmp_path), image_size=16, val_fraction=0.25)
+    dm.setup()
+    assert len(dm.train_set) == 9 and len(dm.val_set) == 3 and dm.test_set is dm.val_set
+
+
+@pytest.mark.parametrize("kwargs, match", [({"val_fraction": 1.0}, "val_fraction=1.0"), ({"samples_per_class": 0}, "samples_per_class=0"), ({"batch_size": 0}, "batch_size=0")])
+def test_bad_datamodule_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Digits(**kwargs)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from datamodules import Digits
+from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
+from zoo.classifier import Classifier, param_groups
+
+
+def tiny(**kw) -> Classifier:
+    return Classifier(model=TINY_VIT, num_classes=10, model_kwargs=TINY_VIT_KWARGS, **kw)
+
+
+def fit(model, max_steps=3, **kw) -> Trainer:
+    trainer = Trainer(max_epochs=1, limit_train_batches=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2, **kw)
+    trainer.fit(model, Digits(batch_size=32))
+    return trainer
+
+
+def test_no_weight_decay_on_norms_biases_and_timm_tokens():
+    model = tiny()
+    decay, no_decay = param_groups(model, model.no_weight_decay())
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay
+    assert all(p.ndim >= 2 for p in decay["params"])
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"backbone.norm.weight", "head.bias", "backbone.pos_embed", "backbone.cls_token"} <= no_decay_names
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_optimizer_and_scheduler_come_from_callables():
+    model = tiny(optimizer=lambda p: torch.optim.SGD(p, lr=0.5, weight_decay=0.1),
+                 lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5), scheduler_interval="step")
+    conf = model.configure_optimizers()
+    opt = conf["optimizer"]
+    assert isinstance(opt, torch.optim.SGD) and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert conf["lr_scheduler"]["interval"] == "step"
+    trainer = fit(model, max_steps=2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5 * 0.5**2)
+    assert trainer.global_step == 2
+
+
+def test_training_changes_weights_and_logs_per_split_metrics():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = fit(model, max_steps=3)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    logged = set(trainer.callback_metrics)
+    assert {"train/loss_epoch", "train/acc", "train/acc_top5", "val/loss", "val/acc", "val/acc_top5"} <= logged
+    assert 0.0 <= trainer.callback_metrics["val/acc"] <= trainer.callback_metrics["val/acc_top5"] <= 1.0
+
+
+def test_top5_only_with_more_than_five_classes():
+    assert list(Classifier(model="zoo/mlp", num_classes=5).val_metrics.keys()) == ["val/acc"]
+    assert list(Classifier(model="zoo/mlp", num_classes=6).val_metrics.keys()) == ["val/acc", "val/acc_top5"]
+
+
+def test_val_accuracy_matches_hand_computation():
+    model = tiny().eval()
+    dm = Digits(batch_size=64)
+    dm.setup()
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (result,) = trainer.validate(model, dm, verbose=False)
+    with torch.no_grad():
+        xs, ys = zip(*[dm.val_set[i] for i in range(len(dm.val_set))])
+        acc = (model(torch.stack(xs)).argmax(-1) == torch.tensor(ys)).float().mean()
+    assert result["val/acc"] == pytest.approx(acc.item(), abs=1e-6)
+
+
+class FocalClassifier(Classifier):
+    """The README's example: a new method is one short class."""
+
+    def __init__(self, gamma: float = 2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.gamma = gamma
+
+    def training_loss(self, batch):
+        x, y = self.unpack_batch(batch)
+        logits = self(x)
+        logp = logits.log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+        return (-(1 - logp.exp()) ** self.gamma * logp).mean(), logits, y
+
+
+def test_subclass_overrides_the_loss():
+    model = FocalClassifier(gamma=0.0, model="zoo/mlp", num_classes=10, model_kwargs={"in_chans": 1, "img_size": 8})
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    loss, _, _ = model.training_loss((x, y))
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(model(x), y))
+    assert model.hparams.gamma == 0.0 and model.hparams.model == "zoo/mlp"
+    fit(model, max_steps=2)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"num_classes": 1}, "num_classes=1"), ({"scheduler_interval": "batch"}, "scheduler_interval='batch'")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Classifier(model="zoo/mlp", **kwargs)
