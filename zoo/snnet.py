@@ -1,0 +1,585 @@
+"""Stitchable networks: one network holding many stitches of a pretrained ViT family.
+
+SN-Net (Pan et al., "Stitchable Neural Networks", CVPR 2023) joins the first blocks of a smaller
+anchor to the last blocks of a larger one through a linear *stitching layer* initialised by least
+squares; SN-Netv2 (Pan et al., "Stitched ViTs are Flexible Vision Backbones", 2023) adds two-way
+stitching (large->small and the chains small->large->small, large->small->large) and low-rank
+(LoRA) updates of the stitching layers. One :class:`StitchableNet` holds every stitch: ``select``
+switches the active one without rebuilding anything, ``extract`` returns it as a standalone module,
+and ``forward_all`` evaluates all stitches at once, computing each shared prefix only once.
+
+Anchors are timm ``VisionTransformer``-like backbones (``patch_embed``, ``blocks``, ``norm``,
+``forward_head``), each with its own classification head; a stitch ends with its END anchor's head::
+
+    net = StitchableNet([vit_s, vit_m, vit_l], [head_s, head_m, head_l])   # any order: sorted by size
+    net.init_stitching_layers(images)         # least squares on one batch of real inputs
+    print(net.describe())                     # id, kind, description, FLOPs, params of every stitch
+    net.select(17); logits = net(images)      # instant switch
+    small = net.extract(17)                   # plain nn.Module, same outputs
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+VIT_PARTS = ("patch_embed", "blocks", "norm", "forward_head", "_pos_embed")
+
+
+class StitchingLayer(nn.Module):
+    """A linear map between two anchors' widths, applied to every token.
+
+    With ``rank > 0`` (SN-Netv2's LoRA stitching) the least-squares ``weight`` is frozen and a
+    rank-``rank`` update ``scaling * lora_b @ lora_a`` is trained; in eval mode the update is merged
+    into the weight, so the layer is one plain linear map.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 0, alpha: float = 1.0):
+        super().__init__()
+        if rank < 0:
+            raise ValueError(f"lora rank={rank}: expected 0 (no LoRA) or a positive integer")
+        self.rank = rank
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if rank:
+            self.weight.requires_grad_(False)
+            self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+            self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+            self.scaling = alpha / rank
+
+    def merged_weight(self) -> torch.Tensor:
+        if not self.rank:
+            return self.weight
+        return self.weight + self.scaling * (self.lora_b @ self.lora_a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank and self.training:
+            return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(x, self.lora_a), self.lora_b)
+        return F.linear(x, self.merged_weight(), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing this layer's eval-mode map (LoRA merged)."""
+        out_features, in_features = self.weight.shape
+        linear = nn.Linear(in_features, out_features, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.merged_weight())
+            linear.bias.copy_(self.bias)
+        return linear
+
+
+@dataclass(frozen=True)
+class Stitch:
+    """One path through the anchors.
+
+    ``route`` lists the anchors in data-flow order; leg ``i`` takes the output of block ``j`` of
+    ``route[i]`` into the input of block ``k`` of ``route[i + 1]`` (``cuts[i] == (j, k)``) through
+    stitching layer ``layers[i]`` of that direction. An anchor alone has one entry in ``route``.
+    """
+
+    id: int
+    kind: str
+    route: tuple[int, ...]
+    cuts: tuple[tuple[int, int], ...]
+    layers: tuple[int, ...]
+    description: str
+
+    @property
+    def key(self) -> tuple:
+        return self.route, self.cuts
+
+
+def map_block(k: int, front_depth: int, end_depth: int) -> int:
+    """Block id ``k`` of a ``front_depth``-block anchor mapped onto an ``end_depth``-block one (nearest interpolation)."""
+    return min(end_depth, (k * end_depth) // front_depth)
+
+
+def window_positions(front_depth: int, end_depth: int, kernel_size: int = 2, stride: int = 1) -> list[tuple[int, int, int]]:
+    """SN-Net's stitching positions between two anchors as ``(j, k, layer)``.
+
+    A window of ``kernel_size`` block ids slides by ``stride`` over the front anchor's blocks; every
+    pair ``(j, k)`` inside a window is a position (front output of block ``j`` -> end input of block
+    ``k``, ``k`` mapped to the end anchor's depth), and the positions first seen in a window share one
+    stitching layer. Depth 12, kernel 2, stride 1: 34 positions, 11 layers.
+    """
+    positions, seen, layer = [], set(), 0
+    for start in range(0, front_depth - kernel_size + 1, stride):
+        new = False
+        for j in range(start, start + kernel_size):
+            for k in range(start, start + kernel_size):
+                pos = (j, map_block(k, front_depth, end_depth))
+                if pos not in seen:
+                    seen.add(pos)
+                    positions.append((*pos, layer))
+                    new = True
+        layer += new
+    return positions
+
+
+def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Tokens entering block 0 of a timm ViT (patch embedding, prefix tokens, position embedding)."""
+    x = backbone.patch_embed(x)
+    x = backbone._pos_embed(x)
+    x = backbone.patch_drop(x)
+    return backbone.norm_pre(x)
+
+
+def finish(backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits from the tokens leaving the last block (final norm, pooling, head)."""
+    return head(backbone.forward_head(backbone.norm(x)))
+
+
+def _label(name: str, backbone: nn.Module) -> str:
+    return f"{name}(w{backbone.embed_dim}x{len(backbone.blocks)})"
+
+
+def _shape_info(backbone: nn.Module) -> tuple:
+    pe = backbone.patch_embed
+    return tuple(pe.img_size), tuple(pe.patch_size), pe.proj.in_channels, backbone.num_prefix_tokens
+
+
+class StitchableNet(nn.Module):
+    """SN-Net / SN-Netv2 over a family of ViT anchors (sorted here from smallest to largest).
+
+    Args:
+        anchors: timm ViT-like backbones (``num_classes=0``), in any order.
+        heads: one classification head per anchor (same order as ``anchors``).
+        names: labels of the anchors for the stitch descriptions and errors.
+        kernel_size: size of the sliding window over block ids.
+        stride: step of the sliding window.
+        two_way: SN-Netv2: also stitch large->small, small->large->small and large->small->large.
+        interpolate_depth: map anchors of different depth block to block by interpolation
+            (``False``: anchors of different depth are an error).
+        lora_rank: SN-Netv2's low-rank stitching-layer updates (0: plain linear stitching layers).
+        lora_alpha: LoRA scaling numerator (update scaled by ``lora_alpha / lora_rank``).
+    """
+
+    def __init__(
+        self,
+        anchors: list[nn.Module],
+        heads: list[nn.Module],
+        names: list[str] | None = None,
+        kernel_size: int = 2,
+        stride: int = 1,
+        two_way: bool = False,
+        interpolate_depth: bool = True,
+        lora_rank: int = 0,
+        lora_alpha: float = 1.0,
+    ):
+        super().__init__()
+        if len(anchors) < 2:
+            raise ValueError(f"SN-Net needs at least 2 anchors, got {len(anchors)}")
+        order = sorted(range(len(anchors)), key=lambda i: sum(p.numel() for p in anchors[i].parameters()))
+        names = list(names) if names is not None else [f"A{order.index(i)}" for i in range(len(anchors))]
+        if not len(anchors) == len(heads) == len(names):
+            raise ValueError(f"got {len(anchors)} anchors, {len(heads)} heads and {len(names)} names: one of each per anchor")
+        if kernel_size < 1 or stride < 1:
+            raise ValueError(f"kernel_size={kernel_size}, stride={stride}: both must be positive integers")
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank={lora_rank}: expected 0 (plain stitching layers) or a positive integer")
+        self._check_anchors(anchors, names, interpolate_depth, kernel_size)
+        self.anchors = nn.ModuleList(anchors[i] for i in order)
+        self.heads = nn.ModuleList(heads[i] for i in order)
+        self.names = [_label(names[i], anchors[i]) for i in order]
+        self.kernel_size, self.stride, self.two_way = kernel_size, stride, two_way
+        self.depths = [len(b.blocks) for b in self.anchors]
+
+        pairs = [(a, a + 1) for a in range(len(self.anchors) - 1)]
+        directions = pairs + ([(e, f) for f, e in pairs] if two_way else [])
+        self.positions: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        self.stitch_layers = nn.ModuleDict()
+        for f, e in directions:
+            pos = window_positions(self.depths[f], self.depths[e], kernel_size, stride)
+            self.positions[(f, e)] = pos
+            n_layers = max(p[2] for p in pos) + 1
+            dims = (self.anchors[f].embed_dim, self.anchors[e].embed_dim)
+            self.stitch_layers[f"{f}-{e}"] = nn.ModuleList(StitchingLayer(*dims, lora_rank, lora_alpha) for _ in range(n_layers))
+        self._layer_index = {(f, e, j, k): layer for (f, e), pos in self.positions.items() for j, k, layer in pos}
+        self.stitches = self._enumerate(pairs)
+        self.active = len(self.anchors) - 1
+        self.register_buffer("ls_initialized", torch.tensor(False))
+        self._flops: list[int] | None = None
+
+    # -- construction -------------------------------------------------------------------
+    @staticmethod
+    def _check_anchors(anchors: list[nn.Module], names: list[str], interpolate_depth: bool, kernel_size: int) -> None:
+        for i, (b, name) in enumerate(zip(anchors, names)):
+            missing = [p for p in VIT_PARTS if not hasattr(b, p)]
+            if missing or not isinstance(getattr(b, "blocks", None), (nn.Sequential, nn.ModuleList)):
+                raise ValueError(
+                    f"anchor {i} ({name!r}, {type(b).__name__}) is not a ViT-like block sequence: it lacks {missing or ['blocks as a sequence']}. "
+                    "SN-Net stitches timm VisionTransformer-style models (patch_embed, blocks, norm, forward_head), e.g. timm/vit_*, timm/deit_*."
+                )
+            if len(b.blocks) < kernel_size:
+                raise ValueError(f"anchor {i} ({name!r}) has {len(b.blocks)} blocks, fewer than kernel_size={kernel_size}")
+        ref = _shape_info(anchors[0])
+        for i, (b, name) in enumerate(zip(anchors, names)):
+            info = _shape_info(b)
+            if info != ref:
+                raise ValueError(
+                    f"anchor {i} ({name!r}) has img_size {info[0]}, patch_size {info[1]}, in_chans {info[2]}, {info[3]} prefix tokens, "
+                    f"but anchor 0 ({names[0]!r}) has {ref[0]}, {ref[1]}, {ref[2]}, {ref[3]}: stitching maps tokens one to one, "
+                    "so all anchors need the same image size, patch size (token count), input channels and prefix tokens"
+                )
+            if not interpolate_depth and len(b.blocks) != len(anchors[0].blocks):
+                raise ValueError(
+                    f"anchor {i} ({name!r}) has {len(b.blocks)} blocks but anchor 0 ({names[0]!r}) has {len(anchors[0].blocks)}: "
+                    "with interpolate_depth=false all anchors need the same depth (set interpolate_depth=true to map blocks by interpolation)"
+                )
+
+    def _describe(self, route: tuple[int, ...], cuts: tuple[tuple[int, int], ...]) -> str:
+        parts, start = [], 0
+        for a, (j, k) in zip(route, cuts):
+            parts.append(f"{self.names[a]}[{start}:{j + 1}]")
+            start = k
+        parts.append(f"{self.names[route[-1]]}[{start}:{self.depths[route[-1]]}]")
+        return " -> ".join(parts)
+
+    def _enumerate(self, pairs: list[tuple[int, int]]) -> list[Stitch]:
+        specs: list[tuple[str, tuple, tuple, tuple]] = [("anchor", (a,), (), ()) for a in range(len(self.anchors))]
+        for f, e in pairs:
+            specs += [("sl", (f, e), ((j, k),), (layer,)) for j, k, layer in self.positions[(f, e)]]
+        if self.two_way:
+            for f, e in pairs:
+                specs += [("ls", (e, f), ((j, k),), (layer,)) for j, k, layer in self.positions[(e, f)]]
+            for kind, (a, b) in (("sls", (0, 1)), ("lsl", (1, 0))):
+                for f, e in pairs:
+                    first, second = (f, e)[a], (f, e)[b]
+                    for j1, k1, l1 in self._aligned(first, second):
+                        for j2, k2, l2 in self._aligned(second, first):
+                            if j2 >= k1:  # the middle anchor runs at least one block
+                                specs.append((kind, (first, second, first), ((j1, k1), (j2, k2)), (l1, l2)))
+        return [Stitch(i, kind, route, cuts, layers, self._describe(route, cuts)) for i, (kind, route, cuts, layers) in enumerate(specs)]
+
+    def _aligned(self, f: int, e: int) -> list[tuple[int, int, int]]:
+        """Positions with no block skipped or repeated (front block j -> end block j+1), used for chains."""
+        df, de = self.depths[f], self.depths[e]
+        return [(j, k, layer) for j, k, layer in self.positions[(f, e)] if k == map_block(j + 1, df, de) and k < de]
+
+    # -- selection ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.stitches)
+
+    def _check(self, stitch: int) -> int:
+        if isinstance(stitch, bool) or not isinstance(stitch, int) or not 0 <= stitch < len(self.stitches):
+            raise ValueError(f"stitch {stitch!r} does not exist: valid ids are 0..{len(self.stitches) - 1} ({len(self.stitches)} stitches, see describe())")
+        return stitch
+
+    def select(self, stitch: int) -> None:
+        """Make ``stitch`` the one ``forward`` runs (instant: nothing is rebuilt)."""
+        self.active = self._check(stitch)
+
+    @property
+    def anchor_ids(self) -> list[int]:
+        return [s.id for s in self.stitches if s.kind == "anchor"]
+
+    # -- forward ------------------------------------------------------------------------
+    def layer(self, front: int, end: int, index: int) -> StitchingLayer:
+        return self.stitch_layers[f"{front}-{end}"][index]
+
+    def forward(self, x: torch.Tensor, stitch: int | None = None) -> torch.Tensor:
+        s = self.stitches[self.active if stitch is None else self._check(stitch)]
+        h = embed(self.anchors[s.route[0]], x)
+        start = 0
+        for i, ((j, k), layer) in enumerate(zip(s.cuts, s.layers)):
+            blocks = self.anchors[s.route[i]].blocks
+            for b in range(start, j + 1):
+                h = blocks[b](h)
+            h = self.layer(s.route[i], s.route[i + 1], layer)(h)
+            start = k
+        end = s.route[-1]
+        for b in range(start, self.depths[end]):
+            h = self.anchors[end].blocks[b](h)
+        return finish(self.anchors[end], self.heads[end], h)
+
+    @torch.no_grad()
+    def forward_all(self, x: torch.Tensor, stitches: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """Logits of many stitches (default all) on ``x``, each shared prefix computed once.
+
+        Every anchor runs once and keeps its block outputs; stitches entering the same anchor are
+        then run as one stream, each joining (concatenated along the batch) at its entry block, and
+        chains branch off those streams. Cost: the size of the prefix tree, not the sum of all paths.
+        """
+        ids = list(range(len(self.stitches))) if stitches is None else [self._check(i) for i in stitches]
+        wanted = {self.stitches[i].key: i for i in ids}
+        needed, captures = set(), defaultdict(set)
+        for i in ids:
+            s = self.stitches[i]
+            for level in range(len(s.route)):
+                key = (s.route[: level + 1], s.cuts[:level])
+                needed.add(key)
+                if level < len(s.cuts):
+                    captures[key].add(s.cuts[level][0])
+        states: dict[tuple, torch.Tensor] = {}
+        out: dict[int, torch.Tensor] = {}
+        for level in range(max(len(k[0]) for k in needed)):
+            by_end = defaultdict(list)
+            for key in needed:
+                if len(key[0]) != level + 1:
+                    continue
+                route, cuts = key
+                if level == 0:
+                    by_end[route[0]].append((key, 0, embed(self.anchors[route[0]], x)))
+                else:
+                    (j, k), parent = cuts[-1], (route[:-1], cuts[:-1])
+                    layer = self._layer_of(route[-2], route[-1], j, k)
+                    by_end[route[-1]].append((key, k, layer(states[(parent, j)])))
+            for end, entrants in by_end.items():
+                self._stream(end, entrants, captures, states, wanted, out)
+        return out
+
+    def _layer_of(self, front: int, end: int, j: int, k: int) -> StitchingLayer:
+        return self.layer(front, end, self._layer_index[(front, end, j, k)])
+
+    def _stream(self, end: int, entrants: list, captures: dict, states: dict, wanted: dict, out: dict) -> None:
+        """Run anchor ``end``'s blocks once over all entrants, each joining at its entry block."""
+        blocks, depth = self.anchors[end].blocks, self.depths[end]
+        entrants = sorted(entrants, key=lambda e: e[1])
+        members: list[tuple] = []
+        stream, n, batch = None, 0, entrants[0][2].shape[0]
+        for b in range(depth + 1):
+            joining = [e for e in entrants[n:] if e[1] == b]
+            if joining:
+                n += len(joining)
+                members += [e[0] for e in joining]
+                stream = torch.cat(([stream] if stream is not None else []) + [e[2] for e in joining])
+            if b == depth:
+                break
+            if stream is not None:
+                stream = blocks[b](stream)
+                for m, key in enumerate(members):
+                    if b in captures.get(key, ()):
+                        states[(key, b)] = stream[m * batch:(m + 1) * batch]
+        done = [(m, key) for m, key in enumerate(members) if key in wanted]
+        if done:
+            rows = torch.cat([stream[m * batch:(m + 1) * batch] for m, _ in done])
+            logits = finish(self.anchors[end], self.heads[end], rows)
+            for i, (_, key) in enumerate(done):
+                out[wanted[key]] = logits[i * batch:(i + 1) * batch]
+
+    # -- least-squares init -------------------------------------------------------------
+    @torch.no_grad()
+    def block_inputs(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per anchor, the tokens entering each block and, last, leaving the last block."""
+        feats = []
+        for b in self.anchors:
+            h = embed(b, x)
+            hs = [h]
+            for blk in b.blocks:
+                h = blk(h)
+                hs.append(h)
+            feats.append(hs)
+        return feats
+
+    @torch.no_grad()
+    def init_stitching_layers(self, x: torch.Tensor) -> None:
+        """Least-squares init of every stitching layer from one batch of inputs ``x``.
+
+        For position ``(j, k)`` solve ``[X 1] W = Y`` with ``X`` the front anchor's output of block ``j``
+        and ``Y`` the end anchor's input of block ``k`` (tokens flattened); a layer shared by several
+        positions takes the mean of their solutions.
+        """
+        was_training = self.training
+        self.eval()
+        feats = self.block_inputs(x)
+        for (f, e), positions in self.positions.items():
+            solutions = defaultdict(list)
+            for j, k, layer in positions:
+                solutions[layer].append(least_squares(feats[f][j + 1], feats[e][k]))
+            for layer, sols in solutions.items():
+                target = self.layer(f, e, layer)
+                target.weight.copy_(torch.stack([w for w, _ in sols]).mean(0))
+                target.bias.copy_(torch.stack([b for _, b in sols]).mean(0))
+                if target.rank:
+                    target.lora_b.zero_()
+        self.ls_initialized.fill_(True)
+        self.train(was_training)
+
+    # -- cost ---------------------------------------------------------------------------
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        img_size, _, in_chans, _ = _shape_info(self.anchors[0])
+        p = next(self.parameters())
+        return torch.zeros(batch, in_chans, *img_size, device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def _part_flops(self) -> dict:
+        def count(fn, *args):
+            with FlopCounterMode(display=False) as counter:
+                result = fn(*args)
+            return counter.get_total_flops(), result
+
+        was_training = self.training
+        self.eval()
+        parts, x = {}, self.example_input()
+        for a, b in enumerate(self.anchors):
+            parts[("embed", a)], h = count(embed, b, x)
+            for i, blk in enumerate(b.blocks):
+                parts[("block", a, i)], h = count(blk, h)
+            parts[("finish", a)], _ = count(finish, b, self.heads[a], h)
+        for key, layers in self.stitch_layers.items():
+            f, e = map(int, key.split("-"))
+            tokens = torch.zeros(1, h.shape[1], self.anchors[f].embed_dim, device=x.device, dtype=x.dtype)
+            for i, layer in enumerate(layers):  # as deployed: one linear map, LoRA merged
+                parts[("layer", f, e, i)], _ = count(layer.to_linear(), tokens)
+        self.train(was_training)
+        return parts
+
+    def _parts(self, s: Stitch) -> list[tuple]:
+        parts, start = [("embed", s.route[0])], 0
+        for i, ((j, k), layer) in enumerate(zip(s.cuts, s.layers)):
+            parts += [("block", s.route[i], b) for b in range(start, j + 1)]
+            parts.append(("layer", s.route[i], s.route[i + 1], layer))
+            start = k
+        parts += [("block", s.route[-1], b) for b in range(start, self.depths[s.route[-1]])]
+        return parts + [("finish", s.route[-1])]
+
+    def flops(self, stitch: int | None = None) -> int | list[int]:
+        """FLOPs of one image through ``stitch`` (``torch.utils.flop_counter``); all stitches if ``None``."""
+        if self._flops is None:
+            part = self._part_flops()
+            self._flops = [sum(part[p] for p in self._parts(s)) for s in self.stitches]
+        return list(self._flops) if stitch is None else self._flops[self._check(stitch)]
+
+    def _modules_of(self, s: Stitch) -> list[nn.Module]:
+        mods = []
+        for p in self._parts(s):
+            if p[0] == "block":
+                mods.append(self.anchors[p[1]].blocks[p[2]])
+            elif p[0] == "layer":
+                mods.append(self.layer(*p[1:]))
+        return mods
+
+    def params(self, stitch: int) -> int:
+        """Parameters used by ``stitch`` (front anchor's embedding, blocks, stitching layers, end anchor's norm and head)."""
+        s = self.stitches[self._check(stitch)]
+        params = _stem_params(self.anchors[s.route[0]]) + _tail_params(self.anchors[s.route[-1]]) + list(self.heads[s.route[-1]].parameters())
+        for m in self._modules_of(s):  # stitching layers counted merged, as deployed
+            params += [m.weight, m.bias] if isinstance(m, StitchingLayer) else list(m.parameters())
+        return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+    def table(self) -> list[dict]:
+        """One row per stitch: id, kind, description, FLOPs, params."""
+        flops = self.flops()
+        return [{"id": s.id, "kind": s.kind, "description": s.description, "flops": flops[s.id], "params": self.params(s.id)} for s in self.stitches]
+
+    def describe(self) -> str:
+        lines = [f"{'id':>4} {'kind':6} {'MFLOPs':>9} {'params':>10}  description"]
+        for r in self.table():
+            lines.append(f"{r['id']:>4} {r['kind']:6} {r['flops'] / 1e6:>9.2f} {r['params']:>10}  {r['description']}")
+        return "\n".join(lines)
+
+    # -- deployment ---------------------------------------------------------------------
+    def extract(self, stitch: int) -> StitchedViT:
+        """A standalone copy of ``stitch`` (its blocks, stitching layers merged to ``nn.Linear``, head)."""
+        s = self.stitches[self._check(stitch)]
+        stages = [m.to_linear() if isinstance(m, StitchingLayer) else m for m in self._modules_of(s)]
+        parts = nn.ModuleDict({"stem": _shell(self.anchors[s.route[0]]), "stages": nn.Sequential(*stages),
+                               "tail": _shell(self.anchors[s.route[-1]]), "head": self.heads[s.route[-1]]})
+        parts = copy.deepcopy(parts)  # one deepcopy: modules used twice stay shared
+        return StitchedViT(parts["stem"], parts["stages"], parts["tail"], parts["head"], s.description).train(self.training)
+
+
+def _shell(backbone: nn.Module) -> nn.Module:
+    """A shallow copy of a ViT backbone without its blocks (embedding, final norm and pooling only)."""
+    shell = copy.copy(backbone)
+    shell._modules = dict(backbone._modules)
+    shell._modules["blocks"] = nn.Sequential()
+    return shell
+
+
+STEM = ("patch_embed", "patch_drop", "norm_pre", "pos_drop")
+
+
+def _stem_params(backbone: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the embedding: patch embedding, prefix tokens, position embedding."""
+    mods = [backbone._modules[n] for n in STEM if backbone._modules.get(n) is not None]
+    return [p for m in mods for p in m.parameters()] + [p for p in backbone._parameters.values() if p is not None]
+
+
+def _tail_params(backbone: nn.Module) -> list[nn.Parameter]:
+    """Parameters after the blocks: final norm, pooling, fc_norm."""
+    return [p for n, m in backbone._modules.items() if n not in STEM + ("blocks",) and m is not None for p in m.parameters()]
+
+
+class StitchedViT(nn.Module):
+    """One stitch as a plain module: ``stem`` embedding, ``stages`` (blocks and linear stitching layers), ``tail`` norm/pool, ``head``."""
+
+    def __init__(self, stem: nn.Module, stages: nn.Sequential, tail: nn.Module, head: nn.Module, description: str = ""):
+        super().__init__()
+        self.stem, self.stages, self.tail, self.head = stem, stages, tail, head
+        self.description = description
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return finish(self.tail, self.head, self.stages(embed(self.stem, x)))
+
+
+def least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, bias)`` minimising ``||x @ weight.T + bias - y||`` over flattened tokens (pseudo-inverse, float64)."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    y = y.reshape(-1, y.shape[-1]).double()
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+    sol = torch.linalg.pinv(xa) @ y
+    return sol[:-1].T.float(), sol[-1].float()
+
+
+class StitchSampler:
+    """Draws the stitch of each training step; identical on every process and after a resume.
+
+    ``uniform``: every stitch equally likely (SN-Net). ``flops`` (SN-Netv2's resource-constrained
+    sampling): stitches sorted by FLOPs are grouped, a new group starting when a stitch exceeds its
+    group's first member by more than ``flops_gap`` times the largest FLOPs; a group is drawn
+    (``group_weights``: ``uniform``, ``size`` for proportional to its stitch count, or one weight per
+    group), then a stitch within it uniformly. Draw ``n`` depends only on ``(seed, n)``, so all DDP
+    ranks agree without communication; ``state_dict`` holds the draw count for checkpoints.
+    """
+
+    MODES = ("uniform", "flops")
+
+    def __init__(self, flops: list[float], mode: str = "uniform", flops_gap: float = 0.05, group_weights: str | list[float] = "uniform", seed: int = 0):
+        if mode not in self.MODES:
+            raise ValueError(f"sampling={mode!r}: expected one of {self.MODES}")
+        if not flops_gap >= 0:
+            raise ValueError(f"flops_gap={flops_gap}: expected a fraction >= 0 of the largest stitch's FLOPs")
+        self.mode, self.seed, self.draws = mode, seed, 0
+        order = sorted(range(len(flops)), key=lambda i: (flops[i], i))
+        if mode == "uniform":
+            self.groups = [order]
+        else:
+            gap, self.groups = flops_gap * max(flops), []
+            for i in order:
+                if self.groups and flops[i] - flops[self.groups[-1][0]] <= gap:
+                    self.groups[-1].append(i)
+                else:
+                    self.groups.append([i])
+        if isinstance(group_weights, str):
+            if group_weights not in ("uniform", "size"):
+                raise ValueError(f"group_weights={group_weights!r}: expected 'uniform', 'size' or a list of one weight per group")
+            weights = [1.0 if group_weights == "uniform" else float(len(g)) for g in self.groups]
+        else:
+            weights = [float(w) for w in group_weights]
+            if len(weights) != len(self.groups) or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(f"group_weights={group_weights}: expected {len(self.groups)} non-negative weights (one per FLOPs group), not all zero")
+        self.probs = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+
+    def sample(self) -> int:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.draws) % (2**63))
+        self.draws += 1
+        group = self.groups[int(torch.multinomial(self.probs, 1, generator=gen))]
+        return group[int(torch.randint(len(group), (1,), generator=gen))]
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "seed": self.seed, "mode": self.mode, "groups": self.groups}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["groups"] != self.groups or state["mode"] != self.mode:
+            raise ValueError(f"the checkpoint's stitch sampler ({state['mode']}, {len(state['groups'])} groups) does not match this one "
+                             f"({self.mode}, {len(self.groups)} groups): resume with the same anchors and sampling settings")
+        self.seed, self.draws = state["seed"], state["draws"]
