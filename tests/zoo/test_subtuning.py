@@ -1,0 +1,261 @@
+"""SubTuning: layer listing per family, freezing, no-grad prefix, cache, greedy selection, multi-task, DDP, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+from datamodules import Digits
+from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, run_ddp
+from zoo.backbones import build_backbone, load_zoo_module
+from zoo.subtuning import LayerChain, MultiTaskSubTuned, SubTuningModule, candidate_layers, greedy_select
+from zoo.subtuning_profile import FULL, ProfileRunner, SubTuningProfile, stack_dataset
+
+VIT4 = {**TINY_VIT_KWARGS, "depth": 4}
+MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
+HF_KW = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100}
+
+
+def _family_cases():
+    torch.manual_seed(0)
+    text = {"input_ids": torch.randint(0, 100, (3, 7)), "attention_mask": MASK}
+    return {
+        "vit": (build_backbone(TINY_VIT, **TINY_VIT_KWARGS), torch.randn(3, 1, 8, 8), ["blocks.0", "blocks.1"], ["blocks.0", "blocks.1"]),
+        "resnet": (build_backbone("timm/resnet10t", in_chans=1), torch.randn(3, 1, 32, 32), ["layer1.0", "layer2.0", "layer3.0", "layer4.0"], ["layer1", "layer2", "layer3", "layer4"]),
+        "efficientnet": (
+            build_backbone("timm/tf_efficientnet_lite0", in_chans=1), torch.randn(2, 1, 32, 32),
+            [f"blocks.{i}.{j}" for i, n in enumerate([1, 2, 2, 3, 3, 4, 1]) for j in range(n)], [f"blocks.{i}" for i in range(7)],
+        ),
+        "bert": (build_backbone("hf/bert", **HF_KW), text, ["encoder.layer.0", "encoder.layer.1"], ["encoder.layer.0", "encoder.layer.1"]),
+        "llama": (build_backbone("hf/llama", num_key_value_heads=2, **HF_KW), text, ["layers.0", "layers.1"], ["layers.0", "layers.1"]),
+    }
+
+
+def test_candidate_layers_and_split_forward_every_family():
+    for family, (backbone, x, blocks, stages) in _family_cases().items():
+        assert candidate_layers(backbone) == blocks, family
+        assert candidate_layers(backbone, "stage") == stages, family
+        backbone.eval()
+        chain, ref = LayerChain(backbone), backbone(x)
+        for start in range(len(chain) + 1):  # prefix up to any block + suffix from it == the whole model
+            h, ctx = chain.prefix(x, start)
+            assert torch.equal(chain.suffix(h, ctx, x, start), ref), (family, start)
+
+
+def _vit(layers, **kw):
+    torch.manual_seed(0)
+    return SubTuningModule(TINY_VIT, num_classes=10, model_kwargs=VIT4, trainable_layers=layers, **kw)
+
+
+def test_freezing_only_chosen_layers_change_and_prefix_has_no_graph():
+    model = _vit(["blocks.1", 3])  # names or indices
+    assert model.trainable_names == ["blocks.1", "blocks.3"] and model.hparams.trainable_layers == ["blocks.1", "blocks.3"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+    model.backbone.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("b0", o.requires_grad))
+    model.backbone.blocks[2].register_forward_hook(lambda m, i, o: seen.__setitem__("b2", o.requires_grad))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    loss = model.criterion(model(torch.randn(8, 1, 8, 8)), torch.arange(8))
+    loss.backward()
+    opt.step()
+    assert seen == {"b0": False, "b2": True}  # frozen prefix without autograd; frozen block between trained ones with it
+    for k, v in model.state_dict().items():
+        trained = k.startswith(("head.", "backbone.blocks.1.", "backbone.blocks.3."))
+        assert torch.equal(v, before[k]) != trained, k
+
+
+def test_frozen_batchnorm_stays_in_eval_mode(tmp_path):
+    torch.manual_seed(0)
+    model = SubTuningModule("timm/resnet10t", num_classes=10, model_kwargs={"in_chans": 1}, trainable_layers=["layer4"], granularity="stage")
+    model.train()
+    assert not model.backbone.bn1.training and not model.backbone.layer3.training and model.backbone.layer4.training
+    stats = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running_mean" in k}
+    trainer = Trainer(max_steps=3, val_check_interval=1, limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=Digits(samples_per_class=4, batch_size=8))  # validation in between toggles modes
+    for k, v in model.backbone.state_dict().items():
+        if "running_mean" in k:
+            assert torch.equal(v, stats[k]) != k.startswith("layer4."), k
+
+
+def test_cache_frozen_features_matches_fresh_prefix():
+    model = _vit(["blocks.2"], cache_frozen_features=True).train()
+    calls = []
+    prefix = model.chain.prefix
+    model.chain.prefix = lambda x, s: (calls.append(len(x)), prefix(x, s))[1]
+    x, y, idx = torch.randn(6, 1, 8, 8), torch.arange(6), torch.tensor([5, 0, 9, 3, 1, 7])
+    loss1, logits1, _ = model.training_loss((x, y, idx))
+    loss2, logits2, _ = model.training_loss((x[:3], y[:3], idx[:3]))  # all cached: no prefix call
+    assert calls == [6]
+    with torch.no_grad():
+        fresh = prefix(x, model.start)[0]
+    assert torch.allclose(model._cache[idx], fresh, atol=1e-6) and model._cached.sum() == 6
+    model.training_loss((x[:2], y[:2], torch.tensor([5, 40])))  # one new sample, the cache grows
+    assert calls == [6, 1] and model._cached.sum() == 7
+    assert torch.allclose(logits1, model(x), atol=1e-5) and torch.allclose(logits2, logits1[:3], atol=1e-6)
+
+
+@pytest.mark.parametrize("dm_kwargs, match", [({"augment": True, "with_index": True}, "deterministic_train_transform"), ({}, "with_index")])
+def test_cache_refused_before_training(tmp_path, dm_kwargs, match):
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(_vit([1], cache_frozen_features=True), datamodule=Digits(samples_per_class=2, **dm_kwargs))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match=r"unknown layer 'blocks\.9'.*blocks\.0"):
+        _vit(["blocks.9"])
+    with pytest.raises(ValueError, match="out of range"):
+        _vit([4])
+    with pytest.raises(ValueError, match="twice"):
+        _vit([1, "blocks.1"])
+    with pytest.raises(ValueError, match="granularity"):
+        _vit([1], granularity="layer")
+    with pytest.raises(ValueError, match="does not know the layers of ConvNet"):
+        SubTuningModule("zoo/convnet", trainable_layers=[0])
+    with pytest.raises(ValueError, match="Hugging Face"):
+        SubTuningModule("hf/bert", model_kwargs=HF_KW, trainable_layers=[1], cache_frozen_features=True)
+    with pytest.raises(ValueError, match="start"):
+        greedy_select(["a"], lambda s: 0.0, start="middle")
+    with pytest.raises(ValueError, match="steps"):
+        SubTuningProfile(steps=0)
+
+
+def test_greedy_selection_known_answer():
+    gain = {"a": 0.0625, "b": 0.25, "c": 0.125, "d": -0.125}  # exact in binary: ties are real ties
+
+    def score(s):  # additive, with "c" useless once "b" is in
+        return 0.5 + sum(gain[n] for n in s) - (0.125 if {"b", "c"} <= set(s) else 0.0)
+
+    chosen, acc, history = greedy_select(list(gain), score, k=3, epsilon=0.01)
+    assert chosen == ("a", "b") and acc == 0.8125
+    assert history[0]["layers"] == () and {h["layers"] for h in history if h["round"] == 1} == {("a",), ("b",), ("c",), ("d",)}
+    assert greedy_select(list(gain), score, k=1)[0] == ("b",)
+    assert greedy_select(list(gain), score, start="best", profile={n: score((n,)) for n in gain})[0] == ("a", "b")
+    # From all layers, removing: drop "d", then "c" (the two that hurt), then stop (removing more hurts by > epsilon).
+    chosen, acc, _ = greedy_select(list(gain), score, start="all", epsilon=0.01)
+    assert chosen == ("a", "b")
+    # epsilon lets the search keep going through a small dip but returns the best set seen
+    flat = {(): 0.5, ("a",): 0.495, ("a", "b"): 0.9}
+    chosen, _, _ = greedy_select(["a", "b"], lambda s: flat.get(tuple(s), 0.0), epsilon=0.01)
+    assert chosen == ("a", "b")
+    assert greedy_select(["a", "b"], lambda s: flat.get(tuple(s), 0.0), epsilon=0.001)[0] == ()
+
+
+def test_profile_runner_shares_prefix_per_start_layer():
+    dm = Digits(samples_per_class=6)
+    dm.setup()
+    torch.manual_seed(0)
+    runner = ProfileRunner(build_backbone(TINY_VIT, **VIT4), 10, stack_dataset(dm.train_set), stack_dataset(dm.val_set, 60), steps=2, batch_size=16)
+    calls = []
+    prefix = runner.chain.prefix
+    runner.chain.prefix = lambda x, s: (calls.append(s), prefix(x, s))[1]
+    profile = runner.profile()
+    assert list(profile) == ["head", "blocks.0", "blocks.1", "blocks.2", "blocks.3"] and all(0 <= a <= 1 for a in profile.values())
+    n_calls = len(calls)
+    runner.score(("blocks.1", "blocks.3"))  # starts at block 1: features already there
+    assert len(calls) == n_calls and runner.score(("blocks.1",)) == profile["blocks.1"]
+    assert sorted(runner._features) == sorted((split, s) for split in ("train", "val") for s in range(5))
+    assert 0 <= runner.score(FULL) <= 1
+    cv = ProfileRunner(runner.backbone, 10, runner.data["train"], steps=1, batch_size=16, folds=3)
+    assert 0 <= cv.score(("blocks.3",)) <= 1
+
+
+def test_profile_callback_sets_layers_and_writes_outputs(tmp_path):
+    model = _vit(None)
+    cb = SubTuningProfile(steps=1, k=1, out_dir=str(tmp_path))
+    trainer = Trainer(fast_dev_run=True, logger=False, callbacks=[cb], enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=Digits(samples_per_class=4))
+    out = tmp_path / "subtuning_profile"
+    assert {p.name for p in out.iterdir()} == {"profile.csv", "greedy.csv", "profile.png", "trainable_layers.yaml"}
+    assert model.trainable_names == cb.chosen and len(cb.chosen) <= 1
+    assert f"trainable_layers: [{', '.join(cb.chosen)}]" in (out / "trainable_layers.yaml").read_text()
+    assert all(p.requires_grad == any(n.startswith(f"backbone.{c}.") for c in cb.chosen) for n, p in model.named_parameters() if n.startswith("backbone."))
+
+
+def test_multitask_equals_each_model_alone():
+    tasks = {name: _vit(layers) for name, layers in {"a": ["blocks.1", "blocks.3"], "b": ["blocks.2"], "c": [], "d": ["blocks.3"]}.items()}
+    for seed, m in enumerate(tasks.values()):
+        torch.manual_seed(seed)
+        for mod in [*m.trainable_modules, m.head]:
+            for p in mod.parameters():
+                p.data.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(5, 1, 8, 8)
+    multi = MultiTaskSubTuned(tasks)
+    out = multi(x)
+    for name, m in tasks.items():
+        assert torch.equal(out[name], m.eval()(x)), name
+    # "d" keeps blocks.1 frozen: it must not use "a"'s finetuned blocks.1
+    assert not torch.equal(out["d"], tasks["d"].head(tasks["a"].features(x)))
+    bad = copy.deepcopy(tasks["b"])
+    bad.backbone.blocks[0].mlp.fc1.weight.data += 1
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc1.weight differs"):
+        MultiTaskSubTuned([tasks["a"], bad])
+
+
+def test_multitask_hf_bert():
+    torch.manual_seed(0)
+    base = SubTuningModule("hf/bert", num_classes=3, model_kwargs=HF_KW)
+    tasks = [base, copy.deepcopy(base), copy.deepcopy(base)]
+    for m, layers in zip(tasks, [[1], [0], []]):
+        m.set_trainable_layers(layers)
+        m.head.weight.data.normal_()
+    tasks[1].backbone.model.encoder.layer[0].output.dense.weight.data.normal_()
+    x = {"input_ids": torch.randint(0, 100, (3, 7)), "attention_mask": MASK}
+    for got, m in zip(MultiTaskSubTuned(tasks)(x), tasks):
+        assert torch.allclose(got, m.eval()(x), atol=1e-6)
+
+
+class SaveInitState(Callback):
+    """Saves rank 0's state_dict when training starts (to compare frozen parameters after DDP)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save({k: v.clone() for k, v in pl_module.state_dict().items()}, Path(self.out_dir) / "init.pt")
+
+
+def test_ddp_two_processes(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [
+        "--model=zoo.subtuning.SubTuningModule", f"--model.model={TINY_VIT}", f"--model.model_kwargs={json.dumps(VIT4)}",
+        "--model.trainable_layers=[blocks.2]", "--model.cache_frozen_features=true",
+        "--data=datamodules.Digits", "--data.with_index=true", "--data.samples_per_class=8", "--data.batch_size=8",
+        "--trainer.max_epochs=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=tests.zoo.test_subtuning.SaveInitState", f"--trainer.callbacks.out_dir={out}",
+    ]
+    r0, r1 = run_ddp(args, out, cwd=tmp_path)
+    init = torch.load(out / "init.pt")
+    assert r0["global_step"] == r1["global_step"] == 10  # 80 samples / (2 ranks x 8) x 2 epochs
+    for k, v in r0["state_dict"].items():
+        assert torch.equal(v, r1["state_dict"][k]), k
+        trained = k.startswith(("head.", "backbone.blocks.2."))
+        if v.is_floating_point():
+            assert torch.equal(v, init[k]) != trained, k
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    def fit(epochs, ckpt=None, model=None):
+        seed_everything(0)
+        model = model or _vit(["blocks.3"], cache_frozen_features=True)
+        trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=Digits(samples_per_class=5, batch_size=64, with_index=True), ckpt_path=ckpt)
+        return trainer, model
+
+    _, full = fit(3)
+    trainer, _ = fit(2)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    restored = load_zoo_module(tmp_path / "mid.ckpt")
+    assert restored.trainable_names == ["blocks.3"] and restored.cache_frozen_features
+    trainer, resumed = fit(3, tmp_path / "mid.ckpt")
+    assert trainer.global_step == 3
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
