@@ -28,9 +28,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 VIT_PARTS = ("patch_embed", "blocks", "norm", "forward_head", "_pos_embed")
+
+
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's FLOP counter misses the CPU kernel of scaled_dot_product_attention; count it like the GPU ones.
+FLOP_MAPPING = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
 
 
 class StitchingLayer(nn.Module):
@@ -304,66 +312,39 @@ class StitchableNet(nn.Module):
     def forward_all(self, x: torch.Tensor, stitches: list[int] | None = None) -> dict[int, torch.Tensor]:
         """Logits of many stitches (default all) on ``x``, each shared prefix computed once.
 
-        Every anchor runs once and keeps its block outputs; stitches entering the same anchor are
-        then run as one stream, each joining (concatenated along the batch) at its entry block, and
-        chains branch off those streams. Cost: the size of the prefix tree, not the sum of all paths.
+        The stitches form a prefix tree (anchor blocks, then a stitching layer, then the next anchor's
+        blocks...); a depth-first walk runs every node once and branches off at each stitching
+        position, so the cost is the size of the tree rather than the sum of all paths, and only one
+        path of activations is alive at a time.
         """
         ids = list(range(len(self.stitches))) if stitches is None else [self._check(i) for i in stitches]
         wanted = {self.stitches[i].key: i for i in ids}
-        needed, captures = set(), defaultdict(set)
+        children: dict[tuple, dict[int, list[tuple]]] = defaultdict(lambda: defaultdict(list))
         for i in ids:
-            s = self.stitches[i]
-            for level in range(len(s.route)):
-                key = (s.route[: level + 1], s.cuts[:level])
-                needed.add(key)
-                if level < len(s.cuts):
-                    captures[key].add(s.cuts[level][0])
-        states: dict[tuple, torch.Tensor] = {}
+            route, cuts = self.stitches[i].key
+            for level in range(1, len(route)):
+                parent, child = (route[:level], cuts[:level - 1]), (route[:level + 1], cuts[:level])
+                if child not in children[parent][cuts[level - 1][0]]:
+                    children[parent][cuts[level - 1][0]].append(child)
         out: dict[int, torch.Tensor] = {}
-        for level in range(max(len(k[0]) for k in needed)):
-            by_end = defaultdict(list)
-            for key in needed:
-                if len(key[0]) != level + 1:
-                    continue
-                route, cuts = key
-                if level == 0:
-                    by_end[route[0]].append((key, 0, embed(self.anchors[route[0]], x)))
-                else:
-                    (j, k), parent = cuts[-1], (route[:-1], cuts[:-1])
-                    layer = self._layer_of(route[-2], route[-1], j, k)
-                    by_end[route[-1]].append((key, k, layer(states[(parent, j)])))
-            for end, entrants in by_end.items():
-                self._stream(end, entrants, captures, states, wanted, out)
+        for root in dict.fromkeys(((self.stitches[i].route[0],), ()) for i in ids):
+            self._walk(root, embed(self.anchors[root[0][0]], x), 0, children, wanted, out)
         return out
 
     def _layer_of(self, front: int, end: int, j: int, k: int) -> StitchingLayer:
         return self.layer(front, end, self._layer_index[(front, end, j, k)])
 
-    def _stream(self, end: int, entrants: list, captures: dict, states: dict, wanted: dict, out: dict) -> None:
-        """Run anchor ``end``'s blocks once over all entrants, each joining at its entry block."""
-        blocks, depth = self.anchors[end].blocks, self.depths[end]
-        entrants = sorted(entrants, key=lambda e: e[1])
-        members: list[tuple] = []
-        stream, n, batch = None, 0, entrants[0][2].shape[0]
-        for b in range(depth + 1):
-            joining = [e for e in entrants[n:] if e[1] == b]
-            if joining:
-                n += len(joining)
-                members += [e[0] for e in joining]
-                stream = torch.cat(([stream] if stream is not None else []) + [e[2] for e in joining])
-            if b == depth:
-                break
-            if stream is not None:
-                stream = blocks[b](stream)
-                for m, key in enumerate(members):
-                    if b in captures.get(key, ()):
-                        states[(key, b)] = stream[m * batch:(m + 1) * batch]
-        done = [(m, key) for m, key in enumerate(members) if key in wanted]
-        if done:
-            rows = torch.cat([stream[m * batch:(m + 1) * batch] for m, _ in done])
-            logits = finish(self.anchors[end], self.heads[end], rows)
-            for i, (_, key) in enumerate(done):
-                out[wanted[key]] = logits[i * batch:(i + 1) * batch]
+    def _walk(self, key: tuple, h: torch.Tensor, start: int, children: dict, wanted: dict, out: dict) -> None:
+        """Run ``key``'s last anchor from block ``start``, branching into every child stitch at its cut."""
+        route = key[0]
+        anchor, branches = route[-1], children.get(key, {})
+        for b in range(start, self.depths[anchor]):
+            h = self.anchors[anchor].blocks[b](h)
+            for child in branches.get(b, ()):
+                j, k = child[1][-1]
+                self._walk(child, self._layer_of(anchor, child[0][-1], j, k)(h), k, children, wanted, out)
+        if key in wanted:
+            out[wanted[key]] = finish(self.anchors[anchor], self.heads[anchor], h)
 
     # -- least-squares init -------------------------------------------------------------
     @torch.no_grad()
@@ -412,7 +393,7 @@ class StitchableNet(nn.Module):
     @torch.no_grad()
     def _part_flops(self) -> dict:
         def count(fn, *args):
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING) as counter:
                 result = fn(*args)
             return counter.get_total_flops(), result
 
@@ -460,7 +441,7 @@ class StitchableNet(nn.Module):
     def params(self, stitch: int) -> int:
         """Parameters used by ``stitch`` (front anchor's embedding, blocks, stitching layers, end anchor's norm and head)."""
         s = self.stitches[self._check(stitch)]
-        params = _stem_params(self.anchors[s.route[0]]) + _tail_params(self.anchors[s.route[-1]]) + list(self.heads[s.route[-1]].parameters())
+        params = [p for m in (_shell(self.anchors[s.route[0]], "stem"), _shell(self.anchors[s.route[-1]], "tail"), self.heads[s.route[-1]]) for p in m.parameters()]
         for m in self._modules_of(s):  # stitching layers counted merged, as deployed
             params += [m.weight, m.bias] if isinstance(m, StitchingLayer) else list(m.parameters())
         return sum(p.numel() for p in {id(p): p for p in params}.values())
@@ -481,32 +462,22 @@ class StitchableNet(nn.Module):
         """A standalone copy of ``stitch`` (its blocks, stitching layers merged to ``nn.Linear``, head)."""
         s = self.stitches[self._check(stitch)]
         stages = [m.to_linear() if isinstance(m, StitchingLayer) else m for m in self._modules_of(s)]
-        parts = nn.ModuleDict({"stem": _shell(self.anchors[s.route[0]]), "stages": nn.Sequential(*stages),
-                               "tail": _shell(self.anchors[s.route[-1]]), "head": self.heads[s.route[-1]]})
+        parts = nn.ModuleDict({"stem": _shell(self.anchors[s.route[0]], "stem"), "stages": nn.Sequential(*stages),
+                               "tail": _shell(self.anchors[s.route[-1]], "tail"), "head": self.heads[s.route[-1]]})
         parts = copy.deepcopy(parts)  # one deepcopy: modules used twice stay shared
         return StitchedViT(parts["stem"], parts["stages"], parts["tail"], parts["head"], s.description).train(self.training)
-
-
-def _shell(backbone: nn.Module) -> nn.Module:
-    """A shallow copy of a ViT backbone without its blocks (embedding, final norm and pooling only)."""
-    shell = copy.copy(backbone)
-    shell._modules = dict(backbone._modules)
-    shell._modules["blocks"] = nn.Sequential()
-    return shell
 
 
 STEM = ("patch_embed", "patch_drop", "norm_pre", "pos_drop")
 
 
-def _stem_params(backbone: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the embedding: patch embedding, prefix tokens, position embedding."""
-    mods = [backbone._modules[n] for n in STEM if backbone._modules.get(n) is not None]
-    return [p for m in mods for p in m.parameters()] + [p for p in backbone._parameters.values() if p is not None]
-
-
-def _tail_params(backbone: nn.Module) -> list[nn.Parameter]:
-    """Parameters after the blocks: final norm, pooling, fc_norm."""
-    return [p for n, m in backbone._modules.items() if n not in STEM + ("blocks",) and m is not None for p in m.parameters()]
+def _shell(backbone: nn.Module, part: str) -> nn.Module:
+    """A shallow copy of a ViT backbone keeping only its ``stem`` (embedding) or its ``tail`` (final norm, pooling)."""
+    shell = copy.copy(backbone)
+    keep = (lambda n: n in STEM) if part == "stem" else (lambda n: n not in STEM + ("blocks",))
+    shell._modules = {n: (m if keep(n) else nn.Identity()) for n, m in backbone._modules.items()}
+    shell._parameters = dict(backbone._parameters) if part == "stem" else {n: None for n in backbone._parameters}
+    return shell
 
 
 class StitchedViT(nn.Module):

@@ -132,6 +132,7 @@ class SNNetModule(Classifier):
             self.net.anchors.requires_grad_(False)
         self.teacher = self._build_teacher(teacher)
         self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
+        self.last_stitch: int | None = None  # stitch of the latest training step
 
     def _build_teacher(self, teacher: str | None) -> nn.Module | None:
         if teacher is None:
@@ -173,6 +174,7 @@ class SNNetModule(Classifier):
     def training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = self.unpack_batch(batch)
         stitch = self.sampler.sample()
+        self.last_stitch = stitch
         logits = self.net(x, stitch)
         loss = self.criterion(logits, y)
         if self.teacher is not None:

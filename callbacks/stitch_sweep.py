@@ -1,0 +1,190 @@
+"""StitchSweep: evaluate every stitch of an SN-Net, chart accuracy against FLOPs, pick one under a budget.
+
+Evaluates all stitches of a :class:`~zoo.snnet.StitchableNet` (``pl_module.net``) on the validation
+set when fitting ends, with :meth:`~zoo.snnet.StitchableNet.forward_all`: each shared prefix is computed
+once, so the sweep costs far less than running every stitch from scratch. It writes a CSV (id, kind,
+description, FLOPs, params, latency, accuracy, Pareto), logs a TensorBoard figure of accuracy vs FLOPs
+(Pareto front marked, anchors highlighted) and selects the most accurate stitch within the budget::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.stitch_sweep.StitchSweep
+          init_args: {max_flops: 2.0e8, max_latency_ms: null, csv_path: null}
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from zoo.snnet import StitchableNet
+
+FIELDS = ("id", "kind", "description", "flops", "params", "latency_ms", "acc", "pareto")
+
+
+@torch.no_grad()
+def stitch_accuracy(net: StitchableNet, batches: Any, unpack=lambda b: (b[0], b[1]), device: torch.device | str = "cpu") -> list[float]:
+    """Top-1 accuracy of every stitch over ``batches``, computing shared prefixes once."""
+    was_training = net.training
+    net.eval()
+    correct, total = torch.zeros(len(net), dtype=torch.long), 0
+    for batch in batches:
+        x, y = unpack(batch)
+        x, y = x.to(device), y.to(device)
+        for i, logits in net.forward_all(x).items():
+            correct[i] += int((logits.argmax(-1) == y).sum())
+        total += len(y)
+    net.train(was_training)
+    return (correct.double() / max(total, 1)).tolist()
+
+
+@torch.no_grad()
+def stitch_latency(net: StitchableNet, x: torch.Tensor, repeats: int = 5) -> list[float]:
+    """Median wall time (ms) of one forward of ``x`` through each stitch."""
+    was_training = net.training
+    net.eval()
+    times = []
+    for s in range(len(net)):
+        net(x, s)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            net(x, s)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            runs.append((time.perf_counter() - t) * 1e3)
+        times.append(statistics.median(runs))
+    net.train(was_training)
+    return times
+
+
+def pareto_front(flops: list[float], acc: list[float]) -> list[bool]:
+    """True for stitches no other stitch beats (fewer or equal FLOPs and higher accuracy)."""
+    order = sorted(range(len(flops)), key=lambda i: (flops[i], -acc[i]))
+    front, best = [False] * len(flops), -float("inf")
+    for i in order:
+        if acc[i] > best:
+            front[i], best = True, acc[i]
+    return front
+
+
+def best_under_budget(rows: list[dict], max_flops: float | None = None, max_latency_ms: float | None = None) -> dict | None:
+    """The most accurate row within the budget (ties: fewer FLOPs); ``None`` if nothing fits."""
+    fits = [r for r in rows if (max_flops is None or r["flops"] <= max_flops) and (max_latency_ms is None or (r["latency_ms"] is not None and r["latency_ms"] <= max_latency_ms))]
+    return max(fits, key=lambda r: (r["acc"], -r["flops"])) if fits else None
+
+
+def sweep(net: StitchableNet, batches: Any, unpack=lambda b: (b[0], b[1]), device: torch.device | str = "cpu", latency_input: torch.Tensor | None = None,
+          latency_repeats: int = 5) -> list[dict]:
+    """One row per stitch (see ``FIELDS``): cost from ``net.table()``, accuracy, latency, Pareto flag."""
+    rows = net.table()
+    acc = stitch_accuracy(net, batches, unpack, device)
+    latency = stitch_latency(net, latency_input, latency_repeats) if latency_input is not None else [None] * len(rows)
+    front = pareto_front([r["flops"] for r in rows], acc)
+    for r, a, t, p in zip(rows, acc, latency, front):
+        r.update(acc=a, latency_ms=t, pareto=p)
+    return rows
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in FIELDS} for r in rows)
+    return path
+
+
+def plot_sweep(rows: list[dict], best: dict | None = None, title: str = "SN-Net stitches"):
+    """Matplotlib figure: accuracy vs FLOPs of every stitch, Pareto front as a line, anchors as stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    kinds = sorted({r["kind"] for r in rows if r["kind"] != "anchor"})
+    for kind in kinds:
+        sel = [r for r in rows if r["kind"] == kind]
+        ax.scatter([r["flops"] / 1e6 for r in sel], [100 * r["acc"] for r in sel], s=14, alpha=0.6, label=f"stitches ({kind})")
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["flops"])
+    ax.plot([r["flops"] / 1e6 for r in front], [100 * r["acc"] for r in front], "k-", lw=1.2, label="Pareto front")
+    anchors = [r for r in rows if r["kind"] == "anchor"]
+    ax.scatter([r["flops"] / 1e6 for r in anchors], [100 * r["acc"] for r in anchors], marker="*", s=220, c="red", edgecolors="k", zorder=5, label="anchors")
+    for r in anchors:
+        ax.annotate(r["description"].split("[")[0], (r["flops"] / 1e6, 100 * r["acc"]), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    if best is not None:
+        ax.scatter([best["flops"] / 1e6], [100 * best["acc"]], marker="o", s=120, facecolors="none", edgecolors="g", lw=2, zorder=6, label=f"best in budget (id {best['id']})")
+    ax.set_xlabel("MFLOPs per image")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+class StitchSweep(Callback):
+    """Sweeps all stitches of ``pl_module.net`` on the validation set at the end of ``fit``.
+
+    Args:
+        max_flops: FLOPs budget (per image) for the selected stitch.
+        max_latency_ms: latency budget (ms per ``latency_batch_size`` images) for the selected stitch.
+        csv_path: where to write the table (default: ``<log_dir>/stitch_sweep.csv``).
+        measure_latency: time every stitch (needed for ``max_latency_ms``).
+        latency_batch_size: images per timed forward.
+        latency_repeats: timed forwards per stitch (median kept).
+        limit_batches: evaluate only this many validation batches.
+        select_best: make the best stitch within budget the module's active stitch.
+
+    After the sweep, ``rows`` holds the table and ``best`` the selected row.
+    """
+
+    def __init__(self, max_flops: float | None = None, max_latency_ms: float | None = None, csv_path: str | None = None, measure_latency: bool = True,
+                 latency_batch_size: int = 1, latency_repeats: int = 5, limit_batches: int | None = None, select_best: bool = True):
+        if max_latency_ms is not None and not measure_latency:
+            raise ValueError("max_latency_ms needs measure_latency=true")
+        for name, value in (("latency_batch_size", latency_batch_size), ("latency_repeats", latency_repeats)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: expected a positive integer")
+        self.max_flops, self.max_latency_ms, self.csv_path = max_flops, max_latency_ms, csv_path
+        self.measure_latency, self.latency_batch_size, self.latency_repeats = measure_latency, latency_batch_size, latency_repeats
+        self.limit_batches, self.select_best = limit_batches, select_best
+        self.rows: list[dict] = []
+        self.best: dict | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not isinstance(getattr(pl_module, "net", None), StitchableNet):
+            raise TypeError(f"StitchSweep needs a module with a StitchableNet at .net (e.g. zoo.snnet_module.SNNetModule), got {type(pl_module).__name__}")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        loader = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
+        limit = 1 if trainer.fast_dev_run else self.limit_batches
+        batches = (b for i, b in enumerate(loader) if limit is None or i < limit)
+        net = pl_module.net
+        latency_input = net.example_input(self.latency_batch_size).normal_() if self.measure_latency else None
+        self.rows = sweep(net, batches, pl_module.unpack_batch, pl_module.device, latency_input, self.latency_repeats)
+        self.best = best_under_budget(self.rows, self.max_flops, self.max_latency_ms)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        path = write_csv(self.rows, self.csv_path or out_dir / "stitch_sweep.csv")
+        if isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_figure("snnet/acc_vs_flops", plot_sweep(self.rows, self.best), trainer.global_step)
+        if self.best is None:
+            rank_zero_info(f"StitchSweep: {len(self.rows)} stitches -> {path}; no stitch fits max_flops={self.max_flops}, max_latency_ms={self.max_latency_ms}")
+            return
+        if self.select_best:
+            net.select(self.best["id"])
+        rank_zero_info(f"StitchSweep: {len(self.rows)} stitches -> {path}; best within budget: id {self.best['id']} "
+                       f"({self.best['description']}, {self.best['flops'] / 1e6:.1f} MFLOPs, acc {self.best['acc']:.4f})")
