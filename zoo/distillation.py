@@ -82,6 +82,11 @@ def _f(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    """Logit losses run (and return) in float64: (batch, classes) is tiny, and T^2 magnifies float32 rounding."""
+    return x.double()
+
+
 class DistillLoss(nn.Module):
     """Base of the distillation losses: ``weight * loss`` is added to the total.
 
@@ -147,8 +152,8 @@ class SoftTargetKL(DistillLoss):
 
     def compute(self, student, teacher, targets):
         t = self.temperature
-        log_p_s = F.log_softmax(_f(student.logits) / t, -1)
-        log_p_t = F.log_softmax(_f(teacher.logits) / t, -1)
+        log_p_s = F.log_softmax(_f64(student.logits) / t, -1)
+        log_p_t = F.log_softmax(_f64(teacher.logits) / t, -1)
         return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
 
 
@@ -191,8 +196,8 @@ class DecoupledKD(DistillLoss):
     def compute(self, student, teacher, targets):
         t = self.temperature
         mask = F.one_hot(targets, student.logits.shape[-1]).bool()
-        bin_s, nt_s = self._parts(_f(student.logits) / t, mask)
-        bin_t, nt_t = self._parts(_f(teacher.logits) / t, mask)
+        bin_s, nt_s = self._parts(_f64(student.logits) / t, mask)
+        bin_t, nt_t = self._parts(_f64(teacher.logits) / t, mask)
         tckd = F.kl_div(bin_s, bin_t, log_target=True, reduction="batchmean")
         p_t = nt_t.exp()  # exactly 0 at the target class
         nckd = (p_t * (nt_t - nt_s).masked_fill(mask, 0.0)).sum(-1).mean()

@@ -204,7 +204,10 @@ def test_teachers_inert_and_not_saved(teacher_ckpt, tmp_path):
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(loaded.eval()(x), module.eval()(x))
     assert torch.equal(loaded.losses[2].projector.weight, module.losses[2].projector.weight)
+    alone = DistillationModule.load_from_checkpoint(tmp_path / "student.ckpt", teachers=[])  # the student without its teachers
+    assert torch.equal(alone.eval()(x), module(x)) and not len(alone.teachers)
     assert "teachers.0.head.weight" in student(teacher_ckpt, save_teachers=True).state_dict()
+    assert set(module._ddp_params_and_buffers_to_ignore) == {f"teachers.{k}" for k in module.teachers.state_dict()}
 
 
 def test_cache_equals_online_teacher(teacher_ckpt, tmp_path):

