@@ -2,7 +2,8 @@
 
 from datamodules.austen import JaneAusten
 from datamodules.base import ClassificationDataModule, LabeledSubset
+from datamodules.continual import ContinualDataModule
 from datamodules.images import CIFAR10, CIFAR100, MNIST, Digits, FashionMNIST, ImageFolder
 from datamodules.text import TextClassification
 
-__all__ = ["CIFAR10", "CIFAR100", "MNIST", "ClassificationDataModule", "Digits", "FashionMNIST", "ImageFolder", "JaneAusten", "LabeledSubset", "TextClassification"]
+__all__ = ["CIFAR10", "CIFAR100", "MNIST", "ClassificationDataModule", "ContinualDataModule", "Digits", "FashionMNIST", "ImageFolder", "JaneAusten", "LabeledSubset", "TextClassification"]
