@@ -33,14 +33,15 @@ class EMoEModule(Classifier):
     Args:
         model, num_classes, pretrained, model_kwargs: as for :class:`Classifier` (the backbone to convert).
         num_experts, top_k: experts per FFN and experts per token; None takes the paper's setting
-            for the model family (BERT/GPT-2-like: 64 / 16; ViT: 24 / 4; Llama-like: 64 / 16).
+            for the model family (BERT/GPT-2-like: 64 / 16; ViT: 24 / 4; Llama-like: 64 / 16), or
+            ``top_k = num_experts // 4`` when only ``num_experts`` is given.
         layers: FFNs to convert, by index among the model's FFNs or by name (fnmatch patterns work,
             ``["*"]`` is every FFN); None: the paper's choice (BERT-like: layer 10 of 12, i.e. ``L-2``;
             ViT: every other block of the last third; Llama-like: every second layer of the upper half).
         gate: ``emergent`` (mean keys, not trained: the paper's avg-k) or ``learned``.
         gate_noise: Gaussian noise on the routing scores in training (std ``gate_noise / num_experts``).
         balance_loss_weight: weight of the load-balance loss added to the cross-entropy (0: off).
-        cluster_seed: seed of the balanced k-means.
+        cluster_seed, cluster_inits: seed and number of restarts of the balanced k-means.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class EMoEModule(Classifier):
         gate_noise: float = 1.0,
         balance_loss_weight: float = 0.0,
         cluster_seed: int = 0,
+        cluster_inits: int = 1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
@@ -74,7 +76,7 @@ class EMoEModule(Classifier):
         self.num_experts = num_experts or default_experts
         self.top_k = top_k or (default_k if num_experts is None else max(1, self.num_experts // 4))
         moefy(self.backbone, self.num_experts, self.top_k, layers=default_layers if layers is None else layers, inplace=True,
-              gate=gate, gate_noise=gate_noise, balance_loss=balance_loss_weight > 0, seed=cluster_seed)
+              gate=gate, gate_noise=gate_noise, balance_loss=balance_loss_weight > 0, seed=cluster_seed, cluster_inits=cluster_inits)
         self.balance_loss_weight = balance_loss_weight
 
     def emoe_layers(self) -> list[tuple[str, EMoEFFN]]:

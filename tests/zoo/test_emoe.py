@@ -154,6 +154,19 @@ def test_balance_loss_and_noise():
     torch.testing.assert_close(layer.scores(x), scores)  # no noise at evaluation
 
 
+def test_a_bare_ffn_block_converts_and_comes_back():
+    from timm.layers import Mlp
+
+    torch.manual_seed(0)
+    dense, x = Mlp(16, 32).eval(), torch.randn(5, 16)
+    layer = moefy(dense, 4, 4)
+    assert isinstance(layer, EMoEFFN) and layer.family == "timm"
+    torch.testing.assert_close(layer(x), dense(x), atol=1e-6, rtol=1e-5)
+    back = demoefy(layer)
+    assert type(back) is Mlp
+    torch.testing.assert_close(back(x), dense(x), atol=0, rtol=0)
+
+
 def test_layer_selection_and_paper_defaults():
     vit = build_backbone(TINY_VIT, **{**TINY_VIT_KWARGS, "depth": 4})
     assert [n for n, _ in emoe_layers(moefy(vit, 4, 1, layers=[1, -1]))] == ["blocks.1.mlp", "blocks.3.mlp"]
@@ -174,6 +187,8 @@ def test_bad_inputs_fail_with_clear_messages():
         moefy(vit, 4, 0)
     with pytest.raises(ValueError, match="gate='soft'"):
         moefy(vit, 4, 1, gate="soft")
+    with pytest.raises(ValueError, match="cluster_inits=0"):
+        moefy(vit, 4, 1, cluster_inits=0)
     with pytest.raises(ValueError, match="dispatch='dense'"):
         moefy(vit, 4, 1, dispatch="dense")
     with pytest.raises(ValueError, match="index 7 is out of range"):
