@@ -35,6 +35,8 @@ PREFIXES = ("timm/", "hf/", "pypi/", "zoo/")
 class HFEncoder(nn.Module):
     """Wraps a Hugging Face ``AutoModel``: a dict of tokenizer outputs in, pooled features out.
 
+    The zoo pools ``last_hidden_state`` itself, so a BERT-style ``pooler`` is removed.
+
     ``pooling`` is ``mean`` (masked mean over tokens), ``cls`` (first token) or ``last``
     (last non-padding token, for decoders).
     """
@@ -43,6 +45,8 @@ class HFEncoder(nn.Module):
         super().__init__()
         if pooling not in ("mean", "cls", "last"):
             raise ValueError(f"pooling={pooling!r}: expected one of 'mean', 'cls', 'last'")
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None  # BERT's pooler goes unused here; left in, it would stall DDP's gradient sync
         self.model = model
         self.pooling = pooling
         self.num_features = model.config.hidden_size
