@@ -1,1 +1,13 @@
 """Callbacks of the zoo: one purpose each, attachable to any zoo module from YAML."""
+
+from callbacks.continual_metrics import ContinualMetrics
+from callbacks.expert_load import ExpertLoad
+from callbacks.pruning import LotteryTicket, MagnitudePruning, StructuredPruning
+from callbacks.pruning_schedules import Cubic, Exponential, Linear, OneShot, PruningSchedule
+from callbacks.stitch_sweep import StitchSweep
+from zoo.subtuning_profile import SubTuningProfile
+
+__all__ = [
+    "ContinualMetrics", "Cubic", "ExpertLoad", "Exponential", "Linear", "LotteryTicket", "MagnitudePruning", "OneShot",
+    "PruningSchedule", "StitchSweep", "StructuredPruning", "SubTuningProfile",
+]

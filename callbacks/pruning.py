@@ -16,7 +16,6 @@ DDP the masks are broadcast from rank 0, so they are identical on every rank.
 from __future__ import annotations
 
 import difflib
-import math
 from fnmatch import fnmatch
 from typing import Any
 
@@ -368,6 +367,7 @@ class StructuredPruning(_MaskedPruning):
         self.prune_heads = prune_heads
         self.global_pruning = global_pruning
         self.round_to = round_to
+        self.roots: set[str] = set()  # layers whose output channels are pruned
         self._example: Any = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -405,7 +405,6 @@ class StructuredPruning(_MaskedPruning):
 
         names = {m: n for n, m in pl_module.named_modules()}
         masks: dict[str, torch.Tensor] = {}
-        self.roots = set(getattr(self, "roots", ()))
         for group in self.pruner(pl_module, sparsity, self._example).step(interactive=True):
             for dep, idxs in group:
                 module, out = dep.target.module, group._DG.is_out_channel_pruning_fn(dep.handler)
@@ -436,6 +435,13 @@ class StructuredPruning(_MaskedPruning):
         rows = [masks[f"{n}.weight"].flatten(1).amax(1) for n in sorted(self.roots) if f"{n}.weight" in masks]
         return sum(int((r == 0).sum()) for r in rows) / max(1, sum(r.numel() for r in rows))
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "roots": sorted(self.roots)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.roots = set(state_dict["roots"])
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_figures(trainer, pl_module)
         if self.make_permanent and self.history:
@@ -449,7 +455,7 @@ class StructuredPruning(_MaskedPruning):
         for group in pruner.step(interactive=True):
             group.prune()
         for m in pl_module.modules():
-            if m.__dict__.get("_parameters", {}) is not None and getattr(m, "qkv", None) in pruner.num_heads:
+            if isinstance(getattr(m, "qkv", None), nn.Module) and m.qkv in pruner.num_heads:
                 m.num_heads = pruner.num_heads[m.qkv]
                 m.head_dim = m.qkv.out_features // (3 * m.num_heads)
                 if hasattr(m, "attn_dim"):
