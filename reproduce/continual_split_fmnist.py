@@ -2,7 +2,8 @@
 
 5 tasks x 2 classes, one epoch per task, an MLP (784-256-256-10), SGD, batch 32, buffer of 500 samples.
 Claims checked: ER >> fine-tuning in final average accuracy; DER++ >= ER; k-FPF >= ER at lower cost.
-Joint training on all data seen is the upper bound. Cost is wall time and the number of samples passed
+Joint training on all data seen is the upper bound. `er_cnn` / `kfpf_cnn` repeat ER vs k-FPF on a small BatchNorm CNN
+(the paper's forgetting-prone modules: BatchNorm + last layer). Cost is wall time and the number of samples passed
 forward+backward through the network (current batches + replayed batches + FPF batches), relative to fine-tuning.
 
     OMP_NUM_THREADS=2 python reproduce/continual_split_fmnist.py [--methods finetune er derpp kfpf joint] [--seeds 0]
@@ -24,15 +25,22 @@ from datamodules.continual import ContinualDataModule
 from zoo.continual import ER, KFPF, DERpp, FineTune, Joint
 
 MLP = {"model": "zoo/mlp", "model_kwargs": {"img_size": 28, "hidden": [256, 256]}}
+CNN = {"model": "zoo/convnet", "model_kwargs": {"widths": [16, 32, 64]}}
+KFPF_ARGS = {"buffer_size": 500, "replay_batch_size": 32, "fpf_every": 200, "fpf_steps": 100}
 BUFFER, REPLAY_BATCH, BATCH, LR = 500, 32, 32, 0.05
 METHODS = {
     "finetune": lambda: FineTune(**MLP),
     "er": lambda: ER(**MLP, buffer_size=BUFFER, replay_batch_size=REPLAY_BATCH),
     "derpp": lambda: DERpp(**MLP, buffer_size=BUFFER, replay_batch_size=REPLAY_BATCH, alpha=0.2, beta=0.5),
-    "kfpf": lambda: KFPF(**MLP, buffer_size=BUFFER, replay_batch_size=REPLAY_BATCH, fpf_every=200, fpf_steps=100, fpf_lr=0.1, fpf_modules=["head"]),
-    "kfpf_last2": lambda: KFPF(**MLP, buffer_size=BUFFER, replay_batch_size=REPLAY_BATCH, fpf_every=200, fpf_steps=100, fpf_lr=0.1,
-                               fpf_modules=["head", "backbone.layers.3"]),
+    # k-FPF: no per-step replay; every 200 steps (and at task ends) 100 SGD steps on the buffer for the forgetting-prone modules
+    "kfpf": lambda: KFPF(**MLP, **KFPF_ARGS, fpf_lr=0.01, fpf_modules=["head"]),
+    "kfpf_last2": lambda: KFPF(**MLP, **KFPF_ARGS, fpf_lr=0.01, fpf_modules=["head", "backbone.layers.3"]),
+    "kfpf_drift": lambda: KFPF(**MLP, **KFPF_ARGS, fpf_lr=0.05, fpf_num_modules=2),  # the 2 modules of largest measured drift
+    "kfpf_kd": lambda: KFPF(**MLP, **KFPF_ARGS, fpf_lr=0.05, fpf_num_modules=2, fpf_alpha=0.3),  # k-FPF-KD
     "joint": lambda: Joint(**MLP),
+    # the paper's setting: a CNN whose forgetting-prone modules are its BatchNorm layers + the last layer
+    "er_cnn": lambda: ER(**CNN, buffer_size=BUFFER, replay_batch_size=REPLAY_BATCH),
+    "kfpf_cnn": lambda: KFPF(**CNN, **KFPF_ARGS, fpf_lr=0.05, fpf_modules=["BatchNorm2d", "head"]),
 }
 
 

@@ -231,6 +231,9 @@ class ContinualClassifier(Classifier):
             loss = self.criterion(self.mask(out, t), y)
             if self.hparams.fpf_alpha:
                 loss = loss + self.hparams.fpf_alpha * F.mse_loss(out, z)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"FPF diverged (loss {loss.item()}) on modules {self.forgetting_prone_modules()}: "
+                                         f"fpf_lr={self.hparams.fpf_lr} is too large for them; lower it")
             grads = list(torch.autograd.grad(loss, params))
             _all_reduce_mean(grads)
             with torch.no_grad():
@@ -334,7 +337,8 @@ class KFPF(ContinualClassifier):
     """k-FPF (Zhao et al., ICML 2023): no per-step replay; every ``fpf_every`` optimizer steps, regardless of task
     boundaries, FPF finetunes the forgetting-prone modules for ``fpf_steps`` on the buffer (k = steps / fpf_every).
     FPF also runs at each task end, where the model is evaluated (the paper's final FPF).
-    ``fpf_alpha > 0`` gives k-FPF-KD (logit matching), 0 gives k-FPF-CE.
+    ``fpf_alpha > 0`` gives k-FPF-KD (cross-entropy + ``fpf_alpha`` x MSE to the logits stored at insertion, as in
+    DER++), 0 gives k-FPF-CE. FPF is plain SGD on its own (``fpf_lr``), apart from the main optimizer and its state.
 
     Args:
         fpf_every: optimizer steps between two FPF runs.
@@ -344,7 +348,10 @@ class KFPF(ContinualClassifier):
         if fpf_every < 1 or fpf_steps < 1:
             raise ValueError(f"fpf_every={fpf_every}, fpf_steps={fpf_steps}: k-FPF needs both >= 1")
         super().__init__(*args, fpf_steps=fpf_steps, **kwargs)
+        self._fpf_step = -1  # the optimizer step of the last periodic FPF
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step % self.hparams.fpf_every == 0:
+        step = self.global_step  # unchanged over accumulated batches: FPF once per optimizer step
+        if step % self.hparams.fpf_every == 0 and step != self._fpf_step:
+            self._fpf_step = step
             self.fpf(self.hparams.fpf_steps)

@@ -188,3 +188,34 @@ def test_ddp_each_rank_keeps_its_share_and_the_checkpoint_keeps_all(tmp_path):
     assert [s["seen"] for s in shares] == [5 * 3 * 16] * 2  # 5 tasks x 3 steps x 16 samples on each rank
     assert not torch.equal(shares[0]["stored"]["x"], shares[1]["stored"]["x"])  # each rank buffered its own shard
     assert not torch.isnan(ckpt["continual"]["acc_matrix"][:4].tril()).any()
+
+
+def test_kfpf_kd_step_is_sgd_on_ce_plus_alpha_logit_mse_of_the_head_only():
+    seed_everything(0)
+    model = KFPF(**MLP, buffer_size=32, replay_batch_size=6, fpf_lr=0.05, fpf_alpha=0.5, fpf_modules=["head"])
+    stream = attach(model)
+    batch = next(iter(torch.utils.data.DataLoader(stream.task_set("train", 0), batch_size=16)))
+    model.buffer.add(batch[3], batch[1], batch[2], torch.randn(16, 10) * 3)  # stored logits (k-FPF-KD's targets)
+    before, params = copy.deepcopy(model.buffer), {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.fpf(1)
+    model.buffer, after = before, {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y, _, z = model.replay(6)  # the same draw, by hand
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(params[n])
+    out = model(x)
+    loss = F.cross_entropy(out, y) + 0.5 * F.mse_loss(out, z)
+    gw, gb = torch.autograd.grad(loss, [model.head.weight, model.head.bias])
+    assert torch.allclose(after["head.weight"], params["head.weight"] - 0.05 * gw, atol=1e-6)
+    assert torch.allclose(after["head.bias"], params["head.bias"] - 0.05 * gb, atol=1e-6)
+    assert all(torch.equal(after[n], params[n]) for n in params if not n.startswith("head."))  # the backbone is frozen during FPF
+
+
+def test_fpf_with_a_diverging_lr_stops_with_a_clear_error():
+    seed_everything(0)
+    model = KFPF(**MLP, buffer_size=32, fpf_lr=1e6, fpf_alpha=1.0, fpf_modules=["head"])  # the logit MSE blows up
+    stream = attach(model)
+    batch = next(iter(torch.utils.data.DataLoader(stream.task_set("train", 0), batch_size=16)))
+    model.buffer.add(batch[3], batch[1], batch[2], torch.zeros(16, 10))
+    with pytest.raises(FloatingPointError, match=r"modules \['head'\]: fpf_lr=1000000.0 is too large"):
+        model.fpf(50)
