@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2 as T
 
 
@@ -33,6 +33,24 @@ class LabeledSubset(Dataset):
         if self.transform is not None:
             x = self.transform(x)
         return (x, int(y), i) if self.with_index else (x, int(y))
+
+
+class EpochShuffle(RandomSampler):
+    """Random order that depends only on ``(seed, epoch)``, so a resumed run replays the same batches.
+
+    Lightning calls ``set_epoch`` before every training epoch (and under DDP replaces this sampler
+    with its own epoch-seeded ``DistributedSampler``, as it does any ``RandomSampler``).
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        yield from torch.randperm(len(self.data_source), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
 
 
 def split_indices(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -158,7 +176,8 @@ class ClassificationDataModule(LightningDataModule):
         self.test_set = LabeledSubset(test_data, range(len(test_targets)), test_targets, self.eval_transform())
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=getattr(self, "collate_fn", None))
+        sampler = EpochShuffle(dataset, self.hparams.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

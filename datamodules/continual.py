@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from datamodules.base import ClassificationDataModule, LabeledSubset
+from datamodules.base import ClassificationDataModule, EpochShuffle, LabeledSubset
 
 SCENARIOS = ("class", "task", "domain")
 
@@ -60,21 +60,6 @@ class TaskSet(Dataset):
             return x, self.targets[i], self.task
         compact = isinstance(raw, torch.Tensor) and raw.dtype == torch.uint8
         return x, self.targets[i], self.task, raw if compact else x
-
-
-class EpochShuffle(RandomSampler):
-    """A shuffle seeded by ``(seed, epoch)`` only (Lightning calls ``set_epoch``), so a resumed run replays the same
-    order; under DDP Lightning swaps it for a ``DistributedSampler``, which is seeded the same way."""
-
-    def __init__(self, data_source: Dataset, seed: int):
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        yield from torch.randperm(len(self.data_source), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
 
 
 def _repair_nested_hparams(data: ClassificationDataModule) -> None:

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import LabeledSubset, per_class_subset, split_indices
+from datamodules.base import EpochShuffle, LabeledSubset, per_class_subset, split_indices
 
 
 def read_records(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
@@ -126,7 +126,8 @@ class TextClassification(LightningDataModule):
         return tuple(out)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate_fn)
+        sampler = EpochShuffle(dataset, self.hparams.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate_fn)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

@@ -103,3 +103,17 @@ def test_image_folder_with_and_without_val(tmp_path):
 def test_bad_datamodule_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Digits(**kwargs)
+
+
+def test_shuffle_depends_only_on_seed_and_epoch():
+    """A resumed run (fresh loader, same epoch) must see the batches the interrupted run would have seen."""
+    dm = Digits(batch_size=16)
+    dm.setup()
+    first, again = dm.train_dataloader(), Digits(batch_size=16)
+    again.setup()
+    again = again.train_dataloader()
+    first.sampler.set_epoch(3)
+    again.sampler.set_epoch(3)
+    assert list(first.sampler) == list(again.sampler)
+    again.sampler.set_epoch(4)
+    assert list(first.sampler) != list(again.sampler) and sorted(again.sampler) == list(range(len(dm.train_set)))
