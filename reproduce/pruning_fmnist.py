@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--effnet-samples-per-class", type=int, default=100)
     parser.add_argument("--effnet-test-batches", type=int, default=20, help="test on the first N batches only (0: all 10k)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--parts", nargs="+", default=["vit", "effnet"], choices=["vit", "effnet"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     rows = []
@@ -70,7 +71,7 @@ def main() -> None:
     vit_data = FashionMNIST(data_dir=args.data_dir, batch_size=args.batch_size, samples_per_class=args.samples_per_class, val_fraction=0.0)
     vit_data.setup("fit")
     steps = args.vit_epochs * len(vit_data.train_dataloader())
-    for sparsity in (0.0, 0.5, 0.8):
+    for sparsity in (0.0, 0.5, 0.8) if "vit" in args.parts else ():
         seed_everything(0, verbose=False)
         module = Classifier("timm/vit_tiny_patch16_224", num_classes=10, model_kwargs=VIT_KWARGS,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.05))
@@ -87,7 +88,7 @@ def main() -> None:
     # 2. EfficientNet-Lite0 (real weights), structured pruning of 50 % of the channels
     eff_data = FashionMNIST(data_dir=args.data_dir, batch_size=args.batch_size, samples_per_class=args.effnet_samples_per_class, val_fraction=0.0, image_size=32)
     x = torch.randn(256, 1, 32, 32)
-    for sparsity in (0.0, 0.5):
+    for sparsity in (0.0, 0.5) if "effnet" in args.parts else ():
         seed_everything(0, verbose=False)
         module = Classifier("pypi/efficientnet_lite0", num_classes=10, pretrained=True, model_kwargs={"in_chans": 1},
                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01))
