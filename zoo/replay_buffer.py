@@ -33,7 +33,8 @@ class ReplayBuffer:
             raise ValueError(f"buffer policy={policy!r}: expected one of {POLICIES}")
         self.total_capacity = self.capacity = capacity
         self.policy, self.seed = policy, seed
-        self.rng = random.Random(seed)  # Python's RNG: O(1) per draw without tensor overheads; its state is checkpointed
+        self.rng = random.Random(seed)  # insertion draws: Python's RNG, O(1) per draw without tensor overheads
+        self.sample_rng = torch.Generator().manual_seed(seed)  # replay draws: one tensor op per batch
         self.seen = self.size = 0
         self.x = self.y = self.t = self.logits = None
         self.class_seen: dict[int, int] = {}
@@ -47,6 +48,7 @@ class ReplayBuffer:
         if self.capacity < 1:
             raise ValueError(f"buffer size {self.total_capacity} leaves rank {rank} of {world_size} no memory")
         self.rng.seed(self.seed + 1_000_003 * rank)
+        self.sample_rng.manual_seed(self.seed + 1_000_003 * rank)
 
     def __len__(self) -> int:
         return self.size
@@ -69,10 +71,11 @@ class ReplayBuffer:
         if slots:
             dev = self.x.device
             slots, src = torch.tensor(slots, device=dev), torch.tensor(src, device=x.device)
-            self.x[slots] = x[src].to(dev)
-            self.y[slots] = y[src].to(dev)
-            self.t[slots] = t[src].to(dev)
-            self.logits[slots] = logits[src].detach().float().to(dev)
+            # index_select is several times faster than advanced indexing for a batch of rows
+            self.x[slots] = x.index_select(0, src).to(dev)
+            self.y[slots] = y.index_select(0, src).to(dev)
+            self.t[slots] = t.index_select(0, src).to(dev)
+            self.logits[slots] = logits.detach().index_select(0, src).float().to(dev)
 
     def _reservoir(self, batch: int) -> tuple[list[int], list[int]]:
         writes: dict[int, int] = {}  # slot -> sample; a later sample drawing the same slot wins, as in the sequential algorithm
@@ -118,14 +121,15 @@ class ReplayBuffer:
         """``n`` samples drawn uniformly with replacement: ``(x, y, task, logits)``."""
         if self.size == 0:
             raise RuntimeError("sampling from an empty replay buffer")
-        idx = torch.tensor([self.rng.randrange(self.size) for _ in range(n)], device=self.x.device)
-        return self.x[idx], self.y[idx], self.t[idx], self.logits[idx]
+        idx = torch.randint(self.size, (n,), generator=self.sample_rng).to(self.x.device)
+        return tuple(v.index_select(0, idx) for v in (self.x, self.y, self.t, self.logits))
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         stored = None if self.x is None else {k: getattr(self, k)[:self.size].cpu().clone() for k in ("x", "y", "t", "logits")}
         return {"capacity": self.capacity, "policy": self.policy, "seen": self.seen, "size": self.size,
-                "class_seen": dict(self.class_seen), "slots": {c: list(s) for c, s in self.slots.items()}, "rng": self.rng.getstate(), "stored": stored}
+                "class_seen": dict(self.class_seen), "slots": {c: list(s) for c, s in self.slots.items()}, "rng": self.rng.getstate(),
+                "sample_rng": self.sample_rng.get_state(), "stored": stored}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["capacity"] != self.capacity or state["policy"] != self.policy:
@@ -133,6 +137,7 @@ class ReplayBuffer:
                              f"(capacity {self.capacity}, {self.policy})")
         self.seen, self.size, self.class_seen = state["seen"], state["size"], dict(state["class_seen"])
         self.rng.setstate(state["rng"])
+        self.sample_rng.set_state(state["sample_rng"])
         stored = state["stored"]
         if stored is not None:
             self._allocate(stored["x"], stored["logits"])
