@@ -6,9 +6,11 @@
    32x32: dense finetuning vs 50 % of the channels of every group masked over the first two epochs and
    physically removed at the end; test accuracy and measured CPU latency.
 
-Affordable on 2 shared CPU cores (a subset of the training set, few epochs; ~45 min on a heavily loaded 2-core machine):
+Affordable on 2 CPU cores (a subset of the training set, few epochs; the EfficientNet half takes 4 minutes on a
+quiet 2-core machine, the ViT half about 25 on a heavily loaded one):
 
-    OMP_NUM_THREADS=2 python reproduce/pruning_fmnist.py [--samples-per-class 300 --vit-epochs 6 --effnet-samples-per-class 100 --effnet-epochs 3 --effnet-test-batches 20]
+    OMP_NUM_THREADS=2 python reproduce/pruning_fmnist.py [--parts vit effnet] [--samples-per-class 300 --vit-epochs 6]
+        [--effnet-samples-per-class 300 --effnet-epochs 6 --effnet-test-batches 0]
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--samples-per-class", type=int, default=300)
     parser.add_argument("--vit-epochs", type=int, default=6)
-    parser.add_argument("--effnet-epochs", type=int, default=3)
-    parser.add_argument("--effnet-samples-per-class", type=int, default=100)
-    parser.add_argument("--effnet-test-batches", type=int, default=20, help="test on the first N batches only (0: all 10k)")
+    parser.add_argument("--effnet-epochs", type=int, default=6)
+    parser.add_argument("--effnet-samples-per-class", type=int, default=300)
+    parser.add_argument("--effnet-test-batches", type=int, default=0, help="test on the first N batches only (0: all 10k)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--parts", nargs="+", default=["vit", "effnet"], choices=["vit", "effnet"])
     args = parser.parse_args()
