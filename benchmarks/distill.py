@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -40,27 +39,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 
 from datamodules import FashionMNIST  # noqa: E402
+from timing import StepTimer  # noqa: E402
 from zoo import Classifier  # noqa: E402
 from zoo.distillation import DecoupledKD, DistillationModule, HardCE, ModelOutputs, SoftTargetKL  # noqa: E402
 
 STUDENT = {"model": "zoo/convnet", "model_kwargs": {"in_chans": 1, "widths": (32, 64, 128)}}
 TEACHER = {"teachers": ["pypi/efficientnet_lite0"], "teacher_model_kwargs": {"in_chans": 1}, "untrained_teacher_head": True}
-
-
-class StepTimer(Callback):
-    """Wall time of every training step (batch start to batch end)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def step_time(module, data_dir: str, steps: int, root: str) -> float:

@@ -21,28 +21,16 @@ import time
 import warnings
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from callbacks.pruning import MagnitudePruning, StructuredPruning
 from callbacks.pruning_schedules import Cubic, OneShot
+from timing import StepTimer
 from zoo import Classifier
 
 VIT_KWARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
-
-
-class StepTimer(Callback):
-    """Wall time of every training step, pruning callbacks included (attach it first)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, *args) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._t0)
 
 
 def step_time(prune: bool, steps: int, warmup: int = 10) -> float:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks.stitch_sweep import stitch_accuracy  # noqa: E402
+from timing import timed  # noqa: E402
 from zoo.backbones import build_backbone  # noqa: E402
 from zoo.snnet import StitchableNet, StitchSampler  # noqa: E402
 
@@ -49,16 +50,6 @@ def prefix_tree_flops(net: StitchableNet) -> int:
             prefix = hash((prefix, p))  # a part is shared when the whole path up to it is
             unique.add((prefix, p))
     return sum(part[p] for _, p in unique)
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()``."""
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs)
 
 
 def train_step_time(model_fn, params, x, y, steps: int) -> float:

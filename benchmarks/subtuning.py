@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import timed  # noqa: E402
 from zoo.classifier import Classifier  # noqa: E402
 from zoo.snnet import FLOP_MAPPING  # noqa: E402
 from zoo.subtuning import MultiTaskSubTuned, SubTuningModule, candidate_layers  # noqa: E402
@@ -41,16 +40,6 @@ MODELS = {
     "vit12": ("timm/vit_tiny_patch16_224", False, {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 3}, 32),
     "efficientnet_lite0": ("pypi/efficientnet_lite0", True, {}, 96),
 }
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def train_step(module, opt, x, y):
@@ -93,8 +82,8 @@ def bench(name: str, batch_size: int, steps: int) -> dict[str, float]:
     full = build(name, Classifier).train()
     last2 = candidate_layers(full.backbone)[-2:]
     sub = build(name, SubTuningModule, trainable_layers=last2).train()
-    t_full = timed(train_step(full, torch.optim.AdamW(full.parameters()), x, y), steps)
-    t_sub = timed(train_step(sub, torch.optim.AdamW([p for p in sub.parameters() if p.requires_grad]), x, y), steps)
+    t_full = timed(train_step(full, torch.optim.AdamW(full.parameters()), x, y), steps, warmup=1)
+    t_sub = timed(train_step(sub, torch.optim.AdamW([p for p in sub.parameters() if p.requires_grad]), x, y), steps, warmup=1)
     act_full, state_full = memory(full, x, y)
     act_sub, state_sub = memory(sub, x, y)
 
@@ -116,8 +105,8 @@ def bench(name: str, batch_size: int, steps: int) -> dict[str, float]:
 
         return run
 
-    t_plain = timed(epoch(plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad])), 2)
-    t_cached = timed(epoch(cached, torch.optim.AdamW([p for p in cached.parameters() if p.requires_grad])), 2)  # warm-up epoch fills the cache
+    t_plain = timed(epoch(plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad])), 2, warmup=1)
+    t_cached = timed(epoch(cached, torch.optim.AdamW([p for p in cached.parameters() if p.requires_grad])), 2, warmup=1)  # warm-up epoch fills the cache
 
     def forward_flops(module) -> int:
         idx = torch.arange(batch_size)
@@ -138,8 +127,8 @@ def bench(name: str, batch_size: int, steps: int) -> dict[str, float]:
     with torch.no_grad():
         for got, task in zip(multi(xi), tasks):
             assert torch.allclose(got, task(xi), atol=1e-4)
-        t_sep = timed(lambda: [task(xi) for task in tasks], steps)
-        t_multi = timed(lambda: multi(xi), steps)
+        t_sep = timed(lambda: [task(xi) for task in tasks], steps, warmup=1)
+        t_multi = timed(lambda: multi(xi), steps, warmup=1)
 
     r = {
         "step_time_vs_full": t_sub / t_full,
