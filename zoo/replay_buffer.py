@@ -47,8 +47,9 @@ class ReplayBuffer:
         self.capacity = self.total_capacity // world_size + (rank < self.total_capacity % world_size)
         if self.capacity < 1:
             raise ValueError(f"buffer size {self.total_capacity} leaves rank {rank} of {world_size} no memory")
-        self.rng.seed(self.seed + 1_000_003 * rank)
-        self.sample_rng.manual_seed(self.seed + 1_000_003 * rank)
+        seed = self.seed + 1_000_003 * rank
+        self.rng.seed(seed)
+        self.sample_rng.manual_seed(seed)
 
     def __len__(self) -> int:
         return self.size
