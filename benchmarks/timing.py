@@ -39,3 +39,35 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, *args) -> None:
         self.times.append(time.perf_counter() - self._start)
+
+
+class EpochTimer(Callback):
+    """Wall time of every training epoch, split into its training batches and its validation.
+
+    ``epochs`` holds ``(train seconds, validation seconds, whole epoch seconds)`` per epoch (in
+    Lightning 2 an epoch's validation runs before ``on_train_epoch_end``). Use with
+    ``num_sanity_val_steps=0``.
+
+    Example::
+
+        timer = EpochTimer()
+        Trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=[timer]).fit(model, data)
+        train_s, val_s, epoch_s = timer.epochs[-1]
+    """
+
+    def __init__(self):
+        self.epochs: list[tuple[float, float, float]] = []
+
+    def on_train_epoch_start(self, *args) -> None:
+        self._start, self._val = time.perf_counter(), None
+
+    def on_validation_epoch_start(self, *args) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, *args) -> None:
+        self._val = (self._val_start, time.perf_counter())
+
+    def on_train_epoch_end(self, *args) -> None:
+        end = time.perf_counter()
+        val_start, val_end = self._val or (end, end)
+        self.epochs.append((val_start - self._start, val_end - val_start, end - self._start))

@@ -15,7 +15,10 @@ class LabeledSubset(Dataset):
     """``dataset[indices]`` with its own transform; ``targets`` lists the labels of the subset.
 
     The underlying dataset returns untransformed ``(image, label)`` pairs, so the same data
-    can serve train (augmented) and val (deterministic) splits.
+    can serve train (augmented) and val (deterministic) splits. With ``with_index`` items are
+    ``(x, y, i)``; a technique that has cached what it needs from every ``x`` (e.g. SubTuning's
+    frozen features) sets ``skip_inputs`` and items become ``(empty tensor, y, i)``: no loading,
+    no transform.
     """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], targets: Sequence[int], transform: Callable | None = None, with_index: bool = False):
@@ -24,11 +27,14 @@ class LabeledSubset(Dataset):
         self.targets = [int(targets[i]) for i in self.indices]
         self.transform = transform
         self.with_index = with_index
+        self.skip_inputs = False
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
+        if self.skip_inputs and self.with_index:
+            return torch.empty(0), self.targets[i], i
         x, y = self.dataset[self.indices[i]]
         if self.transform is not None:
             x = self.transform(x)
@@ -92,8 +98,8 @@ class ClassificationDataModule(LightningDataModule):
         image_size: resize images to this size (default: the dataset's own).
         augment: random crop (and flip where it makes sense) on the training split.
         download: download the data when it is absent.
-        with_index: training batches are ``(x, y, index)`` (index into the training split),
-            for techniques that key per-sample state (e.g. cached teacher outputs).
+        with_index: training and validation batches are ``(x, y, index)`` (index into the
+            split), for techniques that key per-sample state (e.g. cached teacher outputs).
     """
 
     num_classes: int = 0
@@ -171,7 +177,7 @@ class ClassificationDataModule(LightningDataModule):
         if self.hparams.samples_per_class:
             train_idx = per_class_subset(train_idx, train_targets, self.hparams.samples_per_class, self.hparams.seed)
         self.train_set = LabeledSubset(train_data, train_idx, train_targets, self.train_transform(), self.with_index)
-        self.val_set = LabeledSubset(train_data, val_idx, train_targets, self.eval_transform())
+        self.val_set = LabeledSubset(train_data, val_idx, train_targets, self.eval_transform(), self.with_index)
         test_data, test_targets = self.load_split("test")
         self.test_set = LabeledSubset(test_data, range(len(test_targets)), test_targets, self.eval_transform())
 
@@ -190,3 +196,11 @@ class ClassificationDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+    def teardown(self, stage: str) -> None:
+        for subset in (self.train_set, self.val_set, self.test_set):
+            if subset is not None:
+                subset.skip_inputs = False
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.teardown("fit")

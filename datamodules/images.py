@@ -202,6 +202,6 @@ class ImageFolder(ClassificationDataModule):
         if self.hparams.samples_per_class:
             train_idx = per_class_subset(train_idx, t_targets, self.hparams.samples_per_class, self.hparams.seed)
         self.train_set = LabeledSubset(train, train_idx, t_targets, self.train_transform(), self.with_index)
-        self.val_set = LabeledSubset(val, range(len(val)), v_targets, self.eval_transform())
+        self.val_set = LabeledSubset(val, range(len(val)), v_targets, self.eval_transform(), self.with_index)
         test, s_targets = self._folder("test") if (root / "test").is_dir() else (val, v_targets)
         self.test_set = LabeledSubset(test, range(len(test)), s_targets, self.eval_transform())

@@ -113,7 +113,7 @@ class TextClassification(LightningDataModule):
         if self.hparams.samples_per_class:
             train_idx = per_class_subset(train_idx, train.targets, self.hparams.samples_per_class, self.hparams.seed)
         self.train_set = LabeledSubset(train, train_idx, train.targets, with_index=self.with_index)
-        self.val_set = LabeledSubset(val, val_idx if val_idx is not None else range(len(val)), val.targets)
+        self.val_set = LabeledSubset(val, val_idx if val_idx is not None else range(len(val)), val.targets, with_index=self.with_index)
         test = self._rows("test") if "test" in self.files else None
         self.test_set = LabeledSubset(test, range(len(test)), test.targets) if test else self.val_set
 

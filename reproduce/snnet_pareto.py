@@ -92,7 +92,7 @@ def main() -> None:
     lo, hi = min(r["flops"] for r in anchor_rows), max(r["flops"] for r in anchor_rows)
     inside = sum(lo <= r["flops"] <= hi for r in rows) / len(rows)
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["flops"])
-    print(f"\nanchors: " + ", ".join(f"{r['description'].split('[')[0]} {100 * r['acc']:.2f}% @ {r['flops'] / 1e6:.2f} MFLOPs" for r in anchor_rows))
+    print("\nanchors: " + ", ".join(f"{r['description'].split('[')[0]} {100 * r['acc']:.2f}% @ {r['flops'] / 1e6:.2f} MFLOPs" for r in anchor_rows))
     print(f"stitches with FLOPs between the smallest and largest anchor: {100 * inside:.0f}%")
     print(f"stitch accuracy range: {100 * min(r['acc'] for r in rows):.2f}% .. {100 * max(r['acc'] for r in rows):.2f}%")
     print(f"Spearman(FLOPs, accuracy) over all stitches: {spearman([r['flops'] for r in rows], [r['acc'] for r in rows]):.3f}")

@@ -118,9 +118,10 @@ class Classifier(LightningModule):
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch: Any, metrics: MetricCollection, split: str) -> torch.Tensor:
+    def _eval_step(self, batch: Any, metrics: MetricCollection, split: str, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss and metrics of an evaluation batch; ``logits`` when the caller computed them already."""
         x, y = self.unpack_batch(batch)
-        logits = self(x)
+        logits = self(x) if logits is None else logits
         loss = self.criterion(logits, y)
         self.log(f"{split}/loss", loss, prog_bar=split == "val", on_epoch=True, sync_dist=True, batch_size=len(y))
         metrics.update(logits, y)

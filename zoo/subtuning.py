@@ -227,6 +227,40 @@ class LayerChain:
         return self.tail(self.run(h, ctx, start, len(self), layers), x)
 
 
+class FeatureCache:
+    """Per-sample outputs of a frozen prefix, keyed by the sample's index in its split; grows as needed."""
+
+    def __init__(self):
+        self.values: torch.Tensor | None = None
+        self.filled: torch.Tensor | None = None
+
+    def lookup(self, index: torch.Tensor, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Outputs for samples ``index``; ``compute(x[missing])`` fills the ones not stored yet."""
+        index = index.long()
+        need = int(index.max()) + 1
+        if self.filled is None or need > len(self.filled):
+            grow = max(need, 2 * len(self.filled) if self.filled is not None else need)
+            filled = torch.zeros(grow, dtype=torch.bool, device=index.device)
+            if self.filled is not None:
+                filled[: len(self.filled)] = self.filled
+            self.filled, old = filled, self.values
+            self.values = None if old is None else torch.cat([old, old.new_zeros(grow - len(old), *old.shape[1:])])
+        missing = ~self.filled[index]
+        if missing.any():
+            if x.numel() == 0:
+                raise RuntimeError(f"the batch's inputs were skipped but samples {index[missing].tolist()[:8]} are not cached")
+            h = compute(x[missing])
+            if self.values is None:
+                self.values = h.new_zeros(len(self.filled), *h.shape[1:])
+            self.values[index[missing]] = h
+            self.filled[index[missing]] = True
+        return self.values[index]
+
+    def covers(self, n: int) -> bool:
+        """True when samples ``0..n-1`` are all stored."""
+        return self.filled is not None and len(self.filled) >= n and bool(self.filled[:n].all())
+
+
 class SubTuningModule(Classifier):
     """A classifier that finetunes only ``trainable_layers`` of its backbone (and its new head).
 
@@ -237,9 +271,13 @@ class SubTuningModule(Classifier):
         trainable_layers: layer names from :func:`candidate_layers` or indices into it; empty or
             ``null`` trains the head alone (a linear probe).
         granularity: ``block`` or ``stage`` (ResNet stages ``layerX``, EfficientNet stages ``blocks.i``).
-        cache_frozen_features: compute the frozen prefix's output once per training sample and reuse
-            it in later epochs. Needs a datamodule with ``with_index: true`` and a deterministic
-            training transform (``augment: false``). Not kept in checkpoints: it refills after a resume.
+        cache_frozen_features: compute the frozen prefix's output once per training and validation
+            sample and reuse it in later epochs. Once a split is fully cached, its dataset is asked to
+            skip the inputs (``LabeledSubset.skip_inputs``; not seen by persistent DataLoader
+            workers, which keep loading), so later epochs load no images and run only the finetuned
+            part. Needs a datamodule with ``with_index: true`` and a deterministic training transform
+            (``augment: false``). Holds the prefix outputs of both splits in memory. Not kept in
+            checkpoints: it refills after a resume.
         (other args: see :class:`zoo.classifier.Classifier`)
     """
 
@@ -264,6 +302,7 @@ class SubTuningModule(Classifier):
         super().__init__(model, num_classes, pretrained, model_kwargs, optimizer, lr_scheduler, scheduler_interval, label_smoothing)
         self.chain = LayerChain(self.backbone)
         self.cache_frozen_features = cache_frozen_features
+        self._skipping: list[Any] = []  # datasets asked to skip inputs, given them back at teardown
         self.set_trainable_layers(trainable_layers)
 
     def set_trainable_layers(self, trainable_layers: Sequence[str | int] | None) -> None:
@@ -275,8 +314,8 @@ class SubTuningModule(Classifier):
         if self.cache_frozen_features and isinstance(self.backbone, HFEncoder):
             raise ValueError("cache_frozen_features=true does not support Hugging Face models: their token states depend on each batch's padding")
         self.hparams.trainable_layers = list(self.trainable_names)
-        self._cache: torch.Tensor | None = None
-        self._cached: torch.Tensor | None = None
+        self.caches: dict[str, FeatureCache] = {}  # "train", "val0", "val1", ...
+        self.teardown("fit")  # datasets told to skip inputs would now meet an empty cache
         self.train(self.training)
 
     # -- freezing -----------------------------------------------------------------------
@@ -309,28 +348,16 @@ class SubTuningModule(Classifier):
     def forward(self, x: Any) -> torch.Tensor:
         return self.head(self.features(x))
 
-    def cached_prefix(self, x: Any, index: torch.Tensor) -> torch.Tensor:
-        """The frozen prefix's output for samples ``index``, computed only for samples not seen before."""
-        index = index.long()
-        need = int(index.max()) + 1
-        if self._cached is None or need > len(self._cached):
-            grow = max(need, 2 * len(self._cached) if self._cached is not None else need)
-            cached = torch.zeros(grow, dtype=torch.bool, device=index.device)
-            if self._cached is not None:
-                cached[: len(self._cached)] = self._cached
-            self._cached, old = cached, self._cache
-            self._cache = None if old is None else torch.cat([old, old.new_zeros(grow - len(old), *old.shape[1:])])
-        missing = ~self._cached[index]
-        if missing.any():
-            with torch.no_grad():
-                h, (rest, kwargs) = self.chain.prefix(x[missing], self.start)
-            if rest or kwargs:
-                raise RuntimeError("cache_frozen_features: the first trainable layer takes extra inputs, which cannot be cached")
-            if self._cache is None:
-                self._cache = h.new_zeros(len(self._cached), *h.shape[1:])
-            self._cache[index[missing]] = h
-            self._cached[index[missing]] = True
-        return self._cache[index]
+    def _uncached_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h, (rest, kwargs) = self.chain.prefix(x, self.start)
+        if rest or kwargs:
+            raise RuntimeError("cache_frozen_features: the first trainable layer takes extra inputs, which cannot be cached")
+        return h
+
+    def cached_prefix(self, x: Any, index: torch.Tensor, split: str = "train") -> torch.Tensor:
+        """The frozen prefix's output for samples ``index`` of ``split``, computed only for samples not seen before."""
+        return self.caches.setdefault(split, FeatureCache()).lookup(index, x, self._uncached_prefix)
 
     def training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.cache_frozen_features:
@@ -341,6 +368,39 @@ class SubTuningModule(Classifier):
         h = self.cached_prefix(x, batch[2])
         logits = self.head(self.chain.suffix(h, ((), {}), x, self.start))
         return self.criterion(logits, y), logits, y
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        if not self.cache_frozen_features or len(batch) < 3:
+            return super().validation_step(batch, batch_idx)
+        x = self.unpack_batch(batch)[0]
+        h = self.cached_prefix(x, batch[2], f"val{dataloader_idx}")
+        logits = self.head(self.chain.suffix(h, ((), {}), x, self.start))
+        return self._eval_step(batch, self.val_metrics, "val", logits)
+
+    # -- cached epochs skip the inputs ------------------------------------------------------
+    def _skip_cached_inputs(self, loader: Any, split: str) -> None:
+        """Once every sample of ``loader``'s dataset is cached, ask it for labels and indices only."""
+        dataset = getattr(loader, "dataset", None)
+        cache = self.caches.get(split)
+        if hasattr(dataset, "skip_inputs") and not dataset.skip_inputs and cache is not None and cache.covers(len(dataset)):
+            dataset.skip_inputs = True
+            self._skipping.append(dataset)
+
+    def on_train_epoch_end(self) -> None:
+        if self.cache_frozen_features:
+            self._skip_cached_inputs(self.trainer.train_dataloader, "train")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.cache_frozen_features and not self.trainer.sanity_checking:
+            loaders = self.trainer.val_dataloaders
+            for k, loader in enumerate(loaders if isinstance(loaders, (list, tuple)) else [loaders]):
+                self._skip_cached_inputs(loader, f"val{k}")
+
+    def teardown(self, stage: str) -> None:
+        """Datasets load their inputs again (the datamodule also resets them at its own teardown)."""
+        for dataset in self._skipping:
+            dataset.skip_inputs = False
+        self._skipping.clear()
 
 
 class MultiTaskSubTuned(nn.Module):

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from datamodules import CIFAR10, CIFAR100, MNIST, Digits, FashionMNIST, ImageFolder
-from tests.standin import write_cifar, write_idx, write_mnist_like
+from tests.standin import write_cifar, write_mnist_like
 
 
 def test_digits_split_is_seeded_disjoint_and_normalised():
@@ -33,6 +33,18 @@ def test_with_index_and_resize():
     assert x.shape == (4, 1, 16, 16) and i.shape == (4,)
     x0, y0, i0 = dm.train_set[int(i[0])]
     assert torch.equal(x0, x[0]) and y0 == y[0] and i0 == i[0] and y0 == dm.train_set.targets[i0]
+    xv, yv, iv = next(iter(dm.val_dataloader()))  # validation batches carry indices too
+    assert torch.equal(iv, torch.arange(4)) and torch.equal(xv[1], dm.val_set[1][0])
+
+
+def test_skip_inputs_gives_labels_and_indices_until_teardown():
+    dm = Digits(with_index=True, batch_size=4)
+    dm.setup()
+    dm.train_set.skip_inputs = dm.val_set.skip_inputs = True
+    x, y, i = next(iter(dm.val_dataloader()))
+    assert x.numel() == 0 and torch.equal(y, torch.tensor(dm.val_set.targets[:4])) and torch.equal(i, torch.arange(4))
+    dm.teardown("fit")
+    assert not dm.train_set.skip_inputs and not dm.val_set.skip_inputs and dm.val_set[0][0].shape == (1, 8, 8)
 
 
 def test_fashion_mnist_finds_debian_files(tmp_path, monkeypatch):

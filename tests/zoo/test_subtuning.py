@@ -94,10 +94,59 @@ def test_cache_frozen_features_matches_fresh_prefix():
     assert calls == [6]
     with torch.no_grad():
         fresh = prefix(x, model.start)[0]
-    assert torch.allclose(model._cache[idx], fresh, atol=1e-6) and model._cached.sum() == 6
+    cache = model.caches["train"]
+    assert torch.allclose(cache.values[idx], fresh, atol=1e-6) and cache.filled.sum() == 6
     model.training_loss((x[:2], y[:2], torch.tensor([5, 40])))  # one new sample, the cache grows
-    assert calls == [6, 1] and model._cached.sum() == 7
+    assert calls == [6, 1] and cache.filled.sum() == 7 and not cache.covers(10) and cache.covers(2)
     assert torch.allclose(logits1, model(x), atol=1e-5) and torch.allclose(logits2, logits1[:3], atol=1e-6)
+
+
+class CountLoads(Callback):
+    """Counts the images the datamodule loads and the frozen-prefix calls, per epoch phase."""
+
+    def __init__(self, dm):
+        self.loads, self.prefix_calls, self.phases = [0], [0], []
+        dm.setup("fit")
+        source = dm.train_set.dataset  # Digits: one in-memory dataset behind train and val
+        get = source.__getitem__
+        dm.train_set.dataset = dm.val_set.dataset = type("Counted", (), {"__getitem__": lambda _, i: (self.loads.__setitem__(0, self.loads[0] + 1), get(i))[1]})()
+
+    def on_fit_start(self, trainer, pl_module):
+        if hasattr(pl_module, "chain"):
+            prefix = pl_module.chain.prefix
+            pl_module.chain.prefix = lambda x, s: (self.prefix_calls.__setitem__(0, self.prefix_calls[0] + 1), prefix(x, s))[1]
+
+    def _mark(self, name):
+        self.phases.append((name, self.loads[0], self.prefix_calls[0]))
+        self.loads[0] = self.prefix_calls[0] = 0
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._mark("train")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._mark("val")
+
+
+def test_cached_epochs_skip_inputs_and_train_like_uncached(tmp_path):
+    def fit(cache):
+        seed_everything(0)
+        dm = Digits(samples_per_class=4, batch_size=16, val_fraction=0.05, with_index=True)
+        counter = CountLoads(dm)
+        trainer = Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0, callbacks=[counter], default_root_dir=tmp_path)
+        model = _vit(["blocks.2"], cache_frozen_features=cache)
+        trainer.fit(model, datamodule=dm)
+        return model, dm, counter, {k: trainer.callback_metrics[k].item() for k in ("val/acc", "val/loss")}
+
+    cached, dm, counter, metrics = fit(True)
+    n_train, n_val = len(dm.train_set), len(dm.val_set)
+    n_batches = -(-n_train // 16), -(-n_val // 16)
+    # Epoch 1 loads every image and runs the prefix once per batch; later epochs neither load nor run it.
+    assert counter.phases == [("train", n_train, n_batches[0]), ("val", n_val, n_batches[1])] + [("train", 0, 0), ("val", 0, 0)] * 2
+    assert not dm.train_set.skip_inputs and not dm.val_set.skip_inputs  # given back after fit
+    plain, _, _, plain_metrics = fit(False)
+    for k, v in plain.state_dict().items():
+        assert torch.allclose(v, cached.state_dict()[k], atol=1e-5), k
+    assert metrics == pytest.approx(plain_metrics, abs=1e-5)
 
 
 @pytest.mark.parametrize("dm_kwargs, match", [({"augment": True, "with_index": True}, "deterministic_train_transform"), ({}, "with_index")])
