@@ -16,9 +16,9 @@ class LabeledSubset(Dataset):
 
     The underlying dataset returns untransformed ``(image, label)`` pairs, so the same data
     can serve train (augmented) and val (deterministic) splits. With ``with_index`` items are
-    ``(x, y, i)``; a technique that has cached what it needs from every ``x`` (e.g. SubTuning's
-    frozen features) sets ``skip_inputs`` and items become ``(empty tensor, y, i)``: no loading,
-    no transform.
+    ``(x, y, i)``; a technique that has cached what it needs from some ``x`` (e.g. SubTuning's
+    frozen features) calls :meth:`skip_cached`, and those items come back without loading or
+    transforming their input.
     """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], targets: Sequence[int], transform: Callable | None = None, with_index: bool = False):
@@ -27,14 +27,26 @@ class LabeledSubset(Dataset):
         self.targets = [int(targets[i]) for i in self.indices]
         self.transform = transform
         self.with_index = with_index
-        self.skip_inputs = False
+        self.cached: torch.Tensor | None = None
+        self.placeholder: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def skip_cached(self, cached: torch.Tensor | None, placeholder: torch.Tensor | None = None) -> None:
+        """Items ``i`` with ``cached[i]`` true (a CPU bool tensor) come back as ``(placeholder, y, i)``.
+
+        ``placeholder`` has the shape of a transformed input, so batches still collate; ``None``
+        loads every input again. Needs ``with_index``. DataLoader workers that persist across
+        epochs keep the setting they started with.
+        """
+        if cached is not None and not self.with_index:
+            raise ValueError("skip_cached needs with_index=True: the batch's indices say which inputs were skipped")
+        self.cached, self.placeholder = cached, placeholder
+
     def __getitem__(self, i: int):
-        if self.skip_inputs and self.with_index:
-            return torch.empty(0), self.targets[i], i
+        if self.cached is not None and i < len(self.cached) and self.cached[i]:
+            return self.placeholder, self.targets[i], i
         x, y = self.dataset[self.indices[i]]
         if self.transform is not None:
             x = self.transform(x)
@@ -200,7 +212,7 @@ class ClassificationDataModule(LightningDataModule):
     def teardown(self, stage: str) -> None:
         for subset in (self.train_set, self.val_set, self.test_set):
             if subset is not None:
-                subset.skip_inputs = False
+                subset.skip_cached(None)
 
     def on_exception(self, exception: BaseException) -> None:
         self.teardown("fit")

@@ -233,6 +233,7 @@ class FeatureCache:
     def __init__(self):
         self.values: torch.Tensor | None = None
         self.filled: torch.Tensor | None = None
+        self.placeholder: torch.Tensor | None = None  # zeros shaped like one input (CPU)
 
     def lookup(self, index: torch.Tensor, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Outputs for samples ``index``; ``compute(x[missing])`` fills the ones not stored yet."""
@@ -247,18 +248,14 @@ class FeatureCache:
             self.values = None if old is None else torch.cat([old, old.new_zeros(grow - len(old), *old.shape[1:])])
         missing = ~self.filled[index]
         if missing.any():
-            if x.numel() == 0:
-                raise RuntimeError(f"the batch's inputs were skipped but samples {index[missing].tolist()[:8]} are not cached")
+            if self.placeholder is None:
+                self.placeholder = torch.zeros(x.shape[1:], dtype=x.dtype)
             h = compute(x[missing])
             if self.values is None:
                 self.values = h.new_zeros(len(self.filled), *h.shape[1:])
             self.values[index[missing]] = h
             self.filled[index[missing]] = True
         return self.values[index]
-
-    def covers(self, n: int) -> bool:
-        """True when samples ``0..n-1`` are all stored."""
-        return self.filled is not None and len(self.filled) >= n and bool(self.filled[:n].all())
 
 
 class SubTuningModule(Classifier):
@@ -272,10 +269,10 @@ class SubTuningModule(Classifier):
             ``null`` trains the head alone (a linear probe).
         granularity: ``block`` or ``stage`` (ResNet stages ``layerX``, EfficientNet stages ``blocks.i``).
         cache_frozen_features: compute the frozen prefix's output once per training and validation
-            sample and reuse it in later epochs. Once a split is fully cached, its dataset is asked to
-            skip the inputs (``LabeledSubset.skip_inputs``; not seen by persistent DataLoader
-            workers, which keep loading), so later epochs load no images and run only the finetuned
-            part. Needs a datamodule with ``with_index: true`` and a deterministic training transform
+            sample and reuse it in later epochs. After each epoch the datasets are told which
+            samples are cached (:meth:`LabeledSubset.skip_cached`; not seen by persistent DataLoader
+            workers, which keep loading) and stop loading their inputs, so later epochs load no
+            images and run only the finetuned part. Needs a datamodule with ``with_index: true`` and a deterministic training transform
             (``augment: false``). Holds the prefix outputs of both splits in memory. Not kept in
             checkpoints: it refills after a resume.
         (other args: see :class:`zoo.classifier.Classifier`)
@@ -379,27 +376,28 @@ class SubTuningModule(Classifier):
 
     # -- cached epochs skip the inputs ------------------------------------------------------
     def _skip_cached_inputs(self, loader: Any, split: str) -> None:
-        """Once every sample of ``loader``'s dataset is cached, ask it for labels and indices only."""
+        """Tell ``loader``'s dataset which samples are cached: it stops loading their inputs."""
         dataset = getattr(loader, "dataset", None)
         cache = self.caches.get(split)
-        if hasattr(dataset, "skip_inputs") and not dataset.skip_inputs and cache is not None and cache.covers(len(dataset)):
-            dataset.skip_inputs = True
-            self._skipping.append(dataset)
+        if hasattr(dataset, "skip_cached") and cache is not None and cache.placeholder is not None:
+            dataset.skip_cached(cache.filled.to("cpu", copy=True), cache.placeholder)  # a snapshot
+            if all(d is not dataset for d in self._skipping):
+                self._skipping.append(dataset)
 
     def on_train_epoch_end(self) -> None:
         if self.cache_frozen_features:
             self._skip_cached_inputs(self.trainer.train_dataloader, "train")
 
     def on_validation_epoch_end(self) -> None:
-        if self.cache_frozen_features and not self.trainer.sanity_checking:
+        if self.cache_frozen_features:
             loaders = self.trainer.val_dataloaders
             for k, loader in enumerate(loaders if isinstance(loaders, (list, tuple)) else [loaders]):
                 self._skip_cached_inputs(loader, f"val{k}")
 
     def teardown(self, stage: str) -> None:
-        """Datasets load their inputs again (the datamodule also resets them at its own teardown)."""
+        """Datasets load every input again (the datamodule also resets them at its own teardown)."""
         for dataset in self._skipping:
-            dataset.skip_inputs = False
+            dataset.skip_cached(None)
         self._skipping.clear()
 
 

@@ -37,14 +37,20 @@ def test_with_index_and_resize():
     assert torch.equal(iv, torch.arange(4)) and torch.equal(xv[1], dm.val_set[1][0])
 
 
-def test_skip_inputs_gives_labels_and_indices_until_teardown():
+def test_skip_cached_returns_placeholders_for_cached_samples_until_teardown():
     dm = Digits(with_index=True, batch_size=4)
     dm.setup()
-    dm.train_set.skip_inputs = dm.val_set.skip_inputs = True
+    with pytest.raises(ValueError, match="with_index"):
+        dm.test_set.skip_cached(torch.ones(3, dtype=torch.bool), torch.zeros(1, 8, 8))
+    cached = torch.tensor([True, False, True])  # samples 0 and 2; indices past the mask load as usual
+    dm.val_set.skip_cached(cached, torch.full((1, 8, 8), -7.0))
     x, y, i = next(iter(dm.val_dataloader()))
-    assert x.numel() == 0 and torch.equal(y, torch.tensor(dm.val_set.targets[:4])) and torch.equal(i, torch.arange(4))
+    assert torch.equal(y, torch.tensor(dm.val_set.targets[:4])) and torch.equal(i, torch.arange(4))
+    assert (x[0] == -7).all() and (x[2] == -7).all()
     dm.teardown("fit")
-    assert not dm.train_set.skip_inputs and not dm.val_set.skip_inputs and dm.val_set[0][0].shape == (1, 8, 8)
+    assert dm.val_set.cached is None
+    for k in (1, 3, 0):
+        assert torch.equal(x[k] if k != 0 else dm.val_set[0][0], dm.val_set.transform(dm.val_set.dataset[dm.val_set.indices[k]][0]))
 
 
 def test_fashion_mnist_finds_debian_files(tmp_path, monkeypatch):

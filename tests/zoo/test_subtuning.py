@@ -97,7 +97,7 @@ def test_cache_frozen_features_matches_fresh_prefix():
     cache = model.caches["train"]
     assert torch.allclose(cache.values[idx], fresh, atol=1e-6) and cache.filled.sum() == 6
     model.training_loss((x[:2], y[:2], torch.tensor([5, 40])))  # one new sample, the cache grows
-    assert calls == [6, 1] and cache.filled.sum() == 7 and not cache.covers(10) and cache.covers(2)
+    assert calls == [6, 1] and cache.filled.sum() == 7 and cache.placeholder.shape == (1, 8, 8)
     assert torch.allclose(logits1, model(x), atol=1e-5) and torch.allclose(logits2, logits1[:3], atol=1e-6)
 
 
@@ -142,7 +142,7 @@ def test_cached_epochs_skip_inputs_and_train_like_uncached(tmp_path):
     n_batches = -(-n_train // 16), -(-n_val // 16)
     # Epoch 1 loads every image and runs the prefix once per batch; later epochs neither load nor run it.
     assert counter.phases == [("train", n_train, n_batches[0]), ("val", n_val, n_batches[1])] + [("train", 0, 0), ("val", 0, 0)] * 2
-    assert not dm.train_set.skip_inputs and not dm.val_set.skip_inputs  # given back after fit
+    assert dm.train_set.cached is None and dm.val_set.cached is None  # every input loads again after fit
     plain, _, _, plain_metrics = fit(False)
     for k, v in plain.state_dict().items():
         assert torch.allclose(v, cached.state_dict()[k], atol=1e-5), k
@@ -261,7 +261,8 @@ def test_multitask_hf_bert():
 
 
 class SaveInitState(Callback):
-    """Saves rank 0's state_dict when training starts (to compare frozen parameters after DDP)."""
+    """Saves rank 0's state_dict when training starts (to compare frozen parameters after DDP), and each
+    rank's count of samples whose inputs its datasets skip, before the last epoch ends."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
@@ -269,6 +270,12 @@ class SaveInitState(Callback):
     def on_train_start(self, trainer, pl_module):
         if trainer.is_global_zero:
             torch.save({k: v.clone() for k, v in pl_module.state_dict().items()}, Path(self.out_dir) / "init.pt")
+
+    def on_train_epoch_end(self, trainer, pl_module):  # runs before the module's hook: masks from the previous epoch
+        dm = trainer.datamodule
+        counts = {s: int(d.cached.sum()) if d.cached is not None else 0 for s, d in (("train", dm.train_set), ("val", dm.val_set))}
+        counts["val_shard"] = len(trainer.val_dataloaders.sampler)
+        (Path(self.out_dir) / f"skipped{trainer.global_rank}.json").write_text(json.dumps(counts))
 
 
 def test_ddp_two_processes(tmp_path):
@@ -284,6 +291,9 @@ def test_ddp_two_processes(tmp_path):
     r0, r1 = run_ddp(args, out, cwd=tmp_path)
     init = torch.load(out / "init.pt")
     assert r0["global_step"] == r1["global_step"] == 10  # 80 samples / (2 ranks x 8) x 2 epochs
+    for rank in range(2):  # each rank skips the inputs it cached: its 40 training samples of epoch 1, its val shard
+        counts = json.loads((out / f"skipped{rank}.json").read_text())
+        assert counts["train"] == 40 and counts["val"] == counts["val_shard"] > 0, counts
     for k, v in r0["state_dict"].items():
         assert torch.equal(v, r1["state_dict"][k]), k
         trained = k.startswith(("head.", "backbone.blocks.2."))
