@@ -228,9 +228,10 @@ class LayerChain:
 
 
 class FeatureCache:
-    """Per-sample outputs of a frozen prefix, keyed by the sample's index in its split; grows as needed."""
+    """Per-sample outputs of a frozen prefix, keyed by the sample's index in ``source`` (its dataset); grows as needed."""
 
-    def __init__(self):
+    def __init__(self, source: Any = None):
+        self.source = source
         self.values: torch.Tensor | None = None
         self.filled: torch.Tensor | None = None
         self.placeholder: torch.Tensor | None = None  # zeros shaped like one input (CPU)
@@ -273,8 +274,8 @@ class SubTuningModule(Classifier):
             samples are cached (:meth:`LabeledSubset.skip_cached`; not seen by persistent DataLoader
             workers, which keep loading) and stop loading their inputs, so later epochs load no
             images and run only the finetuned part. Needs a datamodule with ``with_index: true`` and a deterministic training transform
-            (``augment: false``). Holds the prefix outputs of both splits in memory. Not kept in
-            checkpoints: it refills after a resume.
+            (``augment: false``). Holds the prefix outputs of both splits in memory, one cache per
+            dataset (new data starts a new one). Not kept in checkpoints: it refills after a resume.
         (other args: see :class:`zoo.classifier.Classifier`)
     """
 
@@ -374,7 +375,17 @@ class SubTuningModule(Classifier):
         logits = self.head(self.chain.suffix(h, ((), {}), x, self.start))
         return self._eval_step(batch, self.val_metrics, "val", logits)
 
-    # -- cached epochs skip the inputs ------------------------------------------------------
+    # -- one cache per dataset; cached epochs skip the inputs -----------------------------------
+    @staticmethod
+    def _loaders(loaders: Any) -> list[Any]:
+        return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+    def _check_source(self, loader: Any, split: str) -> None:
+        """A split whose loader now reads another dataset (e.g. ``validate`` on new data) starts an empty cache."""
+        dataset = getattr(loader, "dataset", None)
+        if split not in self.caches or self.caches[split].source is not dataset:
+            self.caches[split] = FeatureCache(dataset)
+
     def _skip_cached_inputs(self, loader: Any, split: str) -> None:
         """Tell ``loader``'s dataset which samples are cached: it stops loading their inputs."""
         dataset = getattr(loader, "dataset", None)
@@ -384,14 +395,22 @@ class SubTuningModule(Classifier):
             if all(d is not dataset for d in self._skipping):
                 self._skipping.append(dataset)
 
+    def on_train_epoch_start(self) -> None:
+        if self.cache_frozen_features:
+            self._check_source(self.trainer.train_dataloader, "train")
+
     def on_train_epoch_end(self) -> None:
         if self.cache_frozen_features:
             self._skip_cached_inputs(self.trainer.train_dataloader, "train")
 
+    def on_validation_epoch_start(self) -> None:
+        if self.cache_frozen_features:
+            for k, loader in enumerate(self._loaders(self.trainer.val_dataloaders)):
+                self._check_source(loader, f"val{k}")
+
     def on_validation_epoch_end(self) -> None:
         if self.cache_frozen_features:
-            loaders = self.trainer.val_dataloaders
-            for k, loader in enumerate(loaders if isinstance(loaders, (list, tuple)) else [loaders]):
+            for k, loader in enumerate(self._loaders(self.trainer.val_dataloaders)):
                 self._skip_cached_inputs(loader, f"val{k}")
 
     def teardown(self, stage: str) -> None:

@@ -149,6 +149,20 @@ def test_cached_epochs_skip_inputs_and_train_like_uncached(tmp_path):
     assert metrics == pytest.approx(plain_metrics, abs=1e-5)
 
 
+def test_cache_belongs_to_its_dataset(tmp_path):
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    model = _vit(["blocks.2"], cache_frozen_features=True)
+    dm1, dm2 = (Digits(samples_per_class=4, batch_size=16, val_fraction=0.05, with_index=True, seed=s) for s in (0, 1))
+    trainer = Trainer(max_epochs=1, **kw)
+    trainer.fit(model, datamodule=dm1)
+    got = trainer.validate(model, datamodule=dm2, verbose=False)[0]  # other samples at the same indices
+    plain = _vit(["blocks.2"])
+    plain.load_state_dict(model.state_dict())
+    assert got == pytest.approx(Trainer(**kw).validate(plain, datamodule=dm2, verbose=False)[0], abs=1e-6)
+    Trainer(max_epochs=1, **kw).fit(model, datamodule=dm2)  # a new fit on new data starts new caches
+    assert model.caches["train"].source is dm2.train_set and model.caches["val0"].source is dm2.val_set
+
+
 @pytest.mark.parametrize("dm_kwargs, match", [({"augment": True, "with_index": True}, "deterministic_train_transform"), ({}, "with_index")])
 def test_cache_refused_before_training(tmp_path, dm_kwargs, match):
     trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
