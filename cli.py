@@ -71,5 +71,10 @@ def main(args: list[str] | None = None, run: bool = True) -> ZooCLI:
     )
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``zoo`` console script: its wrapper exits with what this returns, so it returns nothing (status 0)."""
     main()
+
+
+if __name__ == "__main__":
+    console()

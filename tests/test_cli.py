@@ -93,3 +93,19 @@ def test_bad_inputs_fail_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="MNIST not found"):
         run.trainer.fit(run.model, run.datamodule)
     assert run.trainer.global_step == 0
+
+
+def test_console_script_exits_with_status_0(tmp_path, monkeypatch):
+    import importlib
+    import sys
+    import tomllib
+
+    target = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]["zoo"]
+    module, name = target.split(":")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["zoo", "fit", "--model=zoo.Classifier", "--model.model=zoo/mlp", "--data=datamodules.Digits",
+                                      '--model.model_kwargs={"in_chans": 1, "img_size": 8}', "--trainer.fast_dev_run=true", "--trainer.logger=false", *QUIET])
+    with pytest.raises(SystemExit) as exit_:
+        sys.exit(getattr(importlib.import_module(module), name)())  # what the installed wrapper does
+    assert exit_.value.code in (None, 0)
+
