@@ -381,10 +381,13 @@ class SubTuningModule(Classifier):
         return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
     def _check_source(self, loader: Any, split: str) -> None:
-        """A split whose loader now reads another dataset (e.g. ``validate`` on new data) starts an empty cache."""
+        """A split whose loader now reads another dataset (e.g. ``validate`` on new data) gets that dataset's
+        cache: a new one, or the one another split already keeps for the same dataset object."""
         dataset = getattr(loader, "dataset", None)
-        if split not in self.caches or self.caches[split].source is not dataset:
-            self.caches[split] = FeatureCache(dataset)
+        if split in self.caches and self.caches[split].source is dataset:
+            return
+        shared = next((c for c in self.caches.values() if dataset is not None and c.source is dataset), None)
+        self.caches[split] = shared or FeatureCache(dataset)
 
     def _skip_cached_inputs(self, loader: Any, split: str) -> None:
         """Tell ``loader``'s dataset which samples are cached: it stops loading their inputs."""

@@ -161,6 +161,9 @@ def test_cache_belongs_to_its_dataset(tmp_path):
     assert got == pytest.approx(Trainer(**kw).validate(plain, datamodule=dm2, verbose=False)[0], abs=1e-6)
     Trainer(max_epochs=1, **kw).fit(model, datamodule=dm2)  # a new fit on new data starts new caches
     assert model.caches["train"].source is dm2.train_set and model.caches["val0"].source is dm2.val_set
+    dm2.val_set = dm2.train_set  # one dataset behind both loaders: one cache, so one mask fits both
+    Trainer(max_epochs=2, limit_train_batches=1, **kw).fit(model, datamodule=dm2)
+    assert model.caches["train"] is model.caches["val0"] and model.caches["val0"].source is dm2.train_set
 
 
 @pytest.mark.parametrize("dm_kwargs, match", [({"augment": True, "with_index": True}, "deterministic_train_transform"), ({}, "with_index")])
