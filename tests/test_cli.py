@@ -1,4 +1,7 @@
+import importlib
 import json
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -96,10 +99,6 @@ def test_bad_inputs_fail_before_training(tmp_path):
 
 
 def test_console_script_exits_with_status_0(tmp_path, monkeypatch):
-    import importlib
-    import sys
-    import tomllib
-
     target = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]["zoo"]
     module, name = target.split(":")
     monkeypatch.chdir(tmp_path)
@@ -108,4 +107,3 @@ def test_console_script_exits_with_status_0(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         sys.exit(getattr(importlib.import_module(module), name)())  # what the installed wrapper does
     assert exit_.value.code in (None, 0)
-

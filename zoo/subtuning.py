@@ -273,9 +273,10 @@ class SubTuningModule(Classifier):
             sample and reuse it in later epochs. After each epoch the datasets are told which
             samples are cached (:meth:`LabeledSubset.skip_cached`; not seen by persistent DataLoader
             workers, which keep loading) and stop loading their inputs, so later epochs load no
-            images and run only the finetuned part. Needs a datamodule with ``with_index: true`` and a deterministic training transform
-            (``augment: false``). Holds the prefix outputs of both splits in memory, one cache per
-            dataset (new data starts a new one). Not kept in checkpoints: it refills after a resume.
+            images and run only the finetuned part. Needs a datamodule with ``with_index: true``
+            and a deterministic training transform (``augment: false``). Holds the prefix outputs
+            of both splits in memory, one cache per dataset (new data starts a new one). Not kept
+            in checkpoints: it refills after a resume.
         (other args: see :class:`zoo.classifier.Classifier`)
     """
 
@@ -357,23 +358,24 @@ class SubTuningModule(Classifier):
         """The frozen prefix's output for samples ``index`` of ``split``, computed only for samples not seen before."""
         return self.caches.setdefault(split, FeatureCache()).lookup(index, x, self._uncached_prefix)
 
+    def _cached_logits(self, batch: Any, split: str) -> torch.Tensor:
+        """Logits of an ``(x, y, index)`` batch: cached prefix outputs, then the suffix and the head."""
+        x = self.unpack_batch(batch)[0]
+        h = self.cached_prefix(x, batch[2], split)
+        return self.head(self.chain.suffix(h, ((), {}), x, self.start))
+
     def training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.cache_frozen_features:
             return super().training_loss(batch)
         if len(batch) < 3:
             raise ValueError("cache_frozen_features=true needs batches (x, y, index): set with_index: true on the datamodule")
-        x, y = self.unpack_batch(batch)
-        h = self.cached_prefix(x, batch[2])
-        logits = self.head(self.chain.suffix(h, ((), {}), x, self.start))
+        logits, y = self._cached_logits(batch, "train"), batch[1]
         return self.criterion(logits, y), logits, y
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         if not self.cache_frozen_features or len(batch) < 3:
             return super().validation_step(batch, batch_idx)
-        x = self.unpack_batch(batch)[0]
-        h = self.cached_prefix(x, batch[2], f"val{dataloader_idx}")
-        logits = self.head(self.chain.suffix(h, ((), {}), x, self.start))
-        return self._eval_step(batch, self.val_metrics, "val", logits)
+        return self._eval_step(batch, self.val_metrics, "val", self._cached_logits(batch, f"val{dataloader_idx}"))
 
     # -- one cache per dataset; cached epochs skip the inputs -----------------------------------
     @staticmethod
