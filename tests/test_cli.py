@@ -67,10 +67,12 @@ def test_resume_continues_from_the_saved_step(tmp_path, monkeypatch):
     conf = write(tmp_path / "c.yaml", {"trainer": {"limit_train_batches": 4, "limit_val_batches": 1, "logger": False}, "model": MODEL, "data": DATA})
     args = ["fit", "--config", conf, *QUIET, "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks+=tests.test_cli.RecordStart"]
     first = cli.main([*args, "--trainer.max_epochs=1"])
-    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")  # no monitor: last.ckpt is the one checkpoint
+    assert ckpt.name == "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)  # the second run rewrites last.ckpt in the same folder
     second = cli.main([*args, "--trainer.max_epochs=2", "--ckpt_path", str(ckpt)])
     assert first.trainer.global_step == 4 and second.model.start_step == 4 and second.trainer.global_step == 8
-    saved = torch.load(ckpt, weights_only=False)
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 8  # last.ckpt now holds the resumed run's final state
     assert saved["zoo_class"] == "zoo.classifier.Classifier"
     for k, v in saved["state_dict"].items():
         assert torch.equal(second.model.start_state[k], v), k

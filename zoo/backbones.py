@@ -207,10 +207,9 @@ def _unknown(name: str, valid: list[str] | tuple[str, ...]) -> ValueError:
 
 def load_zoo_module(path: str | os.PathLike, map_location: str = "cpu"):
     """Load any zoo LightningModule from its checkpoint (the class is stored in the checkpoint)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    from zoo.runtime import load_checkpoint
+
+    ckpt = load_checkpoint(path, map_location)
     class_path = ckpt.get("zoo_class")
     if class_path is None:
         raise ValueError(f"{path} is not a zoo checkpoint (no 'zoo_class' entry); save it with a zoo module")

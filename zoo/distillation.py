@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 
 from zoo.backbones import HFEncoder, build_backbone, load_zoo_module
 from zoo.classifier import Classifier
+from zoo.runtime import cache_dir
 
 
 @dataclass
@@ -503,8 +504,8 @@ class DistillationModule(Classifier):
             Training batches must carry indices; the datamodule's ``with_index`` is switched on in ``setup``.
         approximate_cache_targets: allow the cache with a random training transform (teacher outputs are then
             computed on the datamodule's deterministic eval transform).
-        cache_dir: where the cache lives (default ``<trainer.default_root_dir>/teacher_cache``); a cache with the
-            same teachers, layers and data is reused.
+        cache_dir: where the cache lives (default ``zoo.runtime.cache_dir("teacher_cache")``: ``$ZOO_CACHE_DIR``,
+            else ``~/.cache/lightning-zoo``); a cache with the same teachers, layers and data is reused by later runs.
         optimizer, lr_scheduler, scheduler_interval, label_smoothing: as :class:`~zoo.classifier.Classifier`
             (label smoothing applies to the validation loss; use ``HardCE.label_smoothing`` for training).
     """
@@ -717,10 +718,10 @@ class DistillationModule(Classifier):
     def _build_cache(self, dm: Any) -> None:
         """Run the teachers once over the training set; each DDP rank fills its share of the rows."""
         trainer, dataset = self.trainer, dm.train_set
-        root = Path(self.cache_dir or Path(trainer.default_root_dir) / "teacher_cache") / self._cache_key(dm)
+        root = Path(self.cache_dir or cache_dir("teacher_cache")) / self._cache_key(dm)
         root = Path(trainer.strategy.broadcast(str(root)))
         n, meta_file = len(dataset), root / "meta.json"
-        if meta_file.is_file():
+        if trainer.strategy.broadcast(meta_file.is_file()):  # rank 0 decides, so every rank takes the same branch
             self.cache = TeacherCache(root, json.loads(meta_file.read_text())["entries"])
             return
         device = trainer.strategy.root_device

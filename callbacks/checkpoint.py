@@ -1,0 +1,111 @@
+"""``Checkpoint``: Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is always the latest state.
+
+With ``save_last=True`` and a ``monitor``, Lightning 2.6's ``ModelCheckpoint`` rewrites ``last.ckpt`` only
+when a new best is saved, and a run that stops between two checkpoints never saves its final state.
+``Checkpoint`` keeps the top-k logic of ``ModelCheckpoint`` and writes ``last.ckpt`` itself:
+
+- whenever a checkpoint is due (every ``every_n_train_steps`` steps, every ``every_n_epochs`` epochs,
+  after every validation during ``fit``), whether or not the monitored value improved;
+- at the end of ``fit`` (also a run stopped by ``max_steps`` mid-epoch), so every run ends saved.
+
+``last.ckpt`` is written to a temporary file and renamed, so a run killed while saving leaves the previous
+``last.ckpt`` whole. Every run has one: the ``zoo`` command adds it under the name ``checkpoint``::
+
+    zoo fit --config configs/quickstart.yaml --checkpoint.monitor val/loss --checkpoint.mode min
+    zoo fit --config configs/quickstart.yaml --checkpoint.every_n_train_steps 50   # step checkpoints
+    zoo fit --config configs/quickstart.yaml --ckpt_path runs/lightning_logs/version_0/checkpoints/last.ckpt
+
+YAML::
+
+    checkpoint: {monitor: val/acc, mode: max}     # top-level key of a zoo config
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Literal
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class Checkpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` (same arguments) whose ``last.ckpt`` is the latest state whenever a checkpoint is written.
+
+    Args:
+        save_last: keep ``last.ckpt`` (the latest state; default on). ``False`` keeps only the top-k files.
+        save_top_k: how many best checkpoints by ``monitor`` to keep (default 1 with a ``monitor``, else 0:
+            without a monitor, ``last.ckpt`` is the one checkpoint).
+        every_n_train_steps: also checkpoint every this many optimizer steps (mid-epoch resume points).
+        The other arguments are ``ModelCheckpoint``'s.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        save_last: bool = True,
+        save_top_k: int | None = None,
+        save_weights_only: bool = False,
+        every_n_train_steps: int | None = None,
+        train_time_interval: timedelta | None = None,
+        every_n_epochs: int | None = None,
+        save_on_train_epoch_end: bool | None = None,
+        enable_version_counter: bool = True,
+        verbose: bool = False,
+    ):
+        super().__init__(
+            dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_last=False,
+            save_top_k=(1 if monitor else 0) if save_top_k is None else save_top_k,
+            save_weights_only=save_weights_only, every_n_train_steps=every_n_train_steps,
+            train_time_interval=train_time_interval, every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=save_on_train_epoch_end, enable_version_counter=enable_version_counter, verbose=verbose,
+        )
+        self.keep_last = save_last
+        self.last_every_n_train_steps = every_n_train_steps or 0
+        self.last_every_n_epochs = 1 if every_n_epochs is None else every_n_epochs
+        self.last_saved_step: int | None = None  # global step of the state in last.ckpt, this run
+
+    # -- when ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _fitting(trainer: Trainer) -> bool:
+        return trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.last_every_n_train_steps
+        if n > 0 and trainer.global_step % n == 0:
+            self.save_last_state(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        epoch_due = self.last_every_n_epochs > 0 and (trainer.current_epoch + 1) % self.last_every_n_epochs == 0
+        if epoch_due or self.last_every_n_train_steps > 0:
+            self.save_last_state(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.last_every_n_epochs > 0 and (trainer.current_epoch + 1) % self.last_every_n_epochs == 0:
+            self.save_last_state(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.save_last_state(trainer)  # the final state, however the run stopped
+
+    # -- how ----------------------------------------------------------------------------------------
+    def save_last_state(self, trainer: Trainer) -> None:
+        """Write the current state to ``last.ckpt`` unless it holds this step already (all ranks call this)."""
+        if not self.keep_last or not self._fitting(trainer) or self.last_saved_step == trainer.global_step:
+            return
+        path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        self.last_model_path = path  # part of the state being saved, as in ModelCheckpoint
+        self.last_saved_step = trainer.global_step
+        local = "://" not in path
+        tmp = f"{path}.tmp" if local else path
+        trainer.save_checkpoint(tmp, self.save_weights_only)  # collective: every rank reaches it
+        if local and trainer.is_global_zero:
+            os.replace(tmp, path)
+        trainer.strategy.barrier("zoo_last_checkpoint")

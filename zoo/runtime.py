@@ -1,0 +1,134 @@
+"""Process-wide defaults of the ``zoo`` command: CPU threads, warnings nobody can act on, short error messages.
+
+- **Threads.** PyTorch takes every core it sees; on a shared or small machine, or with several DDP processes
+  on one node, the processes then fight over cores and runs get 5-10x slower. :func:`configure_threads`
+  gives each process its share: ``cores // processes_per_node``, less the cores other programs keep busy
+  (the 1-minute load average), at least 1. ``OMP_NUM_THREADS`` or ``ZOO_NUM_THREADS`` set by the user win.
+- **Warnings.** :func:`quiet` hides the ones a zoo user cannot act on (Lightning's litlogger/litmodels tips,
+  its ``_pytree`` deprecation, "module(s) in eval mode" for frozen teachers and BatchNorm).
+- **Errors.** :func:`short_error` finds the zoo's own message inside jsonargparse's and Lightning's wrapping,
+  so the command prints it alone; ``ZOO_TRACEBACK=1`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN_PACKAGES = tuple(str(ROOT / p) for p in ("zoo", "datamodules", "callbacks", "cli.py"))
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ModuleNotFoundError)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_threads(processes_per_node: int = 1, cores: int | None = None, load: float | None = None) -> int:
+    """Each process's share of the idle cores: ``(cores - busy) // processes``, at least 1."""
+    cores = available_cores() if cores is None else cores
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = max(1, cores - int(load + 0.5))
+    return max(1, idle // max(1, processes_per_node))
+
+
+def configure_threads(processes_per_node: int = 1) -> int:
+    """Set ``torch``'s intra-op threads for this process (see the module docstring); returns the number."""
+    import torch
+
+    explicit = os.environ.get("ZOO_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    threads = int(explicit) if explicit else default_threads(processes_per_node)
+    if threads < 1:
+        raise ValueError(f"ZOO_NUM_THREADS / OMP_NUM_THREADS = {explicit!r}: expected a positive integer")
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # DDP workers started later inherit the share
+    return threads
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return "💡 Tip" not in message and "Skipping setting a default `ModelSummary`" not in message
+
+
+def quiet() -> None:
+    """Hide warnings and tips that a zoo user cannot act on (see the module docstring)."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+
+
+def _own_frame(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.startswith(OWN_PACKAGES)
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def short_error(exc: BaseException) -> str | None:
+    """The zoo's own message for a bad input hidden in ``exc`` (or its causes); ``None`` for anything else."""
+    for e in _chain(exc):
+        if isinstance(e, USER_ERRORS) and _own_frame(e):
+            return f"{type(e).__name__}: {e}"
+    text = str(exc)
+    if "Does not validate against any of the Union subtypes" in text:  # jsonargparse's wrapping of an __init__ error
+        errors = [m.strip() for m in re.findall(r"^\s+- (.+)$", text, flags=re.MULTILINE)]
+        errors = [m for m in errors if not m.startswith("Expected a <class 'NoneType'>")]
+        if errors:
+            return "\n".join(errors)
+    return None
+
+
+def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """``path`` as a ``Path`` if it is a non-empty file; else a ``FileNotFoundError``/``ValueError`` saying what is wrong."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        near = sorted(str(p) for p in path.parent.glob("*.ckpt"))[:5] if path.parent.is_dir() else []
+        hint = f" Checkpoints in {path.parent}: {', '.join(near)}." if near else ""
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist.{hint}")
+    if not path.is_file():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {str(path)!r} is empty (0 bytes): the run that wrote it was probably killed while "
+                         "saving. Use an earlier checkpoint of that run (the zoo writes last.ckpt atomically, so its "
+                         "last.ckpt is whole).")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint") -> dict:
+    """``torch.load`` of a checkpoint file with a clear message for a missing, empty or truncated file."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = check_checkpoint_file(path, what)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError) as exc:
+        raise ValueError(f"{what} {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); the file is "
+                         "truncated or not a PyTorch checkpoint") from exc
+
+
+def cache_dir(name: str) -> Path:
+    """``$ZOO_CACHE_DIR/name`` (default ``$XDG_CACHE_HOME/lightning-zoo`` or ``~/.cache/lightning-zoo``): data a run
+    may reuse from an earlier one (e.g. teacher outputs); never inside the repository or a run folder."""
+    root = os.environ.get("ZOO_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning-zoo"
+    return Path(root).expanduser() / name
