@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
+
+from datamodules.resumable import EpochShuffle, eval_loader, eval_order, sample_seed, seeded, train_loader
+
+__all__ = ["ClassificationDataModule", "EpochShuffle", "LabeledSubset", "per_class_subset", "split_indices"]
 
 
 class LabeledSubset(Dataset):
@@ -18,15 +23,19 @@ class LabeledSubset(Dataset):
     can serve train (augmented) and val (deterministic) splits. With ``with_index`` items are
     ``(x, y, i)``; a technique that has cached what it needs from some ``x`` (e.g. SubTuning's
     frozen features) calls :meth:`skip_cached`, and those items come back without loading or
-    transforming their input.
+    transforming their input. With ``augment_seed`` the (random) transform of item ``i`` in epoch ``e``
+    draws from a generator seeded with ``(augment_seed, e, i)``; the zoo's training loaders pass the
+    epoch with each batch of indices (plain ``dataset[i]`` uses epoch 0).
     """
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int], targets: Sequence[int], transform: Callable | None = None, with_index: bool = False):
+    def __init__(self, dataset: Dataset, indices: Sequence[int], targets: Sequence[int], transform: Callable | None = None, with_index: bool = False,
+                 augment_seed: int | None = None):
         self.dataset = dataset
         self.indices = list(indices)
         self.targets = [int(targets[i]) for i in self.indices]
         self.transform = transform
         self.with_index = with_index
+        self.augment_seed = augment_seed
         self.cached: torch.Tensor | None = None
         self.placeholder: torch.Tensor | None = None
 
@@ -44,31 +53,35 @@ class LabeledSubset(Dataset):
             raise ValueError("skip_cached needs with_index=True: the batch's indices say which inputs were skipped")
         self.cached, self.placeholder = cached, placeholder
 
-    def __getitem__(self, i: int):
+    def load(self, i: int, epoch: int | None = None) -> tuple[Any, Any, int]:
+        """``(raw input, transformed input, label)`` of item ``i`` (as augmented in ``epoch``)."""
+        raw, y = self.dataset[self.indices[i]]
+        if self.transform is None:
+            return raw, raw, int(y)
+        if self.augment_seed is None:
+            return raw, self.transform(raw), int(y)
+        with seeded(sample_seed(self.augment_seed, epoch, i)):
+            return raw, self.transform(raw), int(y)
+
+    def item(self, i: int, epoch: int | None = None):
         if self.cached is not None and i < len(self.cached) and self.cached[i]:
             return self.placeholder, self.targets[i], i
-        x, y = self.dataset[self.indices[i]]
-        if self.transform is not None:
-            x = self.transform(x)
-        return (x, int(y), i) if self.with_index else (x, int(y))
+        _, x, y = self.load(i, epoch)
+        return (x, y, i) if self.with_index else (x, y)
 
+    def __getitem__(self, i: int):
+        return self.item(i)
 
-class EpochShuffle(RandomSampler):
-    """Random order that depends only on ``(seed, epoch)``, so a resumed run replays the same batches.
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        epoch = getattr(indices, "epoch", None)
+        return [self.item(i, epoch) for i in indices]
 
-    Lightning calls ``set_epoch`` before every training epoch (and under DDP replaces this sampler
-    with its own epoch-seeded ``DistributedSampler``, as it does any ``RandomSampler``).
-    """
-
-    def __init__(self, data_source: Dataset, seed: int = 0):
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        yield from torch.randperm(len(self.data_source), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+    def in_order(self) -> LabeledSubset:
+        """The same items in the order of the underlying dataset (e.g. for predictions aligned with a file)."""
+        order = sorted(range(len(self)), key=self.indices.__getitem__)
+        view = copy.copy(self)
+        view.indices, view.targets = [self.indices[p] for p in order], [self.targets[p] for p in order]
+        return view
 
 
 def split_indices(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -188,14 +201,25 @@ class ClassificationDataModule(LightningDataModule):
         train_idx, val_idx = split_indices(train_targets, self.hparams.val_fraction, self.hparams.seed)
         if self.hparams.samples_per_class:
             train_idx = per_class_subset(train_idx, train_targets, self.hparams.samples_per_class, self.hparams.seed)
-        self.train_set = LabeledSubset(train_data, train_idx, train_targets, self.train_transform(), self.with_index)
-        self.val_set = LabeledSubset(train_data, val_idx, train_targets, self.eval_transform(), self.with_index)
+        self.train_set = self.train_subset(train_data, train_idx, train_targets)
+        self.val_set = self.eval_subset(train_data, val_idx, train_targets, self.with_index)
         test_data, test_targets = self.load_split("test")
-        self.test_set = LabeledSubset(test_data, range(len(test_targets)), test_targets, self.eval_transform())
+        self.test_set = self.eval_subset(test_data, range(len(test_targets)), test_targets)
+
+    def train_subset(self, data: Dataset, indices: Sequence[int], targets: Sequence[int]) -> LabeledSubset:
+        """The training split; a random transform is seeded per (seed, epoch, sample)."""
+        seed = None if self.deterministic_train_transform else self.hparams.seed
+        return LabeledSubset(data, indices, targets, self.train_transform(), self.with_index, augment_seed=seed)
+
+    def eval_subset(self, data: Dataset, indices: Sequence[int], targets: Sequence[int], with_index: bool = False) -> LabeledSubset:
+        """An evaluation split, in a fixed seeded order (so ``limit_val_batches`` reads a sample of every class)."""
+        indices = list(indices)
+        return LabeledSubset(data, [indices[p] for p in eval_order(len(indices), self.hparams.seed)], targets, self.eval_transform(), with_index)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        sampler = EpochShuffle(dataset, self.hparams.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if shuffle:
+            return train_loader(dataset, self.batch_size, self.hparams.seed, self.num_workers, persistent_workers=True)
+        return eval_loader(dataset, self.batch_size, self.num_workers, persistent_workers=True)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -207,7 +231,8 @@ class ClassificationDataModule(LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        """The test split in its file order, so predictions line up with the data."""
+        return self._loader(self.test_set.in_order(), shuffle=False)
 
     def teardown(self, stage: str) -> None:
         for subset in (self.train_set, self.val_set, self.test_set):

@@ -35,9 +35,10 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from datamodules.base import ClassificationDataModule, EpochShuffle, LabeledSubset
+from datamodules.base import ClassificationDataModule, LabeledSubset
+from datamodules.resumable import EpochConcat, eval_loader, eval_order, train_loader
 
 SCENARIOS = ("class", "task", "domain")
 
@@ -52,14 +53,19 @@ class TaskSet(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, i: int):
-        sub = self.subset
-        raw, _ = sub.dataset[sub.indices[self.positions[i]]]
-        x = sub.transform(raw) if sub.transform is not None else raw
+    def item(self, i: int, epoch: int | None = None):
+        raw, x, _ = self.subset.load(self.positions[i], epoch)  # augmentation seeded by the sample's position in the split
         if not self.with_raw:
             return x, self.targets[i], self.task
         compact = isinstance(raw, torch.Tensor) and raw.dtype == torch.uint8
         return x, self.targets[i], self.task, raw if compact else x
+
+    def __getitem__(self, i: int):
+        return self.item(i)
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        epoch = getattr(indices, "epoch", None)
+        return [self.item(i, epoch) for i in indices]
 
 
 def _repair_nested_hparams(data: ClassificationDataModule) -> None:
@@ -195,13 +201,16 @@ class ContinualDataModule(LightningDataModule):
         return self.task_of_epoch(min(trainer.current_epoch, last))  # after fit: the last task trained
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        sampler = EpochShuffle(dataset, self.data.hparams.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.data.batch_size, sampler=sampler, num_workers=self.data.num_workers)
+        seed, batch_size, workers = self.data.hparams.seed, self.data.batch_size, self.data.num_workers
+        if shuffle:
+            return train_loader(dataset, batch_size, seed, workers)
+        # Evaluation reads several tasks in one fixed seeded order, so limit_val/test_batches sees every task.
+        return eval_loader(Subset(dataset, eval_order(len(dataset), seed)), batch_size, workers)
 
     def train_dataloader(self) -> DataLoader:
         t = self.current_task
         tasks = range(t + 1) if self.cumulative else [t]
-        return self._loader(ConcatDataset([self._tasks["train"][i] for i in tasks]), shuffle=True)
+        return self._loader(EpochConcat([self._tasks["train"][i] for i in tasks]), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         t = self.current_task

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from datamodules.base import ClassificationDataModule, LabeledSubset, per_class_subset, split_indices
+from datamodules.base import ClassificationDataModule, per_class_subset, split_indices
 
 
 class TensorPairs(Dataset):
@@ -201,7 +201,7 @@ class ImageFolder(ClassificationDataModule):
         train_idx = list(range(len(train)))
         if self.hparams.samples_per_class:
             train_idx = per_class_subset(train_idx, t_targets, self.hparams.samples_per_class, self.hparams.seed)
-        self.train_set = LabeledSubset(train, train_idx, t_targets, self.train_transform(), self.with_index)
-        self.val_set = LabeledSubset(val, range(len(val)), v_targets, self.eval_transform(), self.with_index)
+        self.train_set = self.train_subset(train, train_idx, t_targets)
+        self.val_set = self.eval_subset(val, range(len(val)), v_targets, self.with_index)
         test, s_targets = self._folder("test") if (root / "test").is_dir() else (val, v_targets)
-        self.test_set = LabeledSubset(test, range(len(test)), s_targets, self.eval_transform())
+        self.test_set = self.eval_subset(test, range(len(test)), s_targets)

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import EpochShuffle, LabeledSubset, per_class_subset, split_indices
+from datamodules.base import LabeledSubset, per_class_subset, split_indices
+from datamodules.resumable import eval_loader, eval_order, train_loader
 
 
 def read_records(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
@@ -113,9 +114,14 @@ class TextClassification(LightningDataModule):
         if self.hparams.samples_per_class:
             train_idx = per_class_subset(train_idx, train.targets, self.hparams.samples_per_class, self.hparams.seed)
         self.train_set = LabeledSubset(train, train_idx, train.targets, with_index=self.with_index)
-        self.val_set = LabeledSubset(val, val_idx if val_idx is not None else range(len(val)), val.targets, with_index=self.with_index)
+        self.val_set = self._eval_subset(val, val_idx if val_idx is not None else range(len(val)), self.with_index)
         test = self._rows("test") if "test" in self.files else None
-        self.test_set = LabeledSubset(test, range(len(test)), test.targets) if test else self.val_set
+        self.test_set = self._eval_subset(test, range(len(test))) if test else self.val_set
+
+    def _eval_subset(self, rows: TextRows, indices: Any, with_index: bool = False) -> LabeledSubset:
+        """An evaluation split in a fixed seeded order (files sorted by label would put one class first)."""
+        indices = list(indices)
+        return LabeledSubset(rows, [indices[p] for p in eval_order(len(indices), self.hparams.seed)], rows.targets, with_index=with_index)
 
     def collate_fn(self, items: list[tuple]) -> tuple[Any, ...]:
         texts = [it[0] for it in items]
@@ -126,8 +132,9 @@ class TextClassification(LightningDataModule):
         return tuple(out)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        sampler = EpochShuffle(dataset, self.hparams.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate_fn)
+        if shuffle:
+            return train_loader(dataset, self.batch_size, self.hparams.seed, self.num_workers, collate_fn=self.collate_fn)
+        return eval_loader(dataset, self.batch_size, self.num_workers, collate_fn=self.collate_fn)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)
