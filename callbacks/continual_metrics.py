@@ -50,7 +50,8 @@ def stream_metrics(R: torch.Tensor) -> dict[str, float]:
 class ContinualMetrics(Callback):
     """After each task: log ``continual/avg_acc``, ``continual/forgetting``, ``continual/bwt`` (step = task), write
     ``acc_matrix.csv`` and ``continual_metrics.csv`` to the log dir, draw the matrix as a TensorBoard heatmap;
-    print the final metrics at the end of the stream.
+    print the final metrics at the end of the stream. Under DDP every rank calls ``on_task_end`` (the matrix is the
+    same on all ranks: each tests on the whole test set); only rank 0 writes.
 
     YAML::
 
@@ -68,9 +69,9 @@ class ContinualMetrics(Callback):
         metrics = stream_metrics(R)
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"continual/{k}": v for k, v in metrics.items()}, step=task)
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank must read it
         if not trainer.is_global_zero:
             return
-        out = Path(trainer.log_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "acc_matrix.csv", "w", newline="") as fh:
             writer = csv.writer(fh)

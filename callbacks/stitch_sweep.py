@@ -31,19 +31,28 @@ FIELDS = ("id", "kind", "description", "flops", "params", "latency_ms", "acc", "
 
 
 @torch.no_grad()
-def stitch_accuracy(net: StitchableNet, batches: Any, unpack=lambda b: (b[0], b[1]), device: torch.device | str = "cpu") -> list[float]:
-    """Top-1 accuracy of every stitch over ``batches``, computing shared prefixes once."""
+def stitch_counts(net: StitchableNet, batches: Any, unpack=lambda b: (b[0], b[1]), device: torch.device | str = "cpu") -> torch.Tensor:
+    """Correct predictions of every stitch over ``batches``, then the number of samples (``len(net) + 1`` values)."""
     was_training = net.training
     net.eval()
-    correct, total = torch.zeros(len(net), dtype=torch.long), 0
+    counts = torch.zeros(len(net) + 1, dtype=torch.long)
     for batch in batches:
         x, y = unpack(batch)
         x, y = x.to(device), y.to(device)
         for i, logits in net.forward_all(x).items():
-            correct[i] += int((logits.argmax(-1) == y).sum())
-        total += len(y)
+            counts[i] += int((logits.argmax(-1) == y).sum())
+        counts[-1] += len(y)
     net.train(was_training)
-    return (correct.double() / max(total, 1)).tolist()
+    return counts
+
+
+def accuracy_from_counts(counts: torch.Tensor) -> list[float]:
+    return (counts[:-1].double() / counts[-1].clamp_min(1)).tolist()
+
+
+def stitch_accuracy(net: StitchableNet, batches: Any, unpack=lambda b: (b[0], b[1]), device: torch.device | str = "cpu") -> list[float]:
+    """Top-1 accuracy of every stitch over ``batches``, computing shared prefixes once."""
+    return accuracy_from_counts(stitch_counts(net, batches, unpack, device))
 
 
 @torch.no_grad()
@@ -85,9 +94,14 @@ def best_under_budget(rows: list[dict], max_flops: float | None = None, max_late
 def sweep(net: StitchableNet, batches: Any, unpack=lambda b: (b[0], b[1]), device: torch.device | str = "cpu", latency_input: torch.Tensor | None = None,
           latency_repeats: int = 5) -> list[dict]:
     """One row per stitch (see ``FIELDS``): cost from ``net.table()``, accuracy, latency, Pareto flag."""
-    rows = net.table()
     acc = stitch_accuracy(net, batches, unpack, device)
-    latency = stitch_latency(net, latency_input, latency_repeats) if latency_input is not None else [None] * len(rows)
+    return table_rows(net, acc, stitch_latency(net, latency_input, latency_repeats) if latency_input is not None else None)
+
+
+def table_rows(net: StitchableNet, acc: list[float], latency: list[float] | None = None) -> list[dict]:
+    """``net.table()`` completed with each stitch's accuracy, latency (or ``None``) and Pareto flag."""
+    rows = net.table()
+    latency = latency or [None] * len(rows)
     front = pareto_front([r["flops"] for r in rows], acc)
     for r, a, t, p in zip(rows, acc, latency, front):
         r.update(acc=a, latency_ms=t, pareto=p)
@@ -167,24 +181,33 @@ class StitchSweep(Callback):
             raise TypeError(f"StitchSweep needs a module with a StitchableNet at .net (e.g. zoo.snnet_module.SNNetModule), got {type(pl_module).__name__}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Under DDP every rank runs this hook: each evaluates its share of the batches (counts summed over ranks),
+        # rank 0 times the stitches, and all ranks select the same best stitch. Only rank 0 writes.
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank must read it
         dm = trainer.datamodule
         loader = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
         limit = 1 if trainer.fast_dev_run else self.limit_batches
-        batches = (b for i, b in enumerate(loader) if limit is None or i < limit)
+        world, rank = trainer.world_size, trainer.global_rank
+        batches = (b for i, b in enumerate(loader) if (limit is None or i < limit) and i % world == rank)
         net = pl_module.net
-        latency_input = net.example_input(self.latency_batch_size).normal_() if self.measure_latency else None
-        self.rows = sweep(net, batches, pl_module.unpack_batch, pl_module.device, latency_input, self.latency_repeats)
+        counts = stitch_counts(net, batches, pl_module.unpack_batch, pl_module.device)
+        counts = trainer.strategy.reduce(counts.double().to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        latency = None
+        if self.measure_latency:
+            if trainer.is_global_zero:
+                latency = stitch_latency(net, net.example_input(self.latency_batch_size).normal_(), self.latency_repeats)
+            latency = trainer.strategy.broadcast(latency, src=0)
+        self.rows = table_rows(net, accuracy_from_counts(counts), latency)
         self.best = best_under_budget(self.rows, self.max_flops, self.max_latency_ms)
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if self.best is not None and self.select_best:
+            net.select(self.best["id"])
+        if not trainer.is_global_zero:
+            return
         path = write_csv(self.rows, self.csv_path or out_dir / "stitch_sweep.csv")
         if isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_figure("snnet/acc_vs_flops", plot_sweep(self.rows, self.best), trainer.global_step)
         if self.best is None:
             rank_zero_info(f"StitchSweep: {len(self.rows)} stitches -> {path}; no stitch fits max_flops={self.max_flops}, max_latency_ms={self.max_latency_ms}")
             return
-        if self.select_best:
-            net.select(self.best["id"])
         rank_zero_info(f"StitchSweep: {len(self.rows)} stitches -> {path}; best within budget: id {self.best['id']} "
                        f"({self.best['description']}, {self.best['flops'] / 1e6:.1f} MFLOPs, acc {self.best['acc']:.4f})")

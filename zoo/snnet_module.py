@@ -157,9 +157,10 @@ class SNNetModule(Classifier):
 
     # -- training -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # Each step uses one stitch, so most parameters get no gradient: DDP must look for them.
+        # Each step uses one stitch, so most parameters get no gradient: DDP must look for them. A DDPStrategy given
+        # by class_path in YAML passes find_unused_parameters=False explicitly (jsonargparse fills DDP's defaults in).
         strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and "find_unused_parameters" not in strategy._ddp_kwargs:
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
             rank_zero_info("SNNetModule: setting DDP find_unused_parameters=True (one stitch per step leaves other parameters unused)")
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
