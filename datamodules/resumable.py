@@ -55,8 +55,7 @@ class EpochBatchSampler(BatchSampler):
         self.skip = 0
 
     def __iter__(self) -> Iterator[EpochBatch]:
-        skip, self.skip = self.skip, 0
-        return self._batches(getattr(self.sampler, "epoch", None), skip)
+        return self._batches(getattr(self.sampler, "epoch", None), self.skip)
 
     def _batches(self, epoch: int | None, skip: int) -> Iterator[EpochBatch]:
         for k, indices in enumerate(super().__iter__()):
@@ -89,9 +88,12 @@ class ResumableLoader(DataLoader):
         pending, self._pending = self._pending, None
         epoch = getattr(self.batch_sampler.sampler, "epoch", None)
         skip = pending["batches"] if pending is not None and pending["epoch"] == epoch else 0
-        self.batch_sampler.skip = skip
         self._epoch, self._consumed = epoch, skip
-        batches = super().__iter__()
+        self.batch_sampler.skip = skip
+        try:  # (worker iterators draw the sampler's iterator more than once while they start)
+            batches = super().__iter__()
+        finally:
+            self.batch_sampler.skip = 0
         if pending is not None and pending.get("rng") is not None:
             from zoo.resume import restore_rng_states
 

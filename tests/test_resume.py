@@ -60,7 +60,7 @@ def _patched(node, data_dir: str, init_args: dict[str, dict]):
     return node
 
 
-def shrunk_args(config: str, data_dir: Path, out: Path, init_args: dict[str, dict]) -> list[str]:
+def shrunk_args(config: str, data_dir: Path, out: Path, init_args: dict[str, dict], extra: tuple[str, ...] = ()) -> list[str]:
     """``fit`` arguments running ``config`` (read now: configs change) on stand-in data, shrunk, with step checkpoints in ``out``."""
     text = (ROOT / "configs" / config).read_text()
     conf = yaml.safe_load(text)
@@ -71,7 +71,7 @@ def shrunk_args(config: str, data_dir: Path, out: Path, init_args: dict[str, dic
     standin = [arg for line in text.splitlines() if line.startswith("# standin:") for arg in shlex.split(line.split(":", 1)[1])]
     nested = "data" in (conf["data"].get("init_args") or {})  # continual: the stream wraps a datamodule
     batch = "--data.init_args.data.init_args.batch_size=8" if nested else "--data.init_args.batch_size=8"
-    return ["fit", "--config", str(patched), *standin, batch,
+    return ["fit", "--config", str(patched), *standin, batch, *extra,
             f"--trainer.max_steps={STEPS}", f"--trainer.limit_train_batches={BATCHES}", "--trainer.limit_val_batches=1",
             "--trainer.num_sanity_val_steps=1", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -156,3 +156,32 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(case: str, standin_di
     resumed = fit([*args, f"--ckpt_path={last}"], tmp_path, monkeypatch)
     _same_optimization(reference, resumed)
     assert_same_weights(weights(reference), weights(resumed))
+
+
+def test_augmented_dropout_run_needs_the_loader_state_and_the_rng_states(standin_dir: Path, tmp_path: Path, monkeypatch):
+    """Random augmentation and dropout: exact with the checkpoint's loader state, not without it or without its RNG states."""
+    conf = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    kwargs = {**conf["model"]["init_args"]["model_kwargs"], "drop_rate": 0.2, "proj_drop_rate": 0.2}
+    extra = ("--data.init_args.augment=true", f"--model.init_args.model_kwargs={kwargs}")
+    reference_run = fit(shrunk_args("quickstart.yaml", standin_dir, tmp_path / "reference", {}, extra), tmp_path, monkeypatch)
+    reference = weights(reference_run)
+    killed = tmp_path / "killed"
+    args = shrunk_args("quickstart.yaml", standin_dir, killed, {}, extra)
+    fit_killed(args, tmp_path)
+    last = killed / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    variants = {"as saved": state}
+    for name, change in (("no loader state", lambda s: s.clear()), ("no RNG states", lambda s: s[0].update(rng=None))):
+        variant = torch.load(last, weights_only=False)
+        change(variant["loops"]["fit_loop"]["state_dict"]["combined_loader"])
+        variants[name] = variant
+    results = {}
+    for name, variant in variants.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.ckpt"
+        torch.save(variant, path)
+        run = fit([*args, f"--ckpt_path={path}"], tmp_path, monkeypatch)
+        _same_optimization(reference_run, run)
+        results[name] = weights(run)
+    assert_same_weights(reference, results["as saved"])
+    for name in ("no loader state", "no RNG states"):
+        assert any(not torch.equal(reference[k], results[name][k]) for k in reference), f"resuming with {name} is exact too: the test proves nothing"
