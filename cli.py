@@ -14,6 +14,7 @@ callback can be changed from the command line or by a later ``--config``. After 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -87,8 +88,26 @@ class ZooCLI(LightningCLI):
         super().parse_arguments(parser, args)
         config = self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
         ckpt_path = config.get("ckpt_path")  # checked before LightningCLI reads it, so a bad file gets a clear message
+        self._resume_hparams: set[str] | None = None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
             runtime.check_checkpoint_file(ckpt_path, "--ckpt_path")
+            self._resume_hparams = set(runtime.load_checkpoint(ckpt_path, what="--ckpt_path").get("hyper_parameters") or {})
+            self._model_args = copy.deepcopy(config.get("model"))
+
+    def before_instantiate_classes(self) -> None:
+        """Resuming: LightningCLI replaces the model's arguments by the checkpoint's hyperparameters (Lightning
+        issue 20801), which leave out the optimizer and LR scheduler (they are not saved as hyperparameters), so a
+        resumed run would train with the default AdamW and no schedule. Put back what the checkpoint lacks."""
+        if not self._resume_hparams or self._model_args is None:
+            return
+        config = self.config[self.config["subcommand"]]
+        before = self._model_args.get("init_args") or {}
+        after = config.model.get("init_args")
+        if after is None:
+            return
+        for key in ("optimizer", "lr_scheduler"):
+            if key not in self._resume_hparams and key in before:
+                after[key] = before[key]
 
     def after_fit(self) -> None:
         self._report("val", files=True)

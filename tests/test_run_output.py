@@ -57,8 +57,11 @@ def test_last_ckpt_is_the_final_state_even_without_a_new_best(tmp_path, monkeypa
 
 def test_resumed_run_reports_its_own_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    model = {"class_path": "zoo.Classifier", "init_args": {**MODEL["init_args"], "scheduler_interval": "step",
+             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}},
+             "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 2, "gamma": 0.5}}}}
     conf = write(tmp_path / "c.yaml", {"trainer": {"limit_train_batches": 3, "limit_val_batches": 1},
-                                       "checkpoint": {"monitor": "val/acc", "mode": "min"}, "model": MODEL, "data": DATA})
+                                       "checkpoint": {"monitor": "val/acc", "mode": "min"}, "model": model, "data": DATA})
     first = cli.main(["fit", "--config", conf, *QUIET, "--trainer.max_epochs=1"])
     killed_dir = Path(first.trainer.logger.log_dir)
     capsys.readouterr()
@@ -68,6 +71,12 @@ def test_resumed_run_reports_its_own_checkpoint(tmp_path, monkeypatch, capsys):
     assert new_dir != killed_dir
     (line,) = [l for l in out.splitlines() if l.startswith("checkpoint:")]
     assert str(new_dir / "checkpoints" / "last.ckpt") in line and "step 9" in line
+    # The resumed run trains with the run's optimizer and LR schedule, not LightningCLI's defaults (Lightning #20801).
+    (optimizer,) = second.trainer.optimizers
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    (schedule,) = second.trainer.lr_scheduler_configs
+    assert isinstance(schedule.scheduler, torch.optim.lr_scheduler.StepLR) and schedule.scheduler.last_epoch == 9
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** 4)
     best = [l for l in out.splitlines() if l.startswith("best:")]
     assert best and (str(killed_dir) not in best[0] or "from the run this one resumed" in best[0])
 
