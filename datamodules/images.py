@@ -166,6 +166,10 @@ class ImageFolder(ClassificationDataModule):
         if not train.is_dir():
             raise missing_data("ImageFolder data", [train], "arrange images as <data_dir>/train/<class_name>/<image>")
         self.classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+        if len(self.classes) < 2:
+            found = sorted(p.name for p in train.iterdir())[:5]
+            raise ValueError(f"ImageFolder: {train} has {len(self.classes)} class folder(s) {self.classes}; expected one folder "
+                             f"per class, <data_dir>/train/<class_name>/<image>, at least 2" + (f" (found: {found})" if found else " (it is empty)"))
         self.num_classes = len(self.classes)
 
     def eval_transform(self):

@@ -86,6 +86,12 @@ def test_missing_data_names_paths_and_how_to_get_it(tmp_path, monkeypatch):
         CIFAR10(data_dir=str(tmp_path), download=False).setup()
     with pytest.raises(FileNotFoundError, match="train"):
         ImageFolder(data_dir=str(tmp_path / "nope"))
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"has 0 class folder\(s\).*it is empty"):
+        ImageFolder(data_dir=str(tmp_path / "flat"))
+    (tmp_path / "flat" / "train" / "a.png").touch()  # images straight in train/, no class folders
+    with pytest.raises(ValueError, match=r"has 0 class folder\(s\).*found: \['a.png'\]"):
+        ImageFolder(data_dir=str(tmp_path / "flat"))
 
 
 @pytest.mark.parametrize("cls, n_classes", [(CIFAR10, 10), (CIFAR100, 100)])
