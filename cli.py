@@ -69,18 +69,18 @@ class ZooCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer with the named callbacks, the run's ``Checkpoint`` and the zoo's model summary."""
         trainer_config = self._section("trainer") or {}
-        callbacks = list(trainer_config.get("callbacks") or []) + list((self._section("callbacks") or {}).values())
-        user_checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+        extra = list(trainer_config.get("callbacks") or []) + list((self._section("callbacks") or {}).values())
+        user_checkpoints = [c for c in extra if isinstance(c, ModelCheckpoint)]
         for c in user_checkpoints:
             if c.save_last and c.monitor and not isinstance(c, Checkpoint):
                 rank_zero_warn(f"ModelCheckpoint(save_last=True, monitor={c.monitor!r}) in Lightning 2.6 rewrites last.ckpt only "
                                "on a new best; use the zoo's `checkpoint:` key (callbacks.Checkpoint) to keep the final state.")
         if trainer_config.get("enable_checkpointing", True) is not False and not user_checkpoints:
-            callbacks.append(self._section("checkpoint"))
-        if trainer_config.get("enable_model_summary", True) is not False and not any(isinstance(c, LightningModelSummary) for c in callbacks):
-            callbacks.append(ModelSummary())
-        callbacks.append(RemoveFailedRunDir())
-        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+            extra.append(self._section("checkpoint"))
+        if trainer_config.get("enable_model_summary", True) is not False and not any(isinstance(c, LightningModelSummary) for c in extra):
+            extra.append(ModelSummary())
+        extra.append(RemoveFailedRunDir())
+        trainer = super().instantiate_trainer(callbacks=extra, **kwargs)
         runtime.configure_threads(processes_per_node=trainer.num_devices)
         return trainer
 

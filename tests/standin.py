@@ -57,3 +57,12 @@ def write_all(root: Path) -> Path:
     write_cifar(root, 100)
     write_text(root)
     return root
+
+
+def point_data_dirs(node, data_dir: str):
+    """A config's ``data:`` section with every ``data_dir`` pointed at ``data_dir`` (the stand-in files)."""
+    if isinstance(node, dict):
+        return {k: (data_dir if k == "data_dir" else point_data_dirs(v, data_dir)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [point_data_dirs(v, data_dir) for v in node]
+    return node

@@ -15,17 +15,9 @@ import yaml
 
 import cli
 from tests.helpers import ROOT
-from tests.standin import write_all
+from tests.standin import point_data_dirs, write_all
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-
-
-def _point_data_dirs(node, data_dir: str):
-    if isinstance(node, dict):
-        return {k: (data_dir if k == "data_dir" else _point_data_dirs(v, data_dir)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_point_data_dirs(v, data_dir) for v in node]
-    return node
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def test_config_runs_fast_dev_run(config: Path, standin_dir: Path, tmp_path: Pat
     text = config.read_text()
     conf = yaml.safe_load(text)
     assert "data" in conf and "model" in conf, f"{config} must define model and data"
-    conf["data"] = _point_data_dirs(conf["data"], str(standin_dir))
+    conf["data"] = point_data_dirs(conf["data"], str(standin_dir))
     patched = tmp_path / config.name
     patched.write_text(yaml.safe_dump(conf))
     extra = [arg for line in text.splitlines() if line.startswith("# standin:") for arg in shlex.split(line.split(":", 1)[1])]

@@ -28,6 +28,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from tests.helpers import ROOT
+from tests.standin import point_data_dirs
 
 CONFIGS = ROOT / "configs"
 RUN = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.num_nodes=1", "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
@@ -97,19 +98,11 @@ def _callback_specs(conf: dict) -> list[dict]:
     return [c for c in [*listed, *named] if isinstance(c, dict)]
 
 
-def _point_data_dirs(node, data_dir: str):
-    if isinstance(node, dict):
-        return {k: (data_dir if k == "data_dir" else _point_data_dirs(v, data_dir)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_point_data_dirs(v, data_dir) for v in node]
-    return node
-
-
 def prepare(config: str, run_dir: Path, standin: Path) -> list[str]:
     """The ``zoo fit`` arguments of one config in ``run_dir``: its copy on stand-in data, shrunk, plus RankState."""
     text = (CONFIGS / config).read_text()
     conf = yaml.safe_load(text)
-    conf["data"] = _point_data_dirs(conf["data"], str(standin))
+    conf["data"] = point_data_dirs(conf["data"], str(standin))
     patches, shrink = CASES[config]
     specs = _callback_specs(conf)
     for name, update in patches.items():
