@@ -84,6 +84,16 @@ class _MaskedPruning(Callback):
             current.mul_(mask.to(current.device, current.dtype))
             setattr(module, pname, getattr(module, pname + "_orig") * current)
 
+    def refresh(self, pl_module: nn.Module) -> None:
+        """``weight = weight_orig * weight_mask`` for every masked parameter, as the forward pre-hook does.
+
+        Between forwards the attribute still holds the last forward's value, one optimizer step stale;
+        ranking by it would make the masks depend on when the last forward ran (a resumed run has none).
+        """
+        for name, mask in self.masks(pl_module).items():
+            module, pname = _split(pl_module, name)
+            setattr(module, pname, getattr(module, pname + "_orig") * mask)
+
     def layer_sparsity(self, pl_module: nn.Module) -> dict[str, float]:
         return {n: 1.0 - m.sum().item() / m.numel() for n, m in self.masks(pl_module).items()}
 
@@ -252,6 +262,7 @@ class MagnitudePruning(_MaskedPruning):
         return out
 
     def compute_masks(self, pl_module: LightningModule, sparsity: float, batch: Any) -> None:
+        self.refresh(pl_module)  # rank the current weights, not those of the last forward
         pruned = self._pruned(pl_module)
         if self.global_pruning:
             total, done = sum(p[2] for p in pruned), sum(p[3] for p in pruned)
@@ -314,9 +325,7 @@ class LotteryTicket(MagnitudePruning):
         params = _plain_names(pl_module)
         for name, value in self.rewind_weights.items():
             params[name].copy_(value)
-        for name, mask in self.masks(pl_module).items():  # refresh the masked weights the hooks expose
-            module, pname = _split(pl_module, name)
-            setattr(module, pname, getattr(module, pname + "_orig") * mask)
+        self.refresh(pl_module)  # the masked weights the hooks expose
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rewind_weights": self.rewind_weights}
@@ -403,6 +412,7 @@ class StructuredPruning(_MaskedPruning):
     def compute_masks(self, pl_module: LightningModule, sparsity: float, batch: Any) -> None:
         import torch_pruning as tp
 
+        self.refresh(pl_module)  # rank the current weights, not those of the last forward
         names = {m: n for n, m in pl_module.named_modules()}
         masks: dict[str, torch.Tensor] = {}
         for group in self.pruner(pl_module, sparsity, self._example).step(interactive=True):

@@ -133,15 +133,7 @@ def _same_optimization(reference, resumed) -> None:
                      "arguments from the checkpoint's hyperparameters, which lack them (needs the cli.py fix of issue 14 item 3)")
 
 
-KNOWN = {
-    "pruning": "callbacks/pruning.py ranks weights by the `weight` attribute of the last forward (stale by one optimizer "
-               "step), a resumed run by the current weights: the masks differ (fix: rank by weight_orig * weight_mask)",
-    "subtuning": "zoo/subtuning.py's feature cache is not in the checkpoint: a resumed run recomputes frozen features in other "
-                 "batch compositions, which changes low bits on CPU (fix: checkpoint the cache)",
-}
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN[c], strict=True)) if c in KNOWN else c for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(case: str, standin_dir: Path, tmp_path: Path, monkeypatch):
     config, init_args = CASES[case]
     reference = fit(shrunk_args(config, standin_dir, tmp_path / "reference", init_args), tmp_path, monkeypatch)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
@@ -235,10 +236,14 @@ class FeatureCache:
         self.values: torch.Tensor | None = None
         self.filled: torch.Tensor | None = None
         self.placeholder: torch.Tensor | None = None  # zeros shaped like one input (CPU)
+        self.dataset_len: int | None = None  # of a cache restored from a checkpoint, not bound to its dataset yet
 
     def lookup(self, index: torch.Tensor, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Outputs for samples ``index``; ``compute(x[missing])`` fills the ones not stored yet."""
         index = index.long()
+        if self.filled is not None and self.filled.device != index.device:  # restored from a checkpoint on the CPU
+            self.filled = self.filled.to(index.device)
+            self.values = None if self.values is None else self.values.to(index.device)
         need = int(index.max()) + 1
         if self.filled is None or need > len(self.filled):
             grow = max(need, 2 * len(self.filled) if self.filled is not None else need)
@@ -258,6 +263,30 @@ class FeatureCache:
             self.filled[index[missing]] = True
         return self.values[index]
 
+    def state(self) -> dict[str, Any]:
+        """The filled rows (indices and values, on the CPU), for a checkpoint."""
+        rows = self.filled.nonzero().flatten() if self.filled is not None and self.values is not None else torch.zeros(0, dtype=torch.long)
+        return {"index": rows.cpu(), "values": None if self.values is None else self.values[rows].cpu(), "size": 0 if self.filled is None else len(self.filled),
+                "placeholder": self.placeholder, "dataset_len": len(self.source) if hasattr(self.source, "__len__") else None}
+
+    @classmethod
+    def from_states(cls, states: Sequence[dict[str, Any]]) -> FeatureCache:
+        """A cache (not yet bound to a dataset) holding the rows of ``states`` (later states win)."""
+        cache = cls()
+        cache.dataset_len = states[0]["dataset_len"]
+        cache.filled = torch.zeros(max(st["size"] for st in states), dtype=torch.bool)
+        for st in states:
+            if st["values"] is not None and len(st["index"]):
+                if cache.values is None:
+                    cache.values = st["values"].new_zeros(len(cache.filled), *st["values"].shape[1:])
+                cache.values[st["index"]] = st["values"]
+                cache.filled[st["index"]] = True
+                cache.placeholder = st["placeholder"]
+        return cache
+
+
+_CACHE_KEY = "subtuning_feature_cache"
+
 
 class SubTuningModule(Classifier):
     """A classifier that finetunes only ``trainable_layers`` of its backbone (and its new head).
@@ -275,8 +304,13 @@ class SubTuningModule(Classifier):
             workers, which keep loading) and stop loading their inputs, so later epochs load no
             images and run only the finetuned part. Needs a datamodule with ``with_index: true``
             and a deterministic training transform (``augment: false``). Holds the prefix outputs
-            of both splits in memory, one cache per dataset (new data starts a new one). Not kept
-            in checkpoints: it refills after a resume.
+            of both splits in memory, one cache per dataset (new data starts a new one).
+        checkpoint_feature_cache: save the cache's filled rows in checkpoints (with the cached split names
+            and each rank's rows under DDP, gathered to rank 0), so that a run resumed by ``fit`` reuses
+            them and trains bit for bit like an uninterrupted one (recomputed features can differ in their
+            lowest bits). Each checkpoint grows by the prefix outputs of every cached sample (e.g. N x C x
+            H x W floats) and gathering them costs time on every save; ``false`` keeps checkpoints small
+            and the cache refills after a resume (equal up to rounding).
         (other args: see :class:`zoo.classifier.Classifier`)
     """
 
@@ -289,6 +323,7 @@ class SubTuningModule(Classifier):
         trainable_layers: list[str | int] | None = None,
         granularity: str = "block",
         cache_frozen_features: bool = False,
+        checkpoint_feature_cache: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
@@ -301,6 +336,7 @@ class SubTuningModule(Classifier):
         super().__init__(model, num_classes, pretrained, model_kwargs, optimizer, lr_scheduler, scheduler_interval, label_smoothing)
         self.chain = LayerChain(self.backbone)
         self.cache_frozen_features = cache_frozen_features
+        self.checkpoint_feature_cache = checkpoint_feature_cache
         self._skipping: list[Any] = []  # datasets asked to skip inputs, given them back at teardown
         self.set_trainable_layers(trainable_layers)
 
@@ -314,6 +350,7 @@ class SubTuningModule(Classifier):
             raise ValueError("cache_frozen_features=true does not support Hugging Face models: their token states depend on each batch's padding")
         self.hparams.trainable_layers = list(self.trainable_names)
         self.caches: dict[str, FeatureCache] = {}  # "train", "val0", "val1", ...
+        self._restored: dict[str, FeatureCache] = {}  # from a checkpoint, bound to a dataset when fit meets one
         self.teardown("fit")  # datasets told to skip inputs would now meet an empty cache
         self.train(self.training)
 
@@ -388,6 +425,11 @@ class SubTuningModule(Classifier):
         dataset = getattr(loader, "dataset", None)
         if split in self.caches and self.caches[split].source is dataset:
             return
+        restored = self._restored.pop(split, None)
+        if restored is not None and restored.source is None and self.trainer.state.fn == "fit" and restored.dataset_len == getattr(dataset, "__len__", lambda: None)():
+            restored.source = dataset  # resuming fit: the split's data, as checked by its size
+            self.caches[split] = restored
+            return
         shared = next((c for c in self.caches.values() if dataset is not None and c.source is dataset), None)
         self.caches[split] = shared or FeatureCache(dataset)
 
@@ -399,6 +441,9 @@ class SubTuningModule(Classifier):
             dataset.skip_cached(cache.filled.to("cpu", copy=True), cache.placeholder)  # a snapshot
             if all(d is not dataset for d in self._skipping):
                 self._skipping.append(dataset)
+
+    def on_train_start(self) -> None:  # a run resumed mid-epoch gets no on_train_epoch_start before its first batch
+        self.on_train_epoch_start()
 
     def on_train_epoch_start(self) -> None:
         if self.cache_frozen_features:
@@ -417,6 +462,37 @@ class SubTuningModule(Classifier):
         if self.cache_frozen_features:
             for k, loader in enumerate(self._loaders(self.trainer.val_dataloaders)):
                 self._skip_cached_inputs(loader, f"val{k}")
+
+    # -- the cache in checkpoints -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every rank's filled rows (a collective under DDP: every rank saves, rank 0's file keeps all)."""
+        super().on_save_checkpoint(checkpoint)
+        if not (self.cache_frozen_features and self.checkpoint_feature_cache):
+            return
+        unique = list({id(c): c for c in self.caches.values()}.values())
+        state = {"start": self.start, "splits": {k: unique.index(c) for k, c in self.caches.items()}, "caches": [c.state() for c in unique]}
+        ranks = [state]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, state)
+        checkpoint[_CACHE_KEY] = {"ranks": ranks}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep this rank's saved rows (all ranks' under another world size) until ``fit`` meets the split's data."""
+        super().on_load_checkpoint(checkpoint)
+        self._restored = {}
+        saved = checkpoint.get(_CACHE_KEY)
+        if not (self.cache_frozen_features and saved):
+            return
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        ranks = [saved["ranks"][self.global_rank]] if len(saved["ranks"]) == world else saved["ranks"]
+        if any(r["start"] != self.start for r in ranks):
+            return  # another frozen prefix: the saved features do not apply
+        unique: dict[int, FeatureCache] = {}
+        for split in ranks[0]["splits"]:
+            i = ranks[0]["splits"][split]
+            unique.setdefault(i, FeatureCache.from_states([r["caches"][r["splits"][split]] for r in ranks if split in r["splits"]]))
+            self._restored[split] = unique[i]
 
     def teardown(self, stage: str) -> None:
         """Datasets load every input again (the datamodule also resets them at its own teardown)."""

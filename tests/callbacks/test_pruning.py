@@ -111,6 +111,31 @@ def test_global_vs_per_layer_amounts():
                 assert torch.equal(p, before[base]), n
 
 
+def test_second_step_ranks_current_weights_not_last_forward():
+    """The weights move after the last forward (an optimizer step): a pruning step ranks them as they are now,
+    as a run resumed from a checkpoint (which has had no forward yet) does."""
+    for global_pruning in (True, False):
+        torch.manual_seed(0)
+        module = tiny_vit()
+        cb = MagnitudePruning(OneShot(0.6), patterns=["backbone.blocks.*.mlp.fc*"], global_pruning=global_pruning)
+        cb.setup(None, module, "fit")
+        cb.compute_masks(module, 0.3, None)
+        module(torch.randn(2, 1, 8, 8))  # the forward pre-hooks set `weight` from weight_orig
+        orig = dict(module.named_parameters())
+        with torch.no_grad():  # an optimizer step: weight_orig moves, `weight` keeps the last forward's value
+            for n in cb.targets:
+                orig[n + "_orig"].mul_(torch.rand_like(orig[n + "_orig"]) * 4)
+        current = {n: (orig[n + "_orig"] * m).detach().clone() for n, m in cb.masks(module).items()}
+        cb.compute_masks(module, 0.6, None)
+        masks = cb.masks(module)
+        groups = [cb.targets] if global_pruning else [[n] for n in cb.targets]
+        for group in groups:  # reference: the smallest magnitudes of the current masked weights are pruned
+            scores = torch.cat([current[n].abs().flatten() for n in group])
+            keep = torch.ones_like(scores, dtype=torch.bool)
+            keep[scores.topk(round(0.6 * scores.numel()), largest=False).indices] = False
+            assert torch.equal(torch.cat([masks[n].bool().flatten() for n in group]), keep), group
+
+
 def test_measured_equals_scheduled_and_figures(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -294,6 +294,9 @@ class SaveInitState(Callback):
         counts["val_shard"] = len(trainer.val_dataloaders.sampler)
         (Path(self.out_dir) / f"skipped{trainer.global_rank}.json").write_text(json.dumps(counts))
 
+    def on_train_end(self, trainer, pl_module):  # each rank's own cache rows, to compare with the checkpoint's
+        torch.save(pl_module.caches["train"].state(), Path(self.out_dir) / f"cache{trainer.global_rank}.pt")
+
 
 def test_ddp_two_processes(tmp_path):
     out = tmp_path / "out"
@@ -302,7 +305,7 @@ def test_ddp_two_processes(tmp_path):
         "--model=zoo.subtuning.SubTuningModule", f"--model.model={TINY_VIT}", f"--model.model_kwargs={json.dumps(VIT4)}",
         "--model.trainable_layers=[blocks.2]", "--model.cache_frozen_features=true",
         "--data=datamodules.Digits", "--data.with_index=true", "--data.samples_per_class=8", "--data.batch_size=8",
-        "--trainer.max_epochs=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=2", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
         "--trainer.callbacks+=tests.zoo.test_subtuning.SaveInitState", f"--trainer.callbacks.out_dir={out}",
     ]
     r0, r1 = run_ddp(args, out, cwd=tmp_path)
@@ -316,22 +319,44 @@ def test_ddp_two_processes(tmp_path):
         trained = k.startswith(("head.", "backbone.blocks.2."))
         if v.is_floating_point():
             assert torch.equal(v, init[k]) != trained, k
+    # Rank 0's checkpoint holds every rank's own cache rows (gathered), which together cover every training sample.
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    saved = torch.load(ckpt, weights_only=False)["subtuning_feature_cache"]["ranks"]
+    assert len(saved) == 2
+    rows = []
+    for rank, state in enumerate(saved):
+        own, got = torch.load(out / f"cache{rank}.pt"), state["caches"][state["splits"]["train"]]
+        assert len(own["index"]) >= 40 and torch.equal(got["index"], own["index"]) and torch.equal(got["values"], own["values"]), rank
+        rows.append(set(own["index"].tolist()))
+    assert rows[0] != rows[1] and rows[0] | rows[1] == set(range(80))
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    def fit(epochs, ckpt=None, model=None):
+    """The checkpoint keeps the filled cache rows: a resumed fit runs no frozen prefix and equals the uninterrupted
+    run bit for bit. With checkpoint_feature_cache=false the checkpoint has none and the prefix runs again."""
+    def fit(epochs, ckpt=None, keep=True):
         seed_everything(0)
-        model = model or _vit(["blocks.3"], cache_frozen_features=True)
-        trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
-        trainer.fit(model, datamodule=Digits(samples_per_class=5, batch_size=64, with_index=True), ckpt_path=ckpt)
-        return trainer, model
+        model = _vit(["blocks.3"], cache_frozen_features=True, checkpoint_feature_cache=keep)
+        dm = Digits(samples_per_class=5, batch_size=16, with_index=True)
+        counter = CountLoads(dm)
+        trainer = Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[counter], default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        return trainer, model, counter.prefix_calls[0], dm
 
-    _, full = fit(3)
-    trainer, _ = fit(2)
-    trainer.save_checkpoint(tmp_path / "mid.ckpt")
-    restored = load_zoo_module(tmp_path / "mid.ckpt")
-    assert restored.trainable_names == ["blocks.3"] and restored.cache_frozen_features
-    trainer, resumed = fit(3, tmp_path / "mid.ckpt")
-    assert trainer.global_step == 3
-    for k, v in full.state_dict().items():
-        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+    reference, full, _, _ = fit(3)
+    for keep in (True, False):
+        trainer, mid, _, dm = fit(2, keep=keep)
+        trainer.save_checkpoint(tmp_path / f"mid{keep}.ckpt")
+        saved = torch.load(tmp_path / f"mid{keep}.ckpt", weights_only=False).get("subtuning_feature_cache")
+        if keep:
+            (state,) = saved["ranks"]
+            cache, rows = mid.caches["train"], state["caches"][state["splits"]["train"]]
+            assert len(rows["index"]) == len(dm.train_set) == int(cache.filled.sum()) and torch.equal(rows["values"], cache.values[rows["index"]])
+            restored = load_zoo_module(tmp_path / "midTrue.ckpt")
+            assert restored.trainable_names == ["blocks.3"] and restored.cache_frozen_features
+        else:
+            assert saved is None
+        trainer, resumed, prefix_calls, _ = fit(3, tmp_path / f"mid{keep}.ckpt", keep=keep)
+        assert trainer.global_step == reference.global_step and (prefix_calls == 0) == keep, prefix_calls
+        for k, v in full.state_dict().items():
+            assert (torch.equal if keep else torch.allclose)(v, resumed.state_dict()[k]), k
