@@ -89,9 +89,10 @@ class ZooCLI(LightningCLI):
         config = self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
         ckpt_path = config.get("ckpt_path")  # checked before LightningCLI reads it, so a bad file gets a clear message
         self._resume_hparams: set[str] | None = None
+        self._model_args = None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
-            runtime.check_checkpoint_file(ckpt_path, "--ckpt_path")
-            self._resume_hparams = set(runtime.load_checkpoint(ckpt_path, what="--ckpt_path").get("hyper_parameters") or {})
+            saved = runtime.load_checkpoint(ckpt_path, what="--ckpt_path", mmap=True)  # only its hyperparameter names
+            self._resume_hparams = set(saved.get("hyper_parameters") or {})
             self._model_args = copy.deepcopy(config.get("model"))
 
     def before_instantiate_classes(self) -> None:
@@ -183,7 +184,6 @@ def console(args: list[str] | None = None) -> None:
 
     A bad input prints the zoo's own message alone (exit status 2); ``ZOO_TRACEBACK=1`` shows the traceback.
     """
-    runtime.quiet()
     try:
         main(args)
     except Exception as exc:  # noqa: BLE001  (only messages the zoo raised on purpose are shortened)

@@ -80,15 +80,17 @@ class Checkpoint(ModelCheckpoint):
         if n > 0 and trainer.global_step % n == 0:
             self.save_last_state(trainer)
 
+    def _epoch_due(self, trainer: Trainer) -> bool:
+        return self.last_every_n_epochs > 0 and (trainer.current_epoch + 1) % self.last_every_n_epochs == 0
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        epoch_due = self.last_every_n_epochs > 0 and (trainer.current_epoch + 1) % self.last_every_n_epochs == 0
-        if epoch_due or self.last_every_n_train_steps > 0:
+        if self._epoch_due(trainer) or self.last_every_n_train_steps > 0:
             self.save_last_state(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self.last_every_n_epochs > 0 and (trainer.current_epoch + 1) % self.last_every_n_epochs == 0:
+        if self._epoch_due(trainer):
             self.save_last_state(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

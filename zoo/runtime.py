@@ -41,16 +41,20 @@ def default_threads(processes_per_node: int = 1, cores: int | None = None, load:
     return max(1, idle // max(1, processes_per_node))
 
 
+_USER_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")  # as the process started: later values may be our own export
+
+
 def configure_threads(processes_per_node: int = 1) -> int:
     """Set ``torch``'s intra-op threads for this process (see the module docstring); returns the number."""
     import torch
 
-    explicit = os.environ.get("ZOO_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    explicit = os.environ.get("ZOO_NUM_THREADS") or _USER_OMP_THREADS
     threads = int(explicit) if explicit else default_threads(processes_per_node)
     if threads < 1:
         raise ValueError(f"ZOO_NUM_THREADS / OMP_NUM_THREADS = {explicit!r}: expected a positive integer")
     torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # DDP workers started later inherit the share
+    if not _USER_OMP_THREADS:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # DDP workers started later inherit this process's share
     return threads
 
 
@@ -66,7 +70,9 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropTips())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):  # once, however often the CLI is built
+            logger.addFilter(_DropTips())
 
 
 def _own_frame(exc: BaseException) -> bool:
@@ -112,8 +118,9 @@ def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> 
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint") -> dict:
-    """``torch.load`` of a checkpoint file with a clear message for a missing, empty or truncated file."""
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint", mmap: bool = False) -> dict:
+    """``torch.load`` of a checkpoint file with a clear message for a missing, empty or truncated file
+    (``mmap``: tensors are read only when used, for callers that need a few entries)."""
     import pickle
     import zipfile
 
@@ -121,7 +128,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: st
 
     path = check_checkpoint_file(path, what)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError) as exc:
         raise ValueError(f"{what} {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); the file is "
                          "truncated or not a PyTorch checkpoint") from exc
