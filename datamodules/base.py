@@ -11,12 +11,12 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from datamodules.resumable import EpochShuffle, eval_loader, eval_order, sample_seed, seeded, train_loader
+from datamodules.resumable import EpochItems, EpochShuffle, eval_loader, eval_order, sample_seed, seeded, train_loader
 
 __all__ = ["ClassificationDataModule", "EpochShuffle", "LabeledSubset", "per_class_subset", "split_indices"]
 
 
-class LabeledSubset(Dataset):
+class LabeledSubset(EpochItems, Dataset):
     """``dataset[indices]`` with its own transform; ``targets`` lists the labels of the subset.
 
     The underlying dataset returns untransformed ``(image, label)`` pairs, so the same data
@@ -68,13 +68,6 @@ class LabeledSubset(Dataset):
             return self.placeholder, self.targets[i], i
         _, x, y = self.load(i, epoch)
         return (x, y, i) if self.with_index else (x, y)
-
-    def __getitem__(self, i: int):
-        return self.item(i)
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        epoch = getattr(indices, "epoch", None)
-        return [self.item(i, epoch) for i in indices]
 
     def in_order(self) -> LabeledSubset:
         """The same items in the order of the underlying dataset (e.g. for predictions aligned with a file)."""
@@ -213,8 +206,7 @@ class ClassificationDataModule(LightningDataModule):
 
     def eval_subset(self, data: Dataset, indices: Sequence[int], targets: Sequence[int], with_index: bool = False) -> LabeledSubset:
         """An evaluation split, in a fixed seeded order (so ``limit_val_batches`` reads a sample of every class)."""
-        indices = list(indices)
-        return LabeledSubset(data, [indices[p] for p in eval_order(len(indices), self.hparams.seed)], targets, self.eval_transform(), with_index)
+        return LabeledSubset(data, eval_order(indices, self.hparams.seed), targets, self.eval_transform(), with_index)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if shuffle:

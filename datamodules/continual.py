@@ -38,12 +38,12 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.base import ClassificationDataModule, LabeledSubset
-from datamodules.resumable import EpochConcat, eval_loader, eval_order, train_loader
+from datamodules.resumable import EpochConcat, EpochItems, eval_loader, eval_order, train_loader
 
 SCENARIOS = ("class", "task", "domain")
 
 
-class TaskSet(Dataset):
+class TaskSet(EpochItems, Dataset):
     """The samples of one task in a :class:`LabeledSubset`, relabelled; yields ``(x, y, task[, raw])``."""
 
     def __init__(self, subset: LabeledSubset, positions: list[int], label_map: list[int], task: int, with_raw: bool):
@@ -59,13 +59,6 @@ class TaskSet(Dataset):
             return x, self.targets[i], self.task
         compact = isinstance(raw, torch.Tensor) and raw.dtype == torch.uint8
         return x, self.targets[i], self.task, raw if compact else x
-
-    def __getitem__(self, i: int):
-        return self.item(i)
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        epoch = getattr(indices, "epoch", None)
-        return [self.item(i, epoch) for i in indices]
 
 
 def _repair_nested_hparams(data: ClassificationDataModule) -> None:
@@ -205,7 +198,7 @@ class ContinualDataModule(LightningDataModule):
         if shuffle:
             return train_loader(dataset, batch_size, seed, workers)
         # Evaluation reads several tasks in one fixed seeded order, so limit_val/test_batches sees every task.
-        return eval_loader(Subset(dataset, eval_order(len(dataset), seed)), batch_size, workers)
+        return eval_loader(Subset(dataset, eval_order(range(len(dataset)), seed)), batch_size, workers)
 
     def train_dataloader(self) -> DataLoader:
         t = self.current_task

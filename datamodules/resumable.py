@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -129,10 +129,11 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, collate
                       persistent_workers=persistent_workers and num_workers > 0, generator=torch.Generator())
 
 
-def eval_order(n: int, seed: int) -> list[int]:
-    """A fixed seeded permutation of ``range(n)``: evaluation splits are read in this order, so the first
-    batches (``limit_val_batches``) are a fair sample instead of one class of a file sorted by class."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 2)).tolist()
+def eval_order(indices: Sequence[int], seed: int) -> list[int]:
+    """``indices`` in a fixed seeded order: evaluation splits are read in this order, so the first batches
+    (``limit_val_batches``) are a fair sample instead of one class of a file sorted by class."""
+    indices = list(indices)
+    return [indices[p] for p in torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed + 2)).tolist()]
 
 
 def sample_seed(seed: int, epoch: int | None, index: int) -> int:
@@ -151,14 +152,25 @@ def seeded(seed: int):
         torch.set_rng_state(state)
 
 
-class EpochConcat(ConcatDataset):
+class EpochItems:
+    """Mixin of datasets whose ``item(i, epoch)`` seeds augmentation by epoch: a batch of indices from
+    :class:`EpochBatchSampler` carries its epoch (``DataLoader`` calls ``__getitems__``); ``dataset[i]`` is epoch 0."""
+
+    def item(self, i: int, epoch: int | None = None) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Any:
+        return self.item(i)
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        epoch = getattr(indices, "epoch", None)
+        return [self.item(i, epoch) for i in indices]
+
+
+class EpochConcat(EpochItems, ConcatDataset):
     """``ConcatDataset`` that passes a batch's epoch on to datasets with ``item(i, epoch)``."""
 
     def item(self, i: int, epoch: int | None = None) -> Any:
         d = bisect.bisect_right(self.cumulative_sizes, i)
         ds, j = self.datasets[d], i - (self.cumulative_sizes[d - 1] if d else 0)
         return ds.item(j, epoch) if hasattr(ds, "item") else ds[j]
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        epoch = getattr(indices, "epoch", None)
-        return [self.item(i, epoch) for i in indices]

@@ -120,8 +120,7 @@ class TextClassification(LightningDataModule):
 
     def _eval_subset(self, rows: TextRows, indices: Any, with_index: bool = False) -> LabeledSubset:
         """An evaluation split in a fixed seeded order (files sorted by label would put one class first)."""
-        indices = list(indices)
-        return LabeledSubset(rows, [indices[p] for p in eval_order(len(indices), self.hparams.seed)], rows.targets, with_index=with_index)
+        return LabeledSubset(rows, eval_order(indices, self.hparams.seed), rows.targets, with_index=with_index)
 
     def collate_fn(self, items: list[tuple]) -> tuple[Any, ...]:
         texts = [it[0] for it in items]
