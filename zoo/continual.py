@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from datamodules.continual import ContinualDataModule
 from zoo.classifier import Classifier
 from zoo.replay_buffer import ReplayBuffer
+from zoo.resume import gather_object
 
 
 def module_drift(model: nn.Module, anchor: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -247,10 +248,7 @@ class ContinualClassifier(Classifier):
         super().on_save_checkpoint(checkpoint)
         shares = None
         if self.buffer is not None:  # every rank's share (this hook runs on every rank)
-            shares = [self.buffer.state_dict()]
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                shares = [None] * dist.get_world_size()
-                dist.all_gather_object(shares, self.buffer.state_dict())
+            shares = gather_object(self.buffer.state_dict())
         checkpoint["continual"] = {
             "tasks_finished": self.tasks_finished, "acc_matrix": self.acc_matrix, "drift": dict(self.drift),
             "anchor": {n: p.cpu() for n, p in self.anchor.items()}, "buffer_shares": shares,

@@ -43,24 +43,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` outside ``torch.distributed``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, e.g. per-rank state for rank 0's checkpoint (a collective under
+    ``torch.distributed``: every rank must call it, as Lightning's checkpoint hooks are)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    objects: list[Any] = [None] * world
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's :func:`rng_state`, in rank order (a collective: every rank must call it)."""
-    mine = rng_state()
-    if not _distributed():
-        return [mine]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
+    return gather_object(rng_state())
 
 
 def restore_rng_states(states: list[dict[str, Any]]) -> bool:
     """Restore this rank's states from :func:`gather_rng_states`' list; False (with a warning) when the
     number of processes changed, where no rank's stream can be continued exactly."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    rank, world = rank_and_world()
     if len(states) != world:
         rank_zero_warn(f"the checkpoint holds RNG states of {len(states)} process(es), this run has {world}: "
                        "random draws (dropout, ...) will not continue those of the interrupted run")

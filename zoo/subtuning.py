@@ -37,12 +37,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from zoo.backbones import HFEncoder
 from zoo.classifier import Classifier
+from zoo.resume import gather_object, rank_and_world
 
 GRANULARITIES = ("block", "stage")
 
@@ -471,11 +471,7 @@ class SubTuningModule(Classifier):
             return
         unique = list({id(c): c for c in self.caches.values()}.values())
         state = {"start": self.start, "splits": {k: unique.index(c) for k, c in self.caches.items()}, "caches": [c.state() for c in unique]}
-        ranks = [state]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ranks = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, state)
-        checkpoint[_CACHE_KEY] = {"ranks": ranks}
+        checkpoint[_CACHE_KEY] = {"ranks": gather_object(state)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep this rank's saved rows (all ranks' under another world size) until ``fit`` meets the split's data."""
@@ -484,7 +480,7 @@ class SubTuningModule(Classifier):
         saved = checkpoint.get(_CACHE_KEY)
         if not (self.cache_frozen_features and saved):
             return
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = rank_and_world()[1]
         ranks = [saved["ranks"][self.global_rank]] if len(saved["ranks"]) == world else saved["ranks"]
         if any(r["start"] != self.start for r in ranks):
             return  # another frozen prefix: the saved features do not apply
