@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shlex
 import pickle
 from pathlib import Path
 
@@ -66,3 +67,8 @@ def point_data_dirs(node, data_dir: str):
     if isinstance(node, list):
         return [point_data_dirs(v, data_dir) for v in node]
     return node
+
+
+def standin_args(config_text: str) -> list[str]:
+    """The extra CLI arguments of a config's ``# standin: ...`` lines (tiny models, stand-in checkpoints)."""
+    return [arg for line in config_text.splitlines() if line.startswith("# standin:") for arg in shlex.split(line.split(":", 1)[1])]

@@ -7,7 +7,6 @@ only (e.g. to swap hub-only weights or checkpoints made by another run for tiny 
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import yaml
 
 import cli
 from tests.helpers import ROOT
-from tests.standin import point_data_dirs, write_all
+from tests.standin import point_data_dirs, standin_args, write_all
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
@@ -37,7 +36,7 @@ def test_config_runs_fast_dev_run(config: Path, standin_dir: Path, tmp_path: Pat
     conf["data"] = point_data_dirs(conf["data"], str(standin_dir))
     patched = tmp_path / config.name
     patched.write_text(yaml.safe_dump(conf))
-    extra = [arg for line in text.splitlines() if line.startswith("# standin:") for arg in shlex.split(line.split(":", 1)[1])]
+    extra = standin_args(text)
     monkeypatch.chdir(tmp_path)  # relative paths (runs/, data/) land in the temp dir
     cli.main(["fit", "--config", str(patched), "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.devices=1",
               "--trainer.strategy=auto", "--trainer.logger=false", *extra])

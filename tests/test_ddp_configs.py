@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from tests.helpers import ROOT
-from tests.standin import point_data_dirs
+from tests.standin import point_data_dirs, standin_args
 
 CONFIGS = ROOT / "configs"
 RUN = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.num_nodes=1", "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
@@ -115,8 +114,7 @@ def prepare(config: str, run_dir: Path, standin: Path) -> list[str]:
     trainer["callbacks"] = [*(trainer.get("callbacks") or []), {"class_path": "tests.test_ddp_configs.RankState", "init_args": {"out_dir": str(run_dir)}}]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(conf))
-    standin_args = [arg for line in text.splitlines() if line.startswith("# standin:") for arg in shlex.split(line.split(":", 1)[1])]
-    return ["fit", "--config", str(run_dir / "config.yaml"), *standin_args, *RUN, *shrink]
+    return ["fit", "--config", str(run_dir / "config.yaml"), *standin_args(text), *RUN, *shrink]
 
 
 def _free_port() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shlex
 import signal
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from tests.helpers import ROOT
+from tests.standin import standin_args
 
 STEPS, EVERY, KILL, BATCHES = 5, 2, 3, 3
 
@@ -68,7 +68,7 @@ def shrunk_args(config: str, data_dir: Path, out: Path, init_args: dict[str, dic
     patched = out / Path(config).name
     out.mkdir(parents=True, exist_ok=True)
     patched.write_text(yaml.safe_dump(conf))
-    standin = [arg for line in text.splitlines() if line.startswith("# standin:") for arg in shlex.split(line.split(":", 1)[1])]
+    standin = standin_args(text)
     nested = "data" in (conf["data"].get("init_args") or {})  # continual: the stream wraps a datamodule
     batch = "--data.init_args.data.init_args.batch_size=8" if nested else "--data.init_args.batch_size=8"
     return ["fit", "--config", str(patched), *standin, batch, *extra,
