@@ -1,6 +1,9 @@
 """The base LightningModule of the zoo: a backbone, a linear head, and the training loop.
 
-Every technique subclasses :class:`Classifier`. Optimizer and LR scheduler come from YAML
+A module is built from parts (see the README's "How the parts fit"): a backbone named by ``model``, an
+ordered list of ``surgery`` transforms (:mod:`zoo.surgery`) applied to it in ``configure_model``, and
+``losses`` (:mod:`zoo.losses`) summed into the objective. Callbacks do what happens between steps.
+Every technique's module is a preset of these parts. Optimizer and LR scheduler come from YAML
 the LightningCLI way::
 
     model:
@@ -27,7 +30,10 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from zoo import losses as L
+from zoo import surgery as S
 from zoo.backbones import build_backbone
+from zoo.batch import Batch, as_batch
 
 
 def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -52,7 +58,7 @@ def param_groups(module: nn.Module, skip: set[str] = frozenset()) -> list[dict[s
 
 
 class Classifier(LightningModule):
-    """Backbone + linear head trained with cross-entropy; top-1/top-5 accuracy per split.
+    """Backbone + linear head trained on a sum of loss terms; top-1/top-5 accuracy per split.
 
     Args:
         model: a model name (see :mod:`zoo.backbones`): ``timm/...``, ``hf/...``, ``pypi/...``,
@@ -63,10 +69,12 @@ class Classifier(LightningModule):
         optimizer: called with the parameter groups (no weight decay on norms and biases).
         lr_scheduler: called with the optimizer; stepped every ``scheduler_interval``.
         scheduler_interval: ``epoch`` or ``step``.
-        label_smoothing: for the cross-entropy.
+        label_smoothing: of the default cross-entropy term (and of the evaluation loss).
+        surgery: transforms applied in order to the backbone in ``configure_model`` (:mod:`zoo.surgery`).
+        losses: the loss terms (:mod:`zoo.losses`); default one :class:`~zoo.losses.CrossEntropy`.
 
-    Subclass it to make a new method; ``training_step`` calls :meth:`training_loss`, which is the
-    one method most techniques override.
+    Subclass it to make a new method: override :meth:`batch_logits` (how a batch becomes logits),
+    add a loss term, or override :meth:`training_loss` for anything else.
     """
 
     def __init__(
@@ -79,13 +87,20 @@ class Classifier(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         label_smoothing: float = 0.0,
+        surgery: list[S.Surgery] | None = None,
+        losses: list[L.LossTerm] | None = None,
     ):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval={scheduler_interval!r}: expected 'epoch' or 'step'")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if losses is not None and not losses:
+            raise ValueError("losses=[]: give at least one loss term (or null for cross-entropy)")
+        if losses is not None and label_smoothing:
+            raise ValueError(f"label_smoothing={label_smoothing} sets the default cross-entropy; with `losses` given, "
+                             "set it on zoo.losses.CrossEntropy instead")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "surgery", "losses"])
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.num_classes = num_classes
@@ -93,38 +108,91 @@ class Classifier(LightningModule):
             self.backbone = build_backbone(model, pretrained, **(model_kwargs or {}))
             self.head = nn.Linear(self.backbone.num_features, num_classes)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.surgery = [S.instantiate(t) for t in surgery or []]
+        terms = [L.instantiate(t) for t in losses] if losses is not None else [L.CrossEntropy(label_smoothing=label_smoothing)]
+        L.unique_names(terms)
+        self.losses = nn.ModuleList(terms)
+        # plain data, so checkpoints load with weights_only and rebuild the same parts
+        self.hparams["surgery"] = [t.config() for t in self.surgery]
+        self.hparams["losses"] = None if losses is None else [t.config() for t in terms]
+        self.surgery_applied = False
         self.train_metrics = accuracy_metrics(num_classes, "train/")
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
 
+    # -- the parts ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Apply ``surgery`` to the backbone, once (Lightning calls this before training and before loading a
+        checkpoint, so a resumed run has the same structure)."""
+        if self.surgery_applied:
+            return
+        if self.surgery:
+            if getattr(self, "backbone", None) is None:
+                raise ValueError(f"{type(self).__name__} has no `backbone` for surgery {self.surgery}")
+            self.backbone = S.apply_all(self.backbone, self.surgery)
+        self.surgery_applied = True
+
+    def unload_surgery(self) -> nn.Module:
+        """Undo the surgery (reverse order): the backbone becomes a plain model again, and is returned."""
+        if self.surgery_applied and self.surgery:
+            self.backbone = S.undo_all(self.backbone, self.surgery)
+        self.surgery_applied = False
+        return self.backbone
+
+    def add_loss(self, term: L.LossTerm) -> None:
+        """Add a loss term (a preset's own terms); its name is made unique."""
+        terms = [*self.losses, term]
+        L.unique_names(terms)
+        self.losses.append(term)
+
+    def loss_term(self, cls: type) -> L.LossTerm | None:
+        """The first loss term of type ``cls``, or None."""
+        return next((t for t in self.losses if isinstance(t, cls)), None)
+
+    def setup(self, stage: str) -> None:
+        for term in self.losses:
+            term.setup(self, stage)
+
+    # -- steps ---------------------------------------------------------------------------------------------------
     def forward(self, x: Any) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-    @staticmethod
-    def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor]:
-        """``(inputs, targets, ...)`` -> ``(inputs, targets)``; extra items (e.g. indices) are ignored."""
-        return batch[0], batch[1]
+    def batch_logits(self, batch: Batch) -> torch.Tensor:
+        """The logits of a batch (training and evaluation); presets override this (e.g. SN-Net's sampled stitch)."""
+        return self(batch.inputs)
 
-    def training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(loss, logits, targets)`` for a training batch."""
-        x, y = self.unpack_batch(batch)
-        logits = self(x)
-        return self.criterion(logits, y), logits, y
+    def mask_logits(self, logits: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
+        """Logits as the loss and the metrics see them (identity; task-incremental streams mask other tasks)."""
+        return logits
+
+    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(total loss, logits, targets)``: the weighted sum of the loss terms, each logged as ``train/<name>``."""
+        step = L.Step(self, batch, self.batch_logits(batch))
+        values = {}
+        for term in self.losses:
+            term.check_batch(batch)
+            values[term.name] = term(step)
+        total = sum(term.weight * values[term.name] for term in self.losses)
+        for term in self.losses:
+            term.after_step(step)
+        if len(values) > 1:
+            for name, value in values.items():
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(batch))
+        return total, self.mask_logits(step.logits, batch.task), batch.targets
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, logits, y = self.training_loss(batch)
+        loss, logits, y = self.training_loss(as_batch(batch))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         self.train_metrics.update(logits.detach(), y)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch: Any, metrics: MetricCollection, split: str, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Loss and metrics of an evaluation batch; ``logits`` when the caller computed them already."""
-        x, y = self.unpack_batch(batch)
-        logits = self(x) if logits is None else logits
-        loss = self.criterion(logits, y)
-        self.log(f"{split}/loss", loss, prog_bar=split == "val", on_epoch=True, sync_dist=True, batch_size=len(y))
-        metrics.update(logits, y)
+    def _eval_step(self, batch: Any, metrics: MetricCollection, split: str) -> torch.Tensor:
+        batch = as_batch(batch)
+        logits = self.mask_logits(self.batch_logits(batch), batch.task)
+        loss = self.criterion(logits, batch.targets)
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", on_epoch=True, sync_dist=True, batch_size=len(batch))
+        metrics.update(logits, batch.targets)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
         return loss
 
@@ -135,7 +203,8 @@ class Classifier(LightningModule):
         return self._eval_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self(self.unpack_batch(batch)[0]).softmax(-1)
+        batch = as_batch(batch)
+        return self.mask_logits(self.batch_logits(batch), batch.task).softmax(-1)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay beyond norms and biases (timm's own list)."""

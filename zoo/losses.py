@@ -1,0 +1,140 @@
+"""Loss terms: the parts of a training objective, summed by a zoo module and logged by name.
+
+A module's total loss is ``sum(term.weight * term(step))`` over its ``losses``; each term is logged as
+``train/<name>``. Cross-entropy, the distillation family (:mod:`zoo.distillation`), replay
+(:mod:`zoo.continual`) and the MoE load-balance term (:mod:`zoo.emoe`) are all terms, so they combine::
+
+    model:
+      class_path: zoo.Classifier
+      init_args:
+        losses:
+          - class_path: zoo.losses.CrossEntropy
+            init_args: {weight: 0.5}
+          - class_path: zoo.distillation.SoftTargetKL
+            init_args: {weight: 0.5, temperature: 4, teacher: runs/teacher/checkpoints/best.ckpt}
+
+A new term is one short class: subclass :class:`LossTerm` and implement :meth:`LossTerm.forward`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.batch import Batch
+
+if TYPE_CHECKING:
+    from zoo.classifier import Classifier
+
+
+@dataclass
+class Step:
+    """What one training step exposes to its loss terms: the module, the named batch, the logits of its
+    forward pass, and a scratch dict terms may share (e.g. teacher outputs computed once per step)."""
+
+    module: Classifier
+    batch: Batch
+    logits: torch.Tensor
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.batch.targets
+
+
+class LossTerm(nn.Module):
+    """One term of the objective: ``weight * forward(step)`` is added to the total, logged as ``train/<name>``.
+
+    Args:
+        weight: multiplies the term in the total loss (>= 0).
+        name: the logged name (default: the class name in snake case).
+
+    Hooks a term may implement: :meth:`setup` (build, check the datamodule, before training) and
+    :meth:`after_step` (e.g. a replay buffer takes the batch). State that must survive a resume lives in
+    parameters, buffers or :meth:`get_extra_state` of the term, so it is in the module's checkpoint.
+    """
+
+    needs: tuple[str, ...] = ()  # batch fields the term reads beyond inputs and targets
+
+    def __init__(self, weight: float = 1.0, name: str | None = None):
+        super().__init__()
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"{type(self).__name__}: weight={weight!r} must be a number >= 0")
+        self.weight = float(weight)
+        self.name = name or snake_case(type(self).__name__)
+
+    def setup(self, module: Classifier, stage: str) -> None:
+        """Called from the module's ``setup`` (the trainer and datamodule are attached): build and check."""
+
+    def forward(self, step: Step) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, step: Step) -> None:
+        """Called after every term of the step was computed."""
+
+    def check_batch(self, batch: Batch) -> None:
+        """Fail, naming the missing field and the datamodule option, when the batch lacks what the term needs."""
+        for f in self.needs:
+            batch.require(f, by=f"loss term {self.name!r} ({type(self).__name__})")
+
+    def config(self) -> dict[str, Any]:
+        """``{class_path, init_args}``: plain data for the hyperparameters (so checkpoints load with weights_only)."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]
+        args = {n: plain(getattr(self, n)) for n in names if hasattr(self, n)}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+
+
+def plain(value: Any) -> Any:
+    """Tuples become lists (YAML and ``weights_only`` checkpoints hold lists)."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def snake_case(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i and not name[i - 1].isupper() else c.lower() for i, c in enumerate(name))
+
+
+class CrossEntropy(LossTerm):
+    """Cross-entropy of the module's logits with the batch's targets (the logits go through the module's
+    :meth:`~zoo.classifier.Classifier.mask_logits` first, e.g. task-incremental masking)."""
+
+    def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0, name: str | None = None):
+        super().__init__(weight=weight, name=name or "cross_entropy")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"CrossEntropy: label_smoothing={label_smoothing} must be in [0, 1)")
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, step: Step) -> torch.Tensor:
+        logits = step.module.mask_logits(step.logits, step.batch.task)
+        return F.cross_entropy(logits, step.targets, label_smoothing=self.label_smoothing)
+
+
+def instantiate(term: LossTerm | dict[str, Any]) -> LossTerm:
+    """A term, or its ``{class_path, init_args}`` (as stored in a checkpoint's hyperparameters)."""
+    if isinstance(term, LossTerm):
+        return term
+    if isinstance(term, dict) and "class_path" in term:
+        import importlib
+
+        module, _, name = term["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        if isinstance(cls, type) and issubclass(cls, LossTerm):
+            return cls(**term.get("init_args", {}))
+    raise ValueError(f"losses: {term!r} is not a zoo.losses.LossTerm (or its {{class_path, init_args}})")
+
+
+def unique_names(terms: list[LossTerm]) -> None:
+    """Two terms may not log under one name: the second of a pair gets ``_1``, and so on."""
+    seen: dict[str, int] = {}
+    for term in terms:
+        if term.name in seen:
+            seen[term.name] += 1
+            term.name = f"{term.name}_{seen[term.name]}"
+        else:
+            seen[term.name] = 0

@@ -1,0 +1,98 @@
+"""Model surgery: small reversible transforms of an ``nn.Module``, applied in order to a module's backbone.
+
+Like PEFT's ``get_peft_model`` / ``merge_and_unload``: :meth:`Surgery.apply` changes a model (turns FFNs into
+experts, freezes layers, ...) and :meth:`Surgery.undo` gives back a plain model that computes the same function.
+A zoo module takes an ordered list from YAML and applies it to its backbone in ``configure_model`` (so a
+checkpoint resumes onto the same structure)::
+
+    model:
+      class_path: zoo.Classifier
+      init_args:
+        model: timm/vit_tiny_patch16_224
+        surgery:
+          - class_path: zoo.subtuning.Freeze
+            init_args: {trainable_layers: [blocks.10, blocks.11]}
+          - class_path: zoo.emoe.Moefy
+            init_args: {num_experts: 8, top_k: 2, layers: ["*"]}
+
+Applying surgery never thaws a frozen part: a parameter created inside a module whose parameters were all frozen
+before the transform is frozen too (so experts made inside SubTuning's frozen prefix stay frozen).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+
+class Surgery:
+    """Base of the transforms. Subclasses implement :meth:`transform` and :meth:`undo`; call the object (or
+    :meth:`apply`) to run it with the frozen-part rule. Arguments are checked in ``__init__``; what depends on
+    the model (layer names, widths) is checked in :meth:`transform` with a message naming the valid choices."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Run :meth:`transform`, then freeze every new parameter made inside a part that was frozen."""
+        frozen = frozen_modules(model)
+        before = {id(p) for p in model.parameters()}
+        model = self.transform(model)
+        for name, p in model.named_parameters():
+            if id(p) not in before and p.requires_grad and any(name.startswith(m + ".") for m in frozen):
+                p.requires_grad_(False)
+        return model
+
+    __call__ = apply
+
+    def transform(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def undo(self, model: nn.Module) -> nn.Module:
+        """A plain model computing the same function (the inverse of :meth:`transform`, or a merge)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """``{class_path, init_args}`` of this transform (plain data for the hyperparameters)."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": {n: getattr(self, n) for n in names if hasattr(self, n)}}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config()["init_args"].items())
+        return f"{type(self).__name__}({args})"
+
+
+def frozen_modules(model: nn.Module) -> list[str]:
+    """Names of the modules (not the root) that own parameters, all of them frozen."""
+    out = []
+    for name, module in model.named_modules():
+        params = list(module.parameters())
+        if name and params and not any(p.requires_grad for p in params):
+            out.append(name)
+    return out
+
+
+def instantiate(spec: Surgery | dict[str, Any]) -> Surgery:
+    """A transform, or its ``{class_path, init_args}`` (as stored in a checkpoint's hyperparameters)."""
+    if isinstance(spec, Surgery):
+        return spec
+    if isinstance(spec, dict) and "class_path" in spec:
+        import importlib
+
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        if isinstance(cls, type) and issubclass(cls, Surgery):
+            return cls(**spec.get("init_args", {}))
+    raise ValueError(f"surgery: {spec!r} is not a zoo.surgery.Surgery (or its {{class_path, init_args}})")
+
+
+def apply_all(model: nn.Module, transforms: list[Surgery]) -> nn.Module:
+    for t in transforms:
+        model = t.apply(model)
+    return model
+
+
+def undo_all(model: nn.Module, transforms: list[Surgery]) -> nn.Module:
+    """Undo the transforms in reverse order: a plain model."""
+    for t in reversed(transforms):
+        model = t.undo(model)
+    return model
