@@ -35,9 +35,10 @@ class ExpertLoad(Callback):
         self.window: dict[str, torch.Tensor] = {}
         self.epoch: dict[str, torch.Tensor] = {}
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and not emoe_layers(pl_module):
-            raise ValueError(f"ExpertLoad: {type(pl_module).__name__} has no EMoE layer (convert it with zoo.emoe.moefy or use EMoEModule)")
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after configure_model (where a module's surgery makes the EMoE layers), before the first step
+        if not emoe_layers(pl_module):
+            raise ValueError(f"ExpertLoad: {type(pl_module).__name__} has no EMoE layer (add zoo.emoe.Moefy to its surgery, or use zoo.emoe.EMoEModule)")
 
     def _collect(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         """Tokens per expert since the last call, summed over ranks; resets the layers' counters."""

@@ -1,4 +1,5 @@
-"""EMoE: balanced clustering, mean-key gates, exactness at k = N, sparse dispatch, round trip, DDP, resume."""
+"""EMoE: balanced clustering, mean-key gates, exactness at k = N, sparse dispatch, round trip, the Moefy surgery and
+BalanceLoss term (EMoEModule is the same as zoo.Classifier + those parts), DDP, resume."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from torch import nn
 
 from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, run_ddp
 from zoo.backbones import build_backbone
-from zoo.emoe import EMoEFFN, balanced_clusters, demoefy, emoe_layers, find_ffns, moefy, paper_defaults
-from zoo.emoe_module import EMoEModule
+from zoo.batch import Batch
+from zoo.classifier import Classifier
+from zoo.emoe import BalanceLoss, EMoEFFN, EMoEModule, Moefy, balanced_clusters, demoefy, emoe_layers, find_ffns, moefy, paper_defaults
+from zoo.losses import CrossEntropy
 
 VOCAB = 100
 
@@ -208,8 +211,10 @@ def test_bad_inputs_fail_with_clear_messages():
 
 
 def _module(seed: int = 0) -> EMoEModule:
-    return EMoEModule(TINY_VIT, num_classes=10, pretrained=False, model_kwargs=TINY_VIT_KWARGS, num_experts=8, top_k=2,
-                      layers=["*"], gate_noise=0.0, balance_loss_weight=0.01, cluster_seed=seed)
+    module = EMoEModule(TINY_VIT, num_classes=10, pretrained=False, model_kwargs=TINY_VIT_KWARGS, num_experts=8, top_k=2,
+                        layers=["*"], gate_noise=0.0, balance_loss_weight=0.01, cluster_seed=seed)
+    module.configure_model()  # the surgery (a Trainer calls this before fit)
+    return module
 
 
 def test_module_resumes_with_its_stored_clustering(tmp_path):
@@ -218,6 +223,7 @@ def test_module_resumes_with_its_stored_clustering(tmp_path):
     L.seed_everything(0)
     module = _module()
     assert module.hparams.num_experts == 8 and module.hparams.cluster_seed == 0
+    assert "surgery" not in module.hparams and "losses" not in module.hparams  # the preset's own arguments only
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(module, Digits(batch_size=32))
@@ -241,7 +247,7 @@ def test_ddp_keeps_ranks_in_sync_with_unused_experts(tmp_path):
     # (find_unused_parameters=False) works because each layer's experts share one tensor per weight
     kwargs = json.dumps(TINY_VIT_KWARGS)
     args = dict(model=TINY_VIT, num_classes=10, pretrained=False, model_kwargs=TINY_VIT_KWARGS, num_experts=16, top_k=1, layers=[0, 1])
-    states = run_ddp(["--seed_everything=0", "--model=zoo.emoe_module.EMoEModule", f"--model.model={TINY_VIT}", "--model.pretrained=false",
+    states = run_ddp(["--seed_everything=0", "--model=zoo.emoe.EMoEModule", f"--model.model={TINY_VIT}", "--model.pretrained=false",
                       f"--model.model_kwargs={kwargs}", "--model.num_experts=16", "--model.top_k=1", "--model.layers=[0, 1]",
                       "--data=datamodules.Digits", "--data.batch_size=4", "--trainer.max_steps=3", "--trainer.logger=false",
                       "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}"],
@@ -251,7 +257,88 @@ def test_ddp_keeps_ranks_in_sync_with_unused_experts(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
     L.seed_everything(0)
-    init = EMoEModule(**args).state_dict()
+    init_module = EMoEModule(**args)
+    init_module.configure_model()
+    init = init_module.state_dict()
     for name in ("blocks.0.mlp", "blocks.1.mlp"):
         assert torch.equal(a[f"backbone.{name}.neuron_order"], init[f"backbone.{name}.neuron_order"])
         assert not torch.allclose(a[f"backbone.{name}.fc1_weight"], init[f"backbone.{name}.fc1_weight"])
+
+
+# -- the parts: Moefy (surgery) and BalanceLoss (loss term) -------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moefy_surgery_undo_gives_a_plain_model_computing_the_same_function(family):
+    dense = tiny(family).eval()
+    x = inputs(family)
+    with torch.no_grad():
+        ref = dense(x)
+    original = {k: v.clone() for k, v in dense.state_dict().items()}
+    surgery = Moefy(num_experts=8, top_k=8, layers=["*"], gate_noise=0.0)
+    model = surgery.apply(dense)  # in place
+    assert len(emoe_layers(model)) == 2 and model is dense
+    with torch.no_grad():
+        assert (model(x) - ref).abs().max() <= 1e-5  # k = N: the dense function
+        for _, layer in emoe_layers(model):  # finetuning moves the experts
+            for p in layer.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        tuned = model(x)
+    plain = surgery.undo(model)
+    assert not emoe_layers(plain) and any(type(m).__name__ == DENSE_CLASS[family] for m in plain.modules())
+    assert set(plain.state_dict()) == set(original)
+    with torch.no_grad():
+        assert (plain(x) - tuned).abs().max() <= 1e-5  # the same function as the EMoE model it undoes
+    # below k = N, apply + undo with no training in between gives the dense weights back exactly
+    sparse = Moefy(num_experts=8, top_k=2, layers=["*"])
+    back = sparse.undo(sparse.apply(tiny(family)))
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, tiny(family).state_dict()[k]), k
+
+
+def test_moefy_leaves_experts_of_a_frozen_part_frozen_and_checks_early():
+    vit = tiny("timm")
+    vit.blocks[0].requires_grad_(False)
+    Moefy(num_experts=8, top_k=2, layers=["*"]).apply(vit)
+    (_, first), (_, second) = emoe_layers(vit)
+    assert not any(p.requires_grad for p in first.parameters()) and all(p.requires_grad for p in second.parameters())
+    with pytest.raises(ValueError, match="gate='soft'"):
+        Moefy(gate="soft")
+    with pytest.raises(ValueError, match="num_experts=6 does not divide the FFN width 64"):
+        Moefy(num_experts=6, top_k=1, layers=["*"]).resolve(tiny("timm"))
+    assert Moefy(num_experts=8, top_k=2, layers=[1]).resolve(tiny("timm")) == (8, 2, ["blocks.1.mlp"])
+    assert Moefy(layers=["*"]).config()["init_args"]["layers"] == ["*"]
+
+
+def test_module_is_a_classifier_with_moefy_and_balance_loss():
+    args = dict(model=TINY_VIT, num_classes=10, model_kwargs=TINY_VIT_KWARGS)
+    torch.manual_seed(0)
+    preset = EMoEModule(**args, pretrained=False, num_experts=8, top_k=2, layers=["*"], gate_noise=0.0, balance_loss_weight=0.01)
+    torch.manual_seed(0)
+    parts = Classifier(**args, surgery=[Moefy(8, 2, ["*"], gate_noise=0.0, balance_loss=True)], losses=[CrossEntropy(), BalanceLoss(0.01)])
+    for m in (preset, parts):
+        m.configure_model()
+    assert preset.state_dict().keys() == parts.state_dict().keys()
+    for k, v in preset.state_dict().items():
+        assert torch.equal(v, parts.state_dict()[k]), k
+    batch = Batch(torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,)))
+    loss, logits, _ = preset.train().training_loss(batch)
+    aux = torch.stack([m.aux_loss for _, m in preset.emoe_layers()]).mean()
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(logits, batch.targets) + 0.01 * aux)
+    torch.testing.assert_close(parts.train().training_loss(batch)[0], loss)
+
+
+def test_balance_loss_is_logged_and_needs_layers_that_compute_it(tmp_path):
+    from datamodules import Digits
+
+    def fit(module):
+        trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, limit_val_batches=0)
+        trainer.fit(module, Digits(batch_size=16))
+        return trainer
+
+    trainer = fit(_module())
+    assert {"train/balance_loss", "train/cross_entropy"} <= set(trainer.logged_metrics)
+    assert trainer.logged_metrics["train/balance_loss"] >= 1.0 - 1e-4  # GShard's term is >= 1, 1 when balanced
+    no_aux = Classifier(TINY_VIT, model_kwargs=TINY_VIT_KWARGS, surgery=[Moefy(8, 2, ["*"])], losses=[CrossEntropy(), BalanceLoss(0.01)])
+    with pytest.raises(ValueError, match="balance_loss: true"):
+        fit(no_aux)

@@ -1,0 +1,37 @@
+"""``BalanceLoss``: the GShard load-balance term of EMoE layers, as a :class:`~zoo.losses.LossTerm`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from zoo.emoe.convert import emoe_layers
+from zoo.losses import LossTerm, Step
+
+if TYPE_CHECKING:
+    from zoo.classifier import Classifier
+
+
+class BalanceLoss(LossTerm):
+    """Mean over the EMoE layers of ``N * sum_e share_e * mean_prob_e`` (GShard; 1.0 when balanced), where
+    ``share_e`` is the fraction of routing assignments and ``mean_prob_e`` the mean softmax score of expert
+    ``e`` over the step's tokens. The layers compute it in their forward when built with ``balance_loss``
+    (``zoo.emoe.Moefy(balance_loss=true)``); a module whose surgery does not ask for it fails in ``setup``."""
+
+    def __init__(self, weight: float = 0.01, name: str | None = None):
+        super().__init__(weight=weight, name=name or "balance_loss")
+
+    def setup(self, module: Classifier, stage: str) -> None:
+        from zoo.emoe.surgery import Moefy
+
+        backbone = getattr(module, "backbone", None)
+        layers = emoe_layers(backbone) if backbone is not None else []
+        planned = [s for s in getattr(module, "surgery", []) if isinstance(s, Moefy)]
+        if stage == "fit" and not any(m.balance_loss for _, m in layers) and not any(s.balance_loss for s in planned):
+            raise ValueError(f"loss term {self.name!r} (zoo.emoe.BalanceLoss) needs EMoE layers that compute the load-balance loss: "
+                             "add zoo.emoe.Moefy with `balance_loss: true` to the module's surgery")
+
+    def forward(self, step: Step) -> torch.Tensor:
+        aux = [m.aux_loss for _, m in emoe_layers(step.module.backbone) if m.aux_loss is not None]
+        return torch.stack(aux).mean() if aux else step.logits.new_zeros(())

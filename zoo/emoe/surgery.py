@@ -1,0 +1,77 @@
+"""``Moefy``: EMoE as a model surgery (``transform`` = :func:`~zoo.emoe.convert.moefy` in place,
+``undo`` = :func:`~zoo.emoe.convert.demoefy`, a plain model of the original classes)::
+
+    model:
+      class_path: zoo.Classifier
+      init_args:
+        model: timm/vit_tiny_patch16_224
+        surgery:
+          - class_path: zoo.emoe.Moefy
+            init_args: {num_experts: 8, top_k: 2, layers: ["*"]}
+        losses:
+          - class_path: zoo.losses.CrossEntropy
+          - class_path: zoo.emoe.BalanceLoss      # needs balance_loss: true on Moefy
+            init_args: {weight: 0.01}
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from zoo.emoe.convert import SUPPORTED, demoefy, emoe_layers, ffn_width, find_ffns, moefy, paper_defaults, select_layers
+from zoo.emoe.layers import GATES, _check_args
+from zoo.surgery import Surgery
+
+
+class Moefy(Surgery):
+    """Turn the chosen dense FFNs of the backbone into :class:`~zoo.emoe.layers.EMoEFFN` layers.
+
+    Args:
+        num_experts, top_k: experts per FFN and experts per token; None takes the paper's setting for the
+            model family (BERT/GPT-2-like: 64 / 16; ViT: 24 / 4; Llama-like: 64 / 16), or
+            ``top_k = num_experts // 4`` when only ``num_experts`` is given.
+        layers: FFNs to convert, by index among the model's FFNs or by name (fnmatch patterns work, ``["*"]``
+            is every FFN); None: the paper's choice for the family.
+        gate: ``emergent`` (mean keys, not trained: the paper's avg-k) or ``learned``.
+        gate_noise: Gaussian noise on the routing scores in training (std ``gate_noise / num_experts``).
+        balance_loss: the layers compute the GShard load-balance loss (read by :class:`~zoo.emoe.BalanceLoss`).
+        cluster_seed, cluster_inits: seed and number of restarts of the balanced k-means.
+    """
+
+    def __init__(self, num_experts: int | None = None, top_k: int | None = None, layers: list[int | str] | None = None,
+                 gate: str = "emergent", gate_noise: float = 1.0, balance_loss: bool = False, cluster_seed: int = 0, cluster_inits: int = 1):
+        if gate not in GATES:
+            raise ValueError(f"Moefy: gate={gate!r}: expected one of {GATES}")
+        if num_experts is not None:
+            _check_args(num_experts, top_k or 1, gate, "sparse", gate_noise, cluster_inits=cluster_inits)
+        elif gate_noise < 0 or not isinstance(cluster_inits, int) or cluster_inits < 1:
+            _check_args(1, 1, gate, "sparse", gate_noise, cluster_inits=cluster_inits)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.layers = None if layers is None else list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        self.gate, self.gate_noise, self.balance_loss = gate, float(gate_noise), bool(balance_loss)
+        self.cluster_seed, self.cluster_inits = cluster_seed, cluster_inits
+
+    def resolve(self, model: nn.Module) -> tuple[int, int, list[str]]:
+        """``(num_experts, top_k, FFN names)`` this surgery gives ``model`` (paper defaults filled in); checks
+        every argument against the model (widths, ``top_k``, layer names) without touching a weight."""
+        found = find_ffns(model)
+        if not found:
+            already = " (it is already converted)" if emoe_layers(model) else ""
+            raise ValueError(f"Moefy: {type(model).__name__} has no FFN block that EMoE supports{already}. Supported: {SUPPORTED}")
+        default_experts, default_k, default_layers = paper_defaults(found[0][1], len(found))
+        num_experts = self.num_experts or default_experts
+        top_k = self.top_k or (default_k if self.num_experts is None else max(1, num_experts // 4))
+        targets = select_layers(found, default_layers if self.layers is None else self.layers)
+        for name, family in targets:
+            _check_args(num_experts, top_k, self.gate, "sparse", self.gate_noise, ffn_width(model.get_submodule(name), family), self.cluster_inits)
+        return num_experts, top_k, [name for name, _ in targets]
+
+    def transform(self, model: nn.Module) -> nn.Module:
+        num_experts, top_k, names = self.resolve(model)
+        return moefy(model, num_experts, top_k, layers=names or None, inplace=True, gate=self.gate, gate_noise=self.gate_noise,
+                     balance_loss=self.balance_loss, seed=self.cluster_seed, cluster_inits=self.cluster_inits)
+
+    def undo(self, model: nn.Module) -> nn.Module:
+        """Every EMoE layer back to its dense block (original classes and neuron order, current weights): at
+        ``top_k == num_experts`` the same function; below, the dense FFN of the finetuned experts."""
+        return demoefy(model, inplace=True) if emoe_layers(model) else model
