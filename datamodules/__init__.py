@@ -1,4 +1,6 @@
-"""Reusable DataModules of the zoo."""
+"""Reusable DataModules of the zoo: every dataset yields ``zoo.batch.Batch`` samples."""
+
+import zoo.batch  # noqa: F401  first: zoo's package imports datamodules.continual, which needs zoo.batch
 
 from datamodules.austen import JaneAusten
 from datamodules.base import ClassificationDataModule, LabeledSubset

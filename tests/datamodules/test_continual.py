@@ -1,14 +1,36 @@
-"""ContinualDataModule: disjoint and complete task splits, class orders, scenarios, raw inputs, bad inputs."""
+"""ContinualDataModule: disjoint and complete task splits, class orders, scenarios, raw inputs, indices,
+cumulative streams, the trainer settings it checks, its nested datamodule's hyperparameters, bad inputs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI
 
 from datamodules import Digits
 from datamodules.continual import ContinualDataModule
-from zoo.continual import FineTune
+from zoo.batch import Batch
+
+
+class Probe(LightningModule):
+    """Records the fields of every training batch per epoch (lr 0: nothing to learn)."""
+
+    def __init__(self, in_features: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.layer = torch.nn.Linear(in_features, num_classes)
+        self.seen: dict[int, list[Batch]] = {}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self.seen.setdefault(self.current_epoch, []).append(batch)
+        return torch.nn.functional.cross_entropy(self.layer(batch.inputs.flatten(1)), batch.targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kwargs)
 
 
 def stream(**kwargs) -> ContinualDataModule:
@@ -40,10 +62,70 @@ def test_given_order_domain_and_task_scenarios():
     for p, y in zip(ts.positions, ts.targets):
         assert y == order.index(dm.data.test_set.targets[p]) - 5  # position inside the task
     dm = stream(classes_per_task=2, scenario="task")
-    x, y, t, raw = dm.task_set("train", 3)[0]
+    sample = dm.task_set("train", 3)[0]
+    assert isinstance(sample, Batch) and sample.index is None  # the nested Digits has no with_index
+    x, y, t, raw = sample.inputs, sample.targets, sample.task, sample.raw
     assert t == 3 and y in (6, 7) and raw.dtype == torch.uint8 and raw.shape == (1, 8, 8)
     assert torch.allclose(dm.buffer_transform(raw[None])[0], x)  # the buffer re-applies the training transform
-    assert len(dm.task_set("val", 0)[0]) == 3  # (x, y, task) for evaluation
+    val = dm.task_set("val", 0)[0]
+    assert val.task == 0 and val.raw is None and val.inputs.shape == (1, 8, 8)  # inputs, targets, task for evaluation
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, Batch) and batch.raw.dtype == torch.uint8 and torch.equal(batch.task, torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"data\.init_args\.data\.init_args\.with_index"):
+        batch.require("index", by="SomeCache")
+
+
+def test_index_is_the_position_in_the_nested_split_unique_across_tasks():
+    dm = ContinualDataModule(data=Digits(batch_size=16, with_index=True), classes_per_task=2, class_order_seed=1)
+    dm.setup("fit")
+    for split in ("train", "val"):
+        indices = []
+        for t in range(dm.num_tasks):
+            ts = dm.task_set(split, t)
+            for i in (0, len(ts) - 1):
+                sample, nested = ts[i], dm.data.split(split)[ts[i].index]
+                assert sample.index == ts.positions[i] and torch.equal(sample.inputs, nested.inputs)
+                assert sample.targets == dm.label_map[nested.targets]
+            indices += [ts[i].index for i in range(len(ts))]
+        assert sorted(indices) == list(range(len(dm.data.split(split))))  # every sample once: unique across tasks
+    assert dm.task_set("test", 0)[0].index is None  # as in the nested datamodule: the test split has none
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.index.shape == (16,) and torch.equal(batch.require("index", by="test"), batch.index)
+    assert all(dm.data.train_set.targets[int(p)] in dm.task_classes(0) for p in batch.index)
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_a_stream_trains_task_by_task_or_cumulatively(cumulative: bool):
+    dm = ContinualDataModule(data=Digits(batch_size=256, with_index=True), classes_per_task=2, cumulative=cumulative)
+    probe = Probe()
+    quiet_trainer(max_epochs=5, reload_dataloaders_every_n_epochs=1).fit(probe, dm)
+    for epoch, batches in probe.seen.items():
+        tasks = set(torch.cat([b.task for b in batches]).tolist())
+        assert tasks == (set(range(epoch + 1)) if cumulative else {epoch})
+    last = sorted(torch.cat([b.index for b in probe.seen[4]]).tolist())
+    assert last == (list(range(len(dm.data.train_set))) if cumulative else sorted(dm.task_set("train", 4).positions))
+
+
+def test_the_stream_checks_the_trainer_and_changes_none_of_its_settings():
+    dm = ContinualDataModule(data=Digits(), epochs_per_task=2)
+    trainer = quiet_trainer(max_epochs=10)
+    with pytest.raises(ValueError, match=r"reload_dataloaders_every_n_epochs=0: .*set trainer\.reload_dataloaders_every_n_epochs: 1"):
+        trainer.fit(Probe(), dm)
+    assert trainer.reload_dataloaders_every_n_epochs == 0 and trainer.global_step == 0  # failed before training, set nothing
+
+
+def test_the_nested_datamodule_keeps_its_own_hyperparameters_under_lightning_cli():
+    """LightningCLI hands a nested datamodule the outer one's config as its hyperparameters unless it saves its own."""
+    config = {"trainer": {"logger": False, "enable_checkpointing": False, "max_epochs": 5},
+              "data": {"class_path": "datamodules.continual.ContinualDataModule",
+                       "init_args": {"data": {"class_path": "datamodules.Digits", "init_args": {"batch_size": 32, "seed": 3}},
+                                     "classes_per_task": 2, "cumulative": True}}}
+    cli = LightningCLI(Probe, LightningDataModule, subclass_mode_data=True, run=False, args=config, save_config_callback=None)
+    stream = cli.datamodule
+    assert isinstance(stream, ContinualDataModule) and stream.cumulative is True
+    hparams = dict(stream.data.hparams)
+    assert hparams == {**dict(Digits().hparams), "batch_size": 32, "seed": 3}
+    assert "classes_per_task" not in hparams and "data" not in hparams and stream.data.batch_size == 32
 
 
 def test_bad_inputs_fail_with_clear_errors():
@@ -60,6 +142,6 @@ def test_bad_inputs_fail_with_clear_errors():
         dm.task_set("test", 5)
     with pytest.raises(ValueError, match="task id -1 out of range"):
         dm.task_classes(-1)
-    trainer = Trainer(max_epochs=7, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_epochs=7, reload_dataloaders_every_n_epochs=1)
     with pytest.raises(ValueError, match="trainer.max_epochs=7: .* needs max_epochs=10"):
-        trainer.fit(FineTune(model_kwargs={"img_size": 8, "hidden": [16]}), ContinualDataModule(Digits(), epochs_per_task=2))
+        trainer.fit(Probe(), ContinualDataModule(Digits(), epochs_per_task=2))

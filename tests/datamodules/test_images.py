@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from datamodules import CIFAR10, CIFAR100, MNIST, Digits, FashionMNIST, ImageFolder
 from tests.standin import write_cifar, write_mnist_like
+from zoo.batch import Batch
 
 
 def test_digits_split_is_seeded_disjoint_and_normalised():
@@ -14,7 +16,9 @@ def test_digits_split_is_seeded_disjoint_and_normalised():
     assert a.train_set.indices == b.train_set.indices != c.train_set.indices
     assert not set(a.train_set.indices) & set(a.val_set.indices)
     assert len(a.train_set) + len(a.val_set) + len(a.test_set) == 1797
-    x, y = a.train_set[0]
+    sample = a.train_set[0]
+    assert isinstance(sample, Batch) and sample.index is None and sample.task is None and sample.raw is None
+    x, y = sample.inputs, sample.targets
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and 0 <= y < 10
     assert a.num_classes == 10 and a.deterministic_train_transform and not Digits(augment=True).deterministic_train_transform
 
@@ -29,12 +33,28 @@ def test_samples_per_class_keeps_exactly_that_many():
 def test_with_index_and_resize():
     dm = Digits(with_index=True, image_size=16, batch_size=4)
     dm.setup()
-    x, y, i = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, Batch) and batch.task is None and batch.raw is None
+    x, y, i = batch.inputs, batch.targets, batch.index
     assert x.shape == (4, 1, 16, 16) and i.shape == (4,)
-    x0, y0, i0 = dm.train_set[int(i[0])]
+    first = dm.train_set[int(i[0])]
+    x0, y0, i0 = first.inputs, first.targets, first.index
     assert torch.equal(x0, x[0]) and y0 == y[0] and i0 == i[0] and y0 == dm.train_set.targets[i0]
-    xv, yv, iv = next(iter(dm.val_dataloader()))  # validation batches carry indices too
-    assert torch.equal(iv, torch.arange(4)) and torch.equal(xv[1], dm.val_set[1][0])
+    val = next(iter(dm.val_dataloader()))  # validation batches carry indices too
+    assert torch.equal(val.index, torch.arange(4)) and torch.equal(val.inputs[1], dm.val_set[1].inputs)
+    assert next(iter(dm.test_dataloader())).index is None  # the test split has none
+
+
+def test_batch_require_names_with_index_when_the_datamodule_has_none():
+    dm = Digits(batch_size=4)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.index is None
+    with pytest.raises(ValueError, match=r"SomeCache needs the batch field 'index'.*with_index: true"):
+        batch.require("index", by="SomeCache")
+    indexed = Digits(batch_size=4, with_index=True)
+    indexed.setup()
+    assert torch.equal(next(iter(indexed.train_dataloader())).require("index", by="SomeCache"), next(iter(indexed.train_dataloader())).index)
 
 
 def test_skip_cached_returns_placeholders_for_cached_samples_until_teardown():
@@ -44,13 +64,14 @@ def test_skip_cached_returns_placeholders_for_cached_samples_until_teardown():
         dm.test_set.skip_cached(torch.ones(3, dtype=torch.bool), torch.zeros(1, 8, 8))
     cached = torch.tensor([True, False, True])  # samples 0 and 2; indices past the mask load as usual
     dm.val_set.skip_cached(cached, torch.full((1, 8, 8), -7.0))
-    x, y, i = next(iter(dm.val_dataloader()))
+    batch = next(iter(dm.val_dataloader()))
+    x, y, i = batch.inputs, batch.targets, batch.index
     assert torch.equal(y, torch.tensor(dm.val_set.targets[:4])) and torch.equal(i, torch.arange(4))
     assert (x[0] == -7).all() and (x[2] == -7).all()
     dm.teardown("fit")
     assert dm.val_set.cached is None
     for k in (1, 3, 0):
-        assert torch.equal(x[k] if k != 0 else dm.val_set[0][0], dm.val_set.transform(dm.val_set.dataset[dm.val_set.indices[k]][0]))
+        assert torch.equal(x[k] if k != 0 else dm.val_set[0].inputs, dm.val_set.transform(dm.val_set.dataset[dm.val_set.indices[k]].inputs))
 
 
 def test_fashion_mnist_finds_debian_files(tmp_path, monkeypatch):
@@ -65,7 +86,56 @@ def test_fashion_mnist_finds_debian_files(tmp_path, monkeypatch):
     dm = FashionMNIST(data_dir=str(tmp_path / "data"), download=False, val_fraction=0.25)
     dm.setup()
     assert len(dm.train_set) == 15 and len(dm.val_set) == 5 and len(dm.test_set) == 10
-    assert dm.train_set[0][0].shape == (1, 28, 28)
+    assert dm.train_set[0].inputs.shape == (1, 28, 28)
+
+
+def test_a_subclass_with_its_own_mean_and_std_reads_the_same_data(tmp_path):
+    """The torchvision dataset is named by a class attribute, not by the (sub)class's own name."""
+    write_mnist_like(tmp_path, "FashionMNIST", n_train=20, n_test=10)
+
+    class MyFMNIST(FashionMNIST):
+        mean = (0.5,)
+        std = (0.25,)
+
+    mine, base = MyFMNIST(data_dir=str(tmp_path), download=False), FashionMNIST(data_dir=str(tmp_path), download=False)
+    mine.setup()
+    base.setup()
+    assert mine.train_set.indices == base.train_set.indices and len(mine.test_set) == 10
+    a, b = mine.train_set[3].inputs, base.train_set[3].inputs
+    assert not torch.allclose(a, b)  # normalised with the subclass's mean/std ...
+    torch.testing.assert_close(a * 0.25 + 0.5, b * FashionMNIST.std[0] + FashionMNIST.mean[0])  # ... of the same pixels
+    assert MyFMNIST.torchvision_dataset == "FashionMNIST" and MNIST.torchvision_dataset == "MNIST"
+
+
+def test_eval_view_is_a_deterministic_indexed_copy_and_leaves_the_split_alone():
+    dm = Digits(augment=True, batch_size=8)
+    with pytest.raises(ValueError, match="call setup"):
+        dm.eval_view("train")
+    dm.setup()
+    train_transform = dm.train_set.transform
+    view = dm.eval_view("train")
+    assert view is not dm.train_set and view.indices == dm.train_set.indices and len(view) == len(dm.train_set)
+    assert dm.train_set.transform is train_transform and not dm.train_set.with_index and dm.train_set.augment_seed is not None
+    eval_transform = dm.eval_transform()
+    for i in (0, 5):
+        s = view[i]
+        assert s.index == i and s.targets == dm.train_set.targets[i]
+        assert torch.equal(s.inputs, eval_transform(dm.train_set.dataset[dm.train_set.indices[i]].inputs))  # no augmentation
+        assert torch.equal(view.__getitems__(_epoch_batch([i], epoch=3))[0].inputs, s.inputs)  # the same in every epoch
+    assert any(not torch.equal(dm.train_set[i].inputs, view[i].inputs) for i in range(8))  # the split still augments
+    batch = next(iter(DataLoader(view, batch_size=8, collate_fn=dm.collate_fn)))
+    assert torch.equal(batch.index, torch.arange(8)) and batch.inputs.shape == (8, 1, 8, 8)
+    assert dm.eval_view("val").indices == dm.val_set.indices and dm.eval_view("test")[0].index == 0
+    with pytest.raises(ValueError, match="split='dev'"):
+        dm.eval_view("dev")
+
+
+def _epoch_batch(indices, epoch):
+    from datamodules.resumable import EpochBatch
+
+    b = EpochBatch(indices)
+    b.epoch = epoch
+    return b
 
 
 def test_mnist_reads_idx_files(tmp_path):
@@ -73,7 +143,7 @@ def test_mnist_reads_idx_files(tmp_path):
     dm = MNIST(data_dir=str(tmp_path), download=False, val_fraction=0.0)
     dm.setup()
     raw = np.frombuffer((tmp_path / "MNIST/raw/train-images-idx3-ubyte").read_bytes()[16:], dtype=np.uint8).reshape(-1, 28, 28)
-    x = dm.train_set[4][0] * MNIST.std[0] + MNIST.mean[0]
+    x = dm.train_set[4].inputs * MNIST.std[0] + MNIST.mean[0]
     np.testing.assert_allclose(x[0].numpy() * 255, raw[4], atol=1e-3)
 
 
@@ -99,7 +169,7 @@ def test_cifar_on_disk_format(tmp_path, cls, n_classes):
     write_cifar(tmp_path, n_classes, n_per_file=20)
     dm = cls(data_dir=str(tmp_path), download=False, augment=True)
     dm.setup()
-    x, y = dm.train_set[0]
+    x = dm.train_set[0].inputs
     assert x.shape == (3, 32, 32) and dm.num_classes == n_classes
     assert len(dm.test_set) == 20 and max(dm.test_set.targets) == min(19, n_classes - 1)
 
@@ -114,7 +184,7 @@ def test_image_folder_with_and_without_val(tmp_path):
     dm = ImageFolder(data_dir=str(tmp_path), image_size=16, samples_per_class=2)
     dm.setup()
     assert dm.num_classes == 3 and len(dm.train_set) == 6 and len(dm.val_set) == 12 and dm.test_set is not None
-    assert dm.train_set[0][0].shape == (3, 16, 16)
+    assert dm.train_set[0].inputs.shape == (3, 16, 16)
     import shutil
 
     shutil.rmtree(tmp_path / "val")

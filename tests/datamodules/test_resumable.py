@@ -11,6 +11,7 @@ from torch.utils.data import ConcatDataset, DistributedSampler
 from datamodules import CIFAR10, MNIST, ContinualDataModule, Digits, FashionMNIST, JaneAusten, TextClassification
 from datamodules.resumable import EpochBatchSampler, ResumableLoader
 from tests.standin import write_all
+from zoo.batch import FIELDS, collate
 
 
 def batches(loader, n: int | None = None) -> list:
@@ -20,8 +21,9 @@ def batches(loader, n: int | None = None) -> list:
 def assert_same(a: list, b: list) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        for u, v in zip(x, y):
-            assert torch.equal(u, v)
+        for field in FIELDS:
+            u, v = getattr(x, field), getattr(y, field)
+            assert (u is None and v is None) or torch.equal(u, v), field
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -65,7 +67,7 @@ def test_skipped_batches_load_no_data():
     loader = dm.train_dataloader()
     loader.load_state_dict({"epoch": 0, "batches": 5, "rng": None})
     first = next(iter(loader))
-    assert len(loaded) == 16 and first[0].shape[0] == 16
+    assert len(loaded) == 16 and first.inputs.shape[0] == 16
 
 
 def test_augmentation_depends_on_seed_epoch_and_sample_only():
@@ -78,9 +80,9 @@ def test_augmentation_depends_on_seed_epoch_and_sample_only():
     state = torch.get_rng_state()
     b = ds.__getitems__(_batch([4, 3], epoch=1))
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
-    assert torch.equal(a[0][0], b[1][0]) and torch.equal(a[1][0], b[0][0])
+    assert torch.equal(a[0].inputs, b[1].inputs) and torch.equal(a[1].inputs, b[0].inputs)
     c = ds.__getitems__(_batch([3], epoch=2))
-    assert not torch.equal(a[0][0], c[0][0])
+    assert not torch.equal(a[0].inputs, c[0].inputs)
 
 
 def _batch(indices, epoch):
@@ -99,9 +101,9 @@ def test_under_ddp_each_rank_skips_its_own_batches():
         sampler = DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
         sampler.set_epoch(1)
         full = [list(b) for b in EpochBatchSampler(sampler, 8)]
-        loader = ResumableLoader(dm.train_set, batch_sampler=EpochBatchSampler(sampler, 8))
+        loader = ResumableLoader(dm.train_set, batch_sampler=EpochBatchSampler(sampler, 8), collate_fn=collate)
         loader.load_state_dict({"epoch": 1, "batches": 4, "rng": None})
-        got = [b[1].tolist() for b in loader]
+        got = [b.targets.tolist() for b in loader]
         assert got == [[dm.train_set.targets[i] for i in b] for b in full[4:]]
 
 
@@ -166,6 +168,6 @@ def test_first_evaluation_batch_holds_several_classes_in_a_fixed_order(name: str
         loaders = [lambda split=split: dm._loader(ConcatDataset(dm._tasks[split][:2]), shuffle=False) for split in ("val", "test")]
     for loader in loaders:
         first = next(iter(loader()))
-        labels = first[1].tolist()
+        labels = first.targets.tolist()
         assert len(set(labels)) >= 3, f"{name}: a first evaluation batch holds only classes {sorted(set(labels))}"
-        assert torch.equal(next(iter(loader()))[1], first[1])  # the same order every time
+        assert torch.equal(next(iter(loader())).targets, first.targets)  # the same order every time
