@@ -28,7 +28,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 import callbacks  # noqa: F401  (registers the zoo's callbacks for --help and class_path short names)
 import datamodules  # noqa: F401
-import zoo  # noqa: F401
+import zoo.continual  # noqa: F401  (the technique packages: their modules and parts become known subclasses)
+import zoo.distillation  # noqa: F401
+import zoo.emoe  # noqa: F401
+import zoo.snnet  # noqa: F401
+import zoo.subtuning  # noqa: F401
 from callbacks.checkpoint import Checkpoint
 from callbacks.run_dir import RemoveFailedRunDir
 from callbacks.summary import ModelSummary

@@ -1,19 +1,40 @@
-"""Lightning Zoo: techniques for adapting pretrained networks, one LightningModule each."""
+"""Lightning Zoo: techniques for adapting pretrained networks, built from parts that compose.
 
-from zoo.backbones import build_backbone, load_zoo_module
-from zoo.classifier import Classifier
-from zoo.continual import DER, ER, KFPF, ContinualClassifier, DERpp, FineTune, Joint
-from zoo.distillation import AttentionDistill, DecoupledKD, DistillationModule, DistillLoss, FeatureHint, HardCE, HiddenStateDistill, SoftTargetKL
-from zoo.emoe import EMoEFFN, demoefy, moefy
-from zoo.emoe_module import EMoEModule
-from zoo.replay_buffer import ReplayBuffer
-from zoo.snnet import StitchableNet, StitchingLayer, StitchSampler
-from zoo.snnet_module import SNNetModule
-from zoo.subtuning import MultiTaskSubTuned, SubTuningModule, candidate_layers, greedy_select
+The parts live in ``zoo.batch``, ``zoo.losses``, ``zoo.surgery``, ``zoo.families`` and ``zoo.classifier``;
+each technique is a package ``zoo/<technique>/``. Names below are imported on first use, so importing ``zoo``
+(which every datamodule does, for :class:`zoo.batch.Batch`) loads no technique.
+"""
 
-__all__ = [
-    "DER", "ER", "KFPF", "AttentionDistill", "Classifier", "ContinualClassifier", "DERpp", "DecoupledKD", "DistillLoss",
-    "DistillationModule", "EMoEFFN", "EMoEModule", "FeatureHint", "FineTune", "HardCE", "HiddenStateDistill", "Joint", "MultiTaskSubTuned", "ReplayBuffer",
-    "SNNetModule", "SoftTargetKL", "StitchSampler", "StitchableNet", "StitchingLayer", "SubTuningModule", "build_backbone",
-    "candidate_layers", "demoefy", "greedy_select", "load_zoo_module", "moefy",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Batch": "zoo.batch",
+    "Classifier": "zoo.classifier",
+    "CrossEntropy": "zoo.losses",
+    "LossTerm": "zoo.losses",
+    "Surgery": "zoo.surgery",
+    "build_backbone": "zoo.backbones",
+    "load_zoo_module": "zoo.backbones",
+    **dict.fromkeys(["ContinualClassifier", "DER", "DERpp", "ER", "FineTune", "Joint", "KFPF", "ReplayBuffer",
+                     "ExperienceReplay", "DarkReplay"], "zoo.continual"),
+    **dict.fromkeys(["AttentionDistill", "DecoupledKD", "DistillationModule", "DistillLoss", "FeatureHint", "HardCE",
+                     "HiddenStateDistill", "SoftTargetKL"], "zoo.distillation"),
+    **dict.fromkeys(["EMoEFFN", "EMoEModule", "Moefy", "BalanceLoss", "demoefy", "moefy"], "zoo.emoe"),
+    **dict.fromkeys(["SNNetModule", "StitchableNet", "StitchingLayer", "StitchSampler"], "zoo.snnet"),
+    **dict.fromkeys(["Freeze", "MultiTaskSubTuned", "SubTuningModule", "candidate_layers", "greedy_select"], "zoo.subtuning"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
