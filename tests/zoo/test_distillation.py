@@ -1,10 +1,11 @@
 """Knowledge distillation: every loss against its formula, inert teachers, cached == online teacher, DDP, resume,
-bad inputs."""
+terms with their own teacher in a plain Classifier (one teacher run per step), bad inputs."""
 
 from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from datamodules import Digits
 from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, run_ddp
 from zoo import Classifier
 from zoo.backbones import build_backbone
+from zoo.batch import Batch
 from zoo.distillation import (
     AttentionDistill,
     DecoupledKD,
@@ -27,7 +29,9 @@ from zoo.distillation import (
     SoftTargetKL,
     Taps,
     Request,
+    pool_of,
 )
+from zoo.losses import CrossEntropy, Step
 
 STUDENT_KWARGS = {**TINY_VIT_KWARGS, "embed_dim": 16, "num_heads": 2, "depth": 1}
 
@@ -54,6 +58,11 @@ def outputs(**kw) -> ModelOutputs:
     return ModelOutputs(**kw)
 
 
+def ce_step(logits, y) -> Step:
+    """A training step of a module that masks nothing, for terms that read only the step's logits."""
+    return Step(SimpleNamespace(mask_logits=lambda z, task: z), Batch(None, y), logits)
+
+
 # -- every loss equals its formula --------------------------------------------------------------------------------
 
 
@@ -68,15 +77,15 @@ def test_soft_target_kl_and_hard_ce_formulas():
     T = 3.0
     p_s, p_t = softmax(s / T), softmax(t / T)
     by_hand = T * T * sum((p_t[b] * (p_t[b].log() - p_s[b].log())).sum() for b in range(5)) / 5
-    got = SoftTargetKL(temperature=T)(outputs(logits=s), [outputs(logits=t)], y)
+    got = SoftTargetKL(temperature=T).distill(outputs(logits=s), [outputs(logits=t)], y)
     assert abs(got.item() - by_hand.item()) < 1e-6
     ce = -sum(softmax(s)[b, y[b]].log() for b in range(5)) / 5
-    assert abs(HardCE()(outputs(logits=s), [], y).item() - ce.item()) < 1e-6
+    assert HardCE is CrossEntropy and abs(HardCE()(ce_step(s, y)).item() - ce.item()) < 1e-6  # the old name of the label term
     # several teachers: the term is averaged over them
     t2 = torch.randn(5, 7, dtype=torch.float64)
     kl = SoftTargetKL(temperature=T)
-    both = kl(outputs(logits=s), [outputs(logits=t), outputs(logits=t2)], y)
-    assert torch.allclose(both, (kl(outputs(logits=s), [outputs(logits=t)], y) + kl(outputs(logits=s), [outputs(logits=t2)], y)) / 2)
+    both = kl.distill(outputs(logits=s), [outputs(logits=t), outputs(logits=t2)], y)
+    assert torch.allclose(both, (kl.distill(outputs(logits=s), [outputs(logits=t)], y) + kl.distill(outputs(logits=s), [outputs(logits=t2)], y)) / 2)
 
 
 def test_decoupled_kd_formula():
@@ -94,13 +103,13 @@ def test_decoupled_kd_formula():
         nckd = (qt * (qt / qs).log()).sum()
         total += alpha * tckd + beta * nckd
     by_hand = T * T * total / 6
-    got = DecoupledKD(alpha=alpha, beta=beta, temperature=T)(outputs(logits=s), [outputs(logits=t)], y)
+    got = DecoupledKD(alpha=alpha, beta=beta, temperature=T).distill(outputs(logits=s), [outputs(logits=t)], y)
     assert abs(got.item() - by_hand.item()) < 1e-6
     # KD = TCKD + (1 - p_target_teacher) NCKD (Zhao et al., eq. 3): with one sample, beta = 1 - p_t recovers KD
     s1, t1, y1 = s[:1], t[:1], y[:1]
     p_nt = 1 - softmax(t1 / T)[0, y1[0]]
-    dkd = DecoupledKD(alpha=1.0, beta=p_nt.item(), temperature=T)(outputs(logits=s1), [outputs(logits=t1)], y1)
-    kd = SoftTargetKL(temperature=T)(outputs(logits=s1), [outputs(logits=t1)], y1)
+    dkd = DecoupledKD(alpha=1.0, beta=p_nt.item(), temperature=T).distill(outputs(logits=s1), [outputs(logits=t1)], y1)
+    kd = SoftTargetKL(temperature=T).distill(outputs(logits=s1), [outputs(logits=t1)], y1)
     assert abs(dkd.item() - kd.item()) < 1e-9
 
 
@@ -112,19 +121,19 @@ def test_feature_hint_formula_and_projectors():
     hint.build(outputs(features={"a": s}), outputs(features={"b": t}))
     assert isinstance(hint.projector, nn.Linear) and hint.projector.weight.shape == (12, 8)
     by_hand = ((s @ hint.projector.weight.T + hint.projector.bias - t) ** 2).mean()
-    assert torch.allclose(hint(outputs(features={"a": s}), [outputs(features={"b": t})], None), by_hand, atol=1e-6)
+    assert torch.allclose(hint.distill(outputs(features={"a": s}), [outputs(features={"b": t})], None), by_hand, atol=1e-6)
     # maps of different channel counts: a 1x1 conv
     s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3)
     hint = FeatureHint("a", "b")
     hint.build(outputs(features={"a": s}), outputs(features={"b": t}))
     w, bias = hint.projector.weight[:, :, 0, 0], hint.projector.bias
     mapped = torch.einsum("oc,bchw->bohw", w, s) + bias[None, :, None, None]
-    assert torch.allclose(hint(outputs(features={"a": s}), [outputs(features={"b": t})], None), ((mapped - t) ** 2).mean(), atol=1e-6)
+    assert torch.allclose(hint.distill(outputs(features={"a": s}), [outputs(features={"b": t})], None), ((mapped - t) ** 2).mean(), atol=1e-6)
     # equal shapes: no projector, plain MSE
     s, t = torch.randn(2, 6), torch.randn(2, 6)
     hint = FeatureHint("a", "b")
     hint.build(outputs(features={"a": s}), outputs(features={"b": t}))
-    assert hint.projector is None and torch.allclose(hint(outputs(features={"a": s}), [outputs(features={"b": t})], None), ((s - t) ** 2).mean())
+    assert hint.projector is None and torch.allclose(hint.distill(outputs(features={"a": s}), [outputs(features={"b": t})], None), ((s - t) ** 2).mean())
 
 
 def test_hidden_state_and_attention_formulas():
@@ -136,16 +145,16 @@ def test_hidden_state_and_attention_formulas():
     p = loss.projectors["0_1"]
     assert "2_3" not in loss.projectors  # same width: no projector
     by_hand = (((hs[0] @ p.weight.T + p.bias) - ht[1]) ** 2).mean() / 2 + ((hs[2] - ht[3]) ** 2).mean() / 2
-    assert torch.allclose(loss(outputs(hidden_states=hs), [outputs(hidden_states=ht)], None), by_hand, atol=1e-6)
+    assert torch.allclose(loss.distill(outputs(hidden_states=hs), [outputs(hidden_states=ht)], None), by_hand, atol=1e-6)
 
     a_s = {0: torch.randn(2, 2, 4, 4).softmax(-1)}
     a_t = {1: torch.randn(2, 3, 4, 4).softmax(-1)}  # head counts differ: both averaged over heads
     ms, mt = a_s[0].mean(1), a_t[1].mean(1)
     kl = (mt * (mt.log() - ms.log())).sum(-1).mean()
-    got = AttentionDistill([[0, 1]])(outputs(attentions=a_s), [outputs(attentions=a_t)], None)
+    got = AttentionDistill([[0, 1]]).distill(outputs(attentions=a_s), [outputs(attentions=a_t)], None)
     assert abs(got.item() - kl.item()) < 1e-6
     a_t_same = {1: torch.randn(2, 2, 4, 4).softmax(-1)}
-    got = AttentionDistill([[0, 1]], mode="mse")(outputs(attentions=a_s), [outputs(attentions=a_t_same)], None)
+    got = AttentionDistill([[0, 1]], mode="mse").distill(outputs(attentions=a_s), [outputs(attentions=a_t_same)], None)
     assert abs(got.item() - ((a_s[0] - a_t_same[1]) ** 2).mean().item()) < 1e-7
 
 
@@ -210,30 +219,91 @@ def test_teachers_inert_and_not_saved(teacher_ckpt, tmp_path):
     assert set(module._ddp_params_and_buffers_to_ignore) == {f"teachers.{k}" for k in module.teachers.state_dict()}
 
 
+def student_outputs(module, x, layers) -> ModelOutputs:
+    """The student's logits and the given backbone layers' outputs on ``x``, read by hand with Taps."""
+    taps = Taps(module.backbone, "student", Request(layers=layers))
+    with torch.no_grad(), taps.capture() as out:
+        out.logits = module(x)
+    return out
+
+
 def test_cache_equals_online_teacher(teacher_ckpt, tmp_path):
     seed_everything(0)
     module = student(teacher_ckpt, cache_teacher=True, cache_dir=str(tmp_path / "cache"))
-    dm = Digits(batch_size=32)  # with_index is switched on by the module
+    dm = Digits(batch_size=32, with_index=True)
     trainer(tmp_path, max_steps=2).fit(module, dm)
-    assert dm.with_index and module.cache is not None
-    x, y, idx = next(iter(torch.utils.data.DataLoader(dm.train_set, batch_size=len(dm.train_set))))
+    assert pool_of(module).teachers[0].cache is not None
+    batch = dm.collate_fn([dm.train_set[i] for i in range(len(dm.train_set))])
+    x, y, idx = batch.inputs, batch.targets, batch.index
+    assert torch.equal(idx, torch.arange(len(x)))
     module.eval()
     online = module.teacher_outputs(x)[0]
     cached = module.cached_teacher_outputs(idx)[0]
     assert torch.allclose(cached.logits, online.logits, atol=1e-6)
     assert torch.allclose(cached.features["blocks.1"], online.features["blocks.1"], atol=1e-6)
-    s = module.student_outputs(x)
-    for a, b in zip(module.distill_terms(s, [cached], y).values(), module.distill_terms(s, [online], y).values()):
-        assert abs(a.item() - b.item()) < 1e-6
+    s = student_outputs(module, x, ["blocks.0"])
+    for term in module.losses:
+        if isinstance(term, (SoftTargetKL, FeatureHint)):
+            assert abs(term.distill(s, [cached], y).item() - term.distill(s, [online], y).item()) < 1e-6
     # a second run with the same teacher and data reuses the files
     again = student(teacher_ckpt, cache_teacher=True, cache_dir=str(tmp_path / "cache"))
-    trainer(tmp_path, max_steps=1).fit(again, Digits(batch_size=32))
-    assert again.cache.directory == module.cache.directory and len(list((tmp_path / "cache").iterdir())) == 1
+    trainer(tmp_path, max_steps=1).fit(again, Digits(batch_size=32, with_index=True))
+    assert pool_of(again).teachers[0].cache.directory == pool_of(module).teachers[0].cache.directory
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    # batches without index: refused before training, saying what to set (the datamodule is not changed)
+    plain = Digits(batch_size=32)
+    t = trainer(tmp_path)
+    with pytest.raises(ValueError, match="set `with_index: true` on the datamodule"):
+        t.fit(student(teacher_ckpt, cache_teacher=True, cache_dir=str(tmp_path / "cache")), plain)
+    assert t.global_step == 0 and not plain.with_index
     # a random training transform is refused unless approximate targets are accepted
     with pytest.raises(ValueError, match="approximate_cache_targets"):
-        trainer(tmp_path).fit(student(teacher_ckpt, cache_teacher=True), Digits(batch_size=32, augment=True))
+        trainer(tmp_path).fit(student(teacher_ckpt, cache_teacher=True), Digits(batch_size=32, augment=True, with_index=True))
     ok = student(teacher_ckpt, cache_teacher=True, approximate_cache_targets=True, cache_dir=str(tmp_path / "approx"))
-    trainer(tmp_path, max_steps=1).fit(ok, Digits(batch_size=32, augment=True))
+    trainer(tmp_path, max_steps=1).fit(ok, Digits(batch_size=32, augment=True, with_index=True))
+
+
+def test_terms_with_their_own_teacher_in_a_plain_classifier(teacher_ckpt, tmp_path):
+    """Two terms in a zoo.Classifier (as from YAML) name one teacher .ckpt: loaded once, run once per step, logged by name."""
+    seed_everything(0)
+    losses = [{"class_path": "zoo.losses.CrossEntropy", "init_args": {"weight": 0.2}},
+              {"class_path": "zoo.distillation.SoftTargetKL", "init_args": {"weight": 0.8, "temperature": 2.0, "teacher": teacher_ckpt}},
+              {"class_path": "zoo.distillation.FeatureHint", "init_args": {"student_layer": "blocks.0", "teacher_layer": "blocks.1", "teacher": teacher_ckpt}}]
+    module = Classifier(TINY_VIT, model_kwargs=STUDENT_KWARGS, losses=losses)
+    t = trainer(tmp_path, max_steps=3)
+    t.fit(module, Digits(batch_size=32))
+    pool = pool_of(module)
+    assert list(pool.teachers) == [teacher_ckpt] and pool.attached[module.losses[1]] == pool.attached[module.losses[2]] == [teacher_ckpt]
+    teacher = pool.teachers[teacher_ckpt].model
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(k.startswith("teacher") for k in module.state_dict())  # outside the checkpoint (and DDP, the optimizer)
+    assert {"train/cross_entropy", "train/soft_target_kl", "train/feature_hint"} <= set(t.logged_metrics)
+    # one step by hand: the teacher runs once, and the total is the weighted sum of the terms against their formulas
+    calls = []
+    handle = teacher.register_forward_hook(lambda *a: calls.append(1))
+    module.train()
+    dm = Digits(batch_size=8)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    step = Step(module, batch, module.batch_logits(batch))  # what Classifier.training_loss does (the module is still attached to its trainer)
+    total, logits = sum(term.weight * term(step) for term in module.losses), step.logits
+    handle.remove()
+    assert calls == [1]
+    with torch.no_grad():
+        t_logits = teacher(batch.inputs)
+    kd = SoftTargetKL(temperature=2.0).distill(outputs(logits=logits), [outputs(logits=t_logits)], batch.targets)
+    module.eval()
+    s = student_outputs(module, batch.inputs, ["blocks.0"])
+    with Taps(teacher.backbone, "t", Request(layers=["blocks.1"])).capture() as t_out, torch.no_grad():
+        teacher(batch.inputs)
+    hint = torch.nn.functional.mse_loss(module.losses[2].projector(s.features["blocks.0"]), t_out.features["blocks.1"])
+    by_hand = 0.2 * torch.nn.functional.cross_entropy(logits, batch.targets) + 0.8 * kd + hint
+    assert torch.allclose(total.double(), by_hand.double(), atol=1e-5)
+    with pytest.raises(ValueError, match="has no trained head"):
+        headless = {"model": TINY_VIT, "pretrained": False, "model_kwargs": TINY_VIT_KWARGS}  # a backbone named by model: no trained head
+        trainer(tmp_path).fit(Classifier(TINY_VIT, model_kwargs=STUDENT_KWARGS, losses=[SoftTargetKL(teacher=headless)]), Digits(batch_size=16))
+    with pytest.raises(ValueError, match="teacher=null means every teacher of the module, and Classifier has none"):
+        trainer(tmp_path).fit(Classifier(TINY_VIT, model_kwargs=STUDENT_KWARGS, losses=[SoftTargetKL()]), Digits(batch_size=16))
 
 
 class CheckRestored(Callback):
@@ -271,7 +341,7 @@ def test_ddp_with_cache(teacher_ckpt, tmp_path):
             "cache_dir": str(tmp_path / "cache"),
             "losses": [{"class_path": "zoo.distillation.DecoupledKD", "init_args": {"weight": 1.0}},
                        {"class_path": "zoo.distillation.FeatureHint", "init_args": {"student_layer": "blocks.0", "teacher_layer": "blocks.1"}}]}},
-        "data": {"class_path": "datamodules.Digits", "init_args": {"batch_size": 32}},
+        "data": {"class_path": "datamodules.Digits", "init_args": {"batch_size": 32, "with_index": True}},
     }
     (tmp_path / "c.yaml").write_text(json.dumps(config))
     states = run_ddp([f"--config={tmp_path / 'c.yaml'}", "--trainer.max_steps=3", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
@@ -285,7 +355,7 @@ def test_ddp_with_cache(teacher_ckpt, tmp_path):
     (cache,) = list((tmp_path / "cache").iterdir())
     dm = Digits(batch_size=32)
     dm.setup("fit")
-    x = torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))])
+    x = torch.stack([dm.train_set[i].inputs for i in range(len(dm.train_set))])
     with torch.no_grad():
         logits = start.teachers[0].eval()(x)
     assert np.allclose(np.load(cache / "t0_logits.npy"), logits.numpy(), atol=1e-5)
