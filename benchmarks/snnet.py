@@ -43,10 +43,10 @@ def family(two_way: bool = False) -> StitchableNet:
 
 def prefix_tree_flops(net: StitchableNet) -> int:
     """FLOPs per image of all stitches when every shared prefix is computed once (the sweep's lower bound)."""
-    part, unique = net._part_flops(), set()
+    part, unique = net.part_flops(), set()
     for s in net.stitches:
         prefix = 0
-        for p in net._parts(s):
+        for p in net.stitch_parts(s):
             prefix = hash((prefix, p))  # a part is shared when the whole path up to it is
             unique.add((prefix, p))
     return sum(part[p] for _, p in unique)

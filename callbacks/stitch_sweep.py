@@ -1,10 +1,11 @@
 """StitchSweep: evaluate every stitch of an SN-Net, chart accuracy against FLOPs, pick one under a budget.
 
-Evaluates all stitches of a :class:`~zoo.snnet.StitchableNet` (``pl_module.net``) on the validation
-set when fitting ends, with :meth:`~zoo.snnet.StitchableNet.forward_all`: each shared prefix is computed
+Evaluates all stitches of a :class:`~zoo.snnet.StitchableNet` (``pl_module.net`` of an
+:class:`~zoo.snnet.SNNetModule`) on the validation set when fitting ends, with :meth:`~zoo.snnet.StitchableNet.forward_all`: each shared prefix is computed
 once, so the sweep costs far less than running every stitch from scratch. It writes a CSV (id, kind,
 description, FLOPs, params, latency, accuracy, Pareto), logs a TensorBoard figure of accuracy vs FLOPs
-(Pareto front marked, anchors highlighted) and selects the most accurate stitch within the budget::
+(Pareto front marked, anchors highlighted) and selects the most accurate stitch within the budget
+(``pl_module.select_stitch``)::
 
     trainer:
       callbacks:
@@ -25,20 +26,22 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from zoo.batch import as_batch
 from zoo.snnet import StitchableNet
 
 FIELDS = ("id", "kind", "description", "flops", "params", "latency_ms", "acc", "pareto")
 
 
 @torch.no_grad()
-def stitch_counts(net: StitchableNet, batches: Any, unpack=lambda b: (b[0], b[1]), device: torch.device | str = "cpu") -> torch.Tensor:
-    """Correct predictions of every stitch over ``batches``, then the number of samples (``len(net) + 1`` values)."""
+def stitch_counts(net: StitchableNet, batches: Any, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Correct predictions of every stitch over ``batches`` (:class:`~zoo.batch.Batch` or ``(inputs, targets)``), then the
+    number of samples (``len(net) + 1`` values)."""
     was_training = net.training
     net.eval()
     counts = torch.zeros(len(net) + 1, dtype=torch.long)
     for batch in batches:
-        x, y = unpack(batch)
-        x, y = x.to(device), y.to(device)
+        batch = as_batch(batch)
+        x, y = batch.inputs.to(device), batch.targets.to(device)
         for i, logits in net.forward_all(x).items():
             counts[i] += int((logits.argmax(-1) == y).sum())
         counts[-1] += len(y)
@@ -50,9 +53,9 @@ def accuracy_from_counts(counts: torch.Tensor) -> list[float]:
     return (counts[:-1].double() / counts[-1].clamp_min(1)).tolist()
 
 
-def stitch_accuracy(net: StitchableNet, batches: Any, unpack=lambda b: (b[0], b[1]), device: torch.device | str = "cpu") -> list[float]:
+def stitch_accuracy(net: StitchableNet, batches: Any, device: torch.device | str = "cpu") -> list[float]:
     """Top-1 accuracy of every stitch over ``batches``, computing shared prefixes once."""
-    return accuracy_from_counts(stitch_counts(net, batches, unpack, device))
+    return accuracy_from_counts(stitch_counts(net, batches, device))
 
 
 @torch.no_grad()
@@ -91,10 +94,10 @@ def best_under_budget(rows: list[dict], max_flops: float | None = None, max_late
     return max(fits, key=lambda r: (r["acc"], -r["flops"])) if fits else None
 
 
-def sweep(net: StitchableNet, batches: Any, unpack=lambda b: (b[0], b[1]), device: torch.device | str = "cpu", latency_input: torch.Tensor | None = None,
+def sweep(net: StitchableNet, batches: Any, device: torch.device | str = "cpu", latency_input: torch.Tensor | None = None,
           latency_repeats: int = 5) -> list[dict]:
     """One row per stitch (see ``FIELDS``): cost from ``net.table()``, accuracy, latency, Pareto flag."""
-    acc = stitch_accuracy(net, batches, unpack, device)
+    acc = stitch_accuracy(net, batches, device)
     return table_rows(net, acc, stitch_latency(net, latency_input, latency_repeats) if latency_input is not None else None)
 
 
@@ -150,6 +153,9 @@ def plot_sweep(rows: list[dict], best: dict | None = None, title: str = "SN-Net 
 class StitchSweep(Callback):
     """Sweeps all stitches of ``pl_module.net`` on the validation set at the end of ``fit``.
 
+    The module is an :class:`~zoo.snnet.SNNetModule` (or any module with a ``net`` StitchableNet and a
+    ``select_stitch(id)`` method); the callback reads the net and selects the best stitch through these.
+
     Args:
         max_flops: FLOPs budget (per image) for the selected stitch.
         max_latency_ms: latency budget (ms per ``latency_batch_size`` images) for the selected stitch.
@@ -158,7 +164,7 @@ class StitchSweep(Callback):
         latency_batch_size: images per timed forward.
         latency_repeats: timed forwards per stitch (median kept).
         limit_batches: evaluate only this many validation batches.
-        select_best: make the best stitch within budget the module's active stitch.
+        select_best: make the best stitch within budget the module's active stitch (``select_stitch``).
 
     After the sweep, ``rows`` holds the table and ``best`` the selected row.
     """
@@ -177,8 +183,9 @@ class StitchSweep(Callback):
         self.best: dict | None = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not isinstance(getattr(pl_module, "net", None), StitchableNet):
-            raise TypeError(f"StitchSweep needs a module with a StitchableNet at .net (e.g. zoo.snnet_module.SNNetModule), got {type(pl_module).__name__}")
+        if not isinstance(getattr(pl_module, "net", None), StitchableNet) or not callable(getattr(pl_module, "select_stitch", None)):
+            raise TypeError(f"StitchSweep needs a module with a StitchableNet at .net and a select_stitch(id) method (zoo.snnet.SNNetModule), "
+                            f"got {type(pl_module).__name__}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Under DDP every rank runs this hook: each evaluates its share of the batches (counts summed over ranks),
@@ -190,7 +197,7 @@ class StitchSweep(Callback):
         world, rank = trainer.world_size, trainer.global_rank
         batches = (b for i, b in enumerate(loader) if (limit is None or i < limit) and i % world == rank)
         net = pl_module.net
-        counts = stitch_counts(net, batches, pl_module.unpack_batch, pl_module.device)
+        counts = stitch_counts(net, batches, pl_module.device)
         counts = trainer.strategy.reduce(counts.double().to(trainer.strategy.root_device), reduce_op="sum").cpu()
         latency = None
         if self.measure_latency:
@@ -200,7 +207,7 @@ class StitchSweep(Callback):
         self.rows = table_rows(net, accuracy_from_counts(counts), latency)
         self.best = best_under_budget(self.rows, self.max_flops, self.max_latency_ms)
         if self.best is not None and self.select_best:
-            net.select(self.best["id"])
+            pl_module.select_stitch(self.best["id"])
         if not trainer.is_global_zero:
             return
         path = write_csv(self.rows, self.csv_path or out_dir / "stitch_sweep.csv")

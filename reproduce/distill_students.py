@@ -74,7 +74,8 @@ def students(task: str, make_student, make_dm, teacher_ckpt: str, epochs: int, l
 
 def fashion_mnist(args, root: str) -> list[dict]:
     def make_dm(per_class: int = args.fmnist_per_class) -> FashionMNIST:  # same seed: the student's subset is nested in the teacher's
-        return FashionMNIST(data_dir=args.data_dir, batch_size=64, samples_per_class=per_class, image_size=args.image_size, seed=0)
+        return FashionMNIST(data_dir=args.data_dir, batch_size=64, samples_per_class=per_class, image_size=args.image_size, seed=0,
+                            with_index=True)  # the cached teacher logits are read by Batch.index
 
     seed_everything(0)
     start = time.time()
@@ -89,7 +90,7 @@ def fashion_mnist(args, root: str) -> list[dict]:
 
 def austen(args, root: str) -> list[dict]:
     def make_dm() -> JaneAusten:
-        dm = JaneAusten(data_dir=f"{root}/austen", batch_size=32, max_length=args.max_length, samples_per_class=args.austen_per_class)
+        dm = JaneAusten(data_dir=f"{root}/austen", batch_size=32, max_length=args.max_length, samples_per_class=args.austen_per_class, with_index=True)
         dm.setup("fit")  # the test file is grouped by novel: keep every k-th passage, so all six novels stay in
         test = dm.test_set
         dm.test_set = LabeledSubset(test.dataset, test.indices[:: args.austen_test_stride], test.dataset.targets)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from callbacks.stitch_sweep import plot_sweep, sweep, write_csv  # noqa: E402
 from datamodules import FashionMNIST  # noqa: E402
 from zoo.classifier import Classifier  # noqa: E402
-from zoo.snnet_module import SNNetModule  # noqa: E402
+from zoo.snnet import SNNetModule  # noqa: E402
 
 WIDTHS, HEADS = (32, 64, 128), (2, 2, 4)
 VIT = {"img_size": 28, "patch_size": 7, "in_chans": 1, "depth": 6, "mlp_ratio": 2.0}
@@ -82,7 +82,7 @@ def main() -> None:
     t = time.time()
     dm.setup("test")
     test = torch.utils.data.Subset(dm.test_set, range(min(args.test, len(dm.test_set))))
-    rows = sweep(snnet.net, torch.utils.data.DataLoader(test, batch_size=250))
+    rows = sweep(snnet.net, torch.utils.data.DataLoader(test, batch_size=250, collate_fn=dm.collate_fn))
     print(f"sweep of {len(rows)} stitches on {len(test)} test images: {time.time() - t:.0f} s\n")
 
     print(f"{'id':>3} {'kind':6} {'MFLOPs':>7} {'params':>8} {'acc %':>6} pareto  description")

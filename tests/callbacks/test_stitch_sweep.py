@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks.stitch_sweep import StitchSweep, best_under_budget, pareto_front, stitch_accuracy
 from datamodules import Digits
 from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
-from zoo.snnet_module import SNNetModule
+from zoo.snnet import SNNetModule
 
 
 def anchor_spec(width: int) -> dict:
@@ -35,11 +35,11 @@ def test_shared_prefix_accuracy_equals_each_stitch_alone():
     net = module.net.eval()
     dm = Digits(batch_size=50)
     dm.setup()
-    net.init_stitching_layers(next(iter(dm.train_dataloader()))[0])
+    net.init_stitching_layers(next(iter(dm.train_dataloader())).inputs)
     batches = [b for _, b in zip(range(3), dm.val_dataloader())]
     acc = stitch_accuracy(net, batches)
     with torch.no_grad():
-        ref = [sum(int((net(x, s).argmax(-1) == y).sum()) for x, y in batches) / sum(len(y) for _, y in batches) for s in range(len(net))]
+        ref = [sum(int((net(b.inputs, s).argmax(-1) == b.targets).sum()) for b in batches) / sum(len(b.targets) for b in batches) for s in range(len(net))]
     assert acc == pytest.approx(ref) and len(set(ref)) > 3
 
 

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules import Digits
-from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, run_ddp
+from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, run_cli
 from zoo.backbones import build_backbone
-from zoo.snnet import FLOP_MAPPING, StitchableNet, StitchingLayer, StitchSampler, least_squares, window_positions
-from zoo.snnet_module import SNNetModule
+from zoo.batch import Batch
+from zoo.distillation import SoftTargetKL
+from zoo.distillation.teachers import pool_of
+from zoo.losses import CrossEntropy
+from zoo.snnet import FLOP_MAPPING, SNNetModule, StitchableNet, StitchingLayer, StitchSampler, check_find_unused, least_squares, window_positions
 
 
 def vit(width: int, depth: int = 2, **kw) -> torch.nn.Module:
@@ -32,7 +38,8 @@ def make_net(widths=(32, 16, 48), depth=2, **kw) -> StitchableNet:
 def digits_batch(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     dm = Digits(batch_size=n)
     dm.setup()
-    return next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    return batch.inputs, batch.targets
 
 
 def anchor_spec(width: int, depth: int = 2) -> dict:
@@ -262,27 +269,52 @@ def test_distillation_from_largest_anchor_matches_formula():
     module = SNNetModule([anchor_spec(32), anchor_spec(16)], teacher="largest", distill_alpha=0.3, distill_temperature=2.0)
     x, y = digits_batch(8)
     teacher_logits = module.net.heads[-1](module.net.anchors[-1](x)).detach()  # teacher = largest anchor before training
+    # the one KD implementation of the zoo, with a frozen copy of the largest anchor outside the module's parameters
+    kd_term = module.loss_term(SoftTargetKL)
+    assert kd_term is not None and kd_term.teacher == "largest" and kd_term.weight == 0.3 and module.loss_term(CrossEntropy).weight == 0.7
+    largest = pool_of(module).teachers["largest"].model
+    assert not any(p.requires_grad for p in largest.parameters()) and not any(k.startswith("teacher") for k in module.state_dict())
+    assert {id(p) for p in largest.parameters()}.isdisjoint(id(p) for p in module.parameters())
     module.train()
-    loss, logits, _ = module.training_loss((x, y))
+    loss, logits, _ = module.training_loss(Batch(x, y))
     torch.testing.assert_close(logits, module.net(x, module.last_stitch))
     p_t = F.softmax(teacher_logits / 2, -1)
     kd = (p_t * (p_t.log() - F.log_softmax(logits / 2, -1))).sum(-1).mean() * 4
-    torch.testing.assert_close(loss, 0.7 * F.cross_entropy(logits, y) + 0.3 * kd)
+    torch.testing.assert_close(loss, (0.7 * F.cross_entropy(logits, y) + 0.3 * kd).to(loss.dtype))
+    saved = {k: v for k, v in module.hparams.items() if k in inspect.signature(SNNetModule).parameters}  # what load_from_checkpoint passes
+    assert SNNetModule(**saved).loss_term(SoftTargetKL).temperature == 2.0
 
 
 def test_ddp_ranks_use_the_same_stitch_every_step(tmp_path):
     anchors = json.dumps([anchor_spec(32), anchor_spec(16)])
-    states = run_ddp(["--model=zoo.snnet_module.SNNetModule", f"--model.anchors={anchors}", "--model.two_way=true", "--data=datamodules.Digits",
-                      "--data.batch_size=16", "--trainer.max_steps=5", "--trainer.limit_val_batches=1", "--trainer.logger=false",
-                      "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
-                      "--trainer.callbacks+=tests.zoo.test_snnet.RecordStitches", f"--trainer.callbacks.out_dir={tmp_path / 'rec'}"],
-                     tmp_path / "out", cwd=tmp_path)
+    run_cli(["fit", "--model=zoo.snnet.SNNetModule", f"--model.anchors={anchors}", "--model.two_way=true", "--data=datamodules.Digits",
+             "--data.batch_size=16", "--trainer.max_steps=5", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+             "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy=ddp_find_unused_parameters_true",
+             "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.num_nodes=1",
+             "--trainer.callbacks+=tests.zoo.test_snnet.RecordStitches", f"--trainer.callbacks.out_dir={tmp_path / 'rec'}",
+             "--trainer.callbacks+=tests.helpers.SaveRankState", f"--trainer.callbacks.out_dir={tmp_path / 'out'}"],
+            cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    states = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     seqs = [torch.load(tmp_path / "rec" / f"stitches{r}.pt") for r in range(2)]
     assert seqs[0] == seqs[1] and len(seqs[0]) == 5 and len(set(seqs[0])) > 1
     assert states[0]["global_step"] == states[1]["global_step"] == 5
     for k, v in states[0]["state_dict"].items():  # incl. stitching layers: least squares broadcast from rank 0
         torch.testing.assert_close(v, states[1]["state_dict"][k], msg=k)
     assert states[0]["state_dict"]["net.ls_initialized"].item()
+
+
+def test_ddp_without_find_unused_parameters_fails_saying_what_to_set():
+    """A DDP-wrapped SN-Net that does not look for unused parameters would fail mid-step: refused at fit start instead."""
+    strategy = DDPStrategy()
+    ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)  # no process group needed
+    torch.nn.Module.__init__(ddp)
+    ddp.find_unused_parameters = False
+    strategy.model = ddp
+    with pytest.raises(ValueError, match="trainer.strategy: ddp_find_unused_parameters_true.*find_unused_parameters: true"):
+        check_find_unused(strategy)
+    ddp.find_unused_parameters = True
+    check_find_unused(strategy)
+    check_find_unused(SimpleNamespace(model=torch.nn.Linear(2, 2)))  # not DDP: nothing to check
 
 
 # -- bad inputs ----------------------------------------------------------------------------
@@ -309,5 +341,7 @@ def test_bad_inputs_fail_at_construction_with_clear_messages():
         SNNetModule([anchor_spec(32), {"model": TINY_VIT, "kwargs": {}}])
     with pytest.raises(ValueError, match="teacher='big'"):
         SNNetModule([anchor_spec(32), anchor_spec(16)], teacher="big")
+    with pytest.raises(ValueError, match="name the teacher on its distillation term"):
+        SNNetModule([anchor_spec(32), anchor_spec(16)], teacher="largest", losses=[CrossEntropy()])
     with pytest.raises(ValueError, match="valid ids are"):
         SNNetModule([anchor_spec(32), anchor_spec(16)], eval_stitch=1000)

@@ -1,158 +1,29 @@
-"""Stitchable networks: one network holding many stitches of a pretrained ViT family.
-
-SN-Net (Pan et al., "Stitchable Neural Networks", CVPR 2023) joins the first blocks of a smaller
-anchor to the last blocks of a larger one through a linear *stitching layer* initialised by least
-squares; SN-Netv2 (Pan et al., "Stitched ViTs are Flexible Vision Backbones", 2023) adds two-way
-stitching (large->small and the chains small->large->small, large->small->large) and low-rank
-(LoRA) updates of the stitching layers. One :class:`StitchableNet` holds every stitch: ``select``
-switches the active one without rebuilding anything, ``extract`` returns it as a standalone module,
-and ``forward_all`` evaluates all stitches at once, computing each shared prefix only once.
-
-Anchors are timm ``VisionTransformer``-like backbones (``patch_embed``, ``blocks``, ``norm``,
-``forward_head``), each with its own classification head; a stitch ends with its END anchor's head::
-
-    net = StitchableNet([vit_s, vit_m, vit_l], [head_s, head_m, head_l])   # any order: sorted by size
-    net.init_stitching_layers(images)         # least squares on one batch of real inputs
-    print(net.describe())                     # id, kind, description, FLOPs, params of every stitch
-    net.select(17); logits = net(images)      # instant switch
-    small = net.extract(17)                   # plain nn.Module, same outputs
-"""
+"""StitchableNet: one network holding every stitch of a family of ViT anchors (SN-Net / SN-Netv2)."""
 
 from __future__ import annotations
 
 import copy
-import math
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
-VIT_PARTS = ("patch_embed", "blocks", "norm", "forward_head", "_pos_embed")
-
-
-def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch's FLOP counter misses the CPU kernel of scaled_dot_product_attention; count it like the GPU ones.
-FLOP_MAPPING = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
-
-
-class StitchingLayer(nn.Module):
-    """A linear map between two anchors' widths, applied to every token.
-
-    With ``rank > 0`` (SN-Netv2's LoRA stitching) the least-squares ``weight`` is frozen and a
-    rank-``rank`` update ``scaling * lora_b @ lora_a`` is trained; in eval mode the update is merged
-    into the weight, so the layer is one plain linear map.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int = 0, alpha: float = 1.0):
-        super().__init__()
-        if rank < 0:
-            raise ValueError(f"lora rank={rank}: expected 0 (no LoRA) or a positive integer")
-        self.rank = rank
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if rank:
-            self.weight.requires_grad_(False)
-            self.lora_a = nn.Parameter(torch.empty(rank, in_features))
-            self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-            self.scaling = alpha / rank
-
-    def merged_weight(self) -> torch.Tensor:
-        if not self.rank:
-            return self.weight
-        return self.weight + self.scaling * (self.lora_b @ self.lora_a)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rank and self.training:
-            return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(x, self.lora_a), self.lora_b)
-        return F.linear(x, self.merged_weight(), self.bias)
-
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` computing this layer's eval-mode map (LoRA merged)."""
-        out_features, in_features = self.weight.shape
-        linear = nn.Linear(in_features, out_features, device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.merged_weight())
-            linear.bias.copy_(self.bias)
-        return linear
-
-
-@dataclass(frozen=True)
-class Stitch:
-    """One path through the anchors.
-
-    ``route`` lists the anchors in data-flow order; leg ``i`` takes the output of block ``j`` of
-    ``route[i]`` into the input of block ``k`` of ``route[i + 1]`` (``cuts[i] == (j, k)``) through
-    stitching layer ``layers[i]`` of that direction. An anchor alone has one entry in ``route``.
-    """
-
-    id: int
-    kind: str
-    route: tuple[int, ...]
-    cuts: tuple[tuple[int, int], ...]
-    layers: tuple[int, ...]
-    description: str
-
-    @property
-    def key(self) -> tuple:
-        return self.route, self.cuts
-
-
-def map_block(k: int, front_depth: int, end_depth: int) -> int:
-    """Block id ``k`` of a ``front_depth``-block anchor mapped onto an ``end_depth``-block one (nearest interpolation)."""
-    return min(end_depth, (k * end_depth) // front_depth)
-
-
-def window_positions(front_depth: int, end_depth: int, kernel_size: int = 2, stride: int = 1) -> list[tuple[int, int, int]]:
-    """SN-Net's stitching positions between two anchors as ``(j, k, layer)``.
-
-    A window of ``kernel_size`` block ids slides by ``stride`` over the front anchor's blocks; every
-    pair ``(j, k)`` inside a window is a position (front output of block ``j`` -> end input of block
-    ``k``, ``k`` mapped to the end anchor's depth), and the positions first seen in a window share one
-    stitching layer. Depth 12, kernel 2, stride 1: 34 positions, 11 layers.
-    """
-    positions, seen, layer = [], set(), 0
-    for start in range(0, front_depth - kernel_size + 1, stride):
-        new = False
-        for j in range(start, start + kernel_size):
-            for k in range(start, start + kernel_size):
-                pos = (j, map_block(k, front_depth, end_depth))
-                if pos not in seen:
-                    seen.add(pos)
-                    positions.append((*pos, layer))
-                    new = True
-        layer += new
-    return positions
-
-
-def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Tokens entering block 0 of a timm ViT (patch embedding, prefix tokens, position embedding)."""
-    x = backbone.patch_embed(x)
-    x = backbone._pos_embed(x)
-    x = backbone.patch_drop(x)
-    return backbone.norm_pre(x)
-
-
-def finish(backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits from the tokens leaving the last block (final norm, pooling, head)."""
-    return head(backbone.forward_head(backbone.norm(x)))
-
-
-def _label(name: str, backbone: nn.Module) -> str:
-    return f"{name}(w{backbone.embed_dim}x{len(backbone.blocks)})"
-
-
-def _shape_info(backbone: nn.Module) -> tuple:
-    pe = backbone.patch_embed
-    return tuple(pe.img_size), tuple(pe.patch_size), pe.proj.in_channels, backbone.num_prefix_tokens
-
+from zoo.snnet.layers import (
+    FLOP_MAPPING,
+    VIT_PARTS,
+    Stitch,
+    StitchedViT,
+    StitchingLayer,
+    anchor_label,
+    shape_info,
+    shell,
+    embed,
+    finish,
+    least_squares,
+    map_block,
+    window_positions,
+)
 
 class StitchableNet(nn.Module):
     """SN-Net / SN-Netv2 over a family of ViT anchors (sorted here from smallest to largest).
@@ -196,7 +67,7 @@ class StitchableNet(nn.Module):
         self._check_anchors(anchors, names, interpolate_depth, kernel_size)
         self.anchors = nn.ModuleList(anchors[i] for i in order)
         self.heads = nn.ModuleList(heads[i] for i in order)
-        self.names = [_label(names[i], anchors[i]) for i in order]
+        self.names = [anchor_label(names[i], anchors[i]) for i in order]
         self.kernel_size, self.stride, self.two_way = kernel_size, stride, two_way
         self.depths = [len(b.blocks) for b in self.anchors]
 
@@ -228,9 +99,9 @@ class StitchableNet(nn.Module):
                 )
             if len(b.blocks) < kernel_size:
                 raise ValueError(f"anchor {i} ({name!r}) has {len(b.blocks)} blocks, fewer than kernel_size={kernel_size}")
-        ref = _shape_info(anchors[0])
+        ref = shape_info(anchors[0])
         for i, (b, name) in enumerate(zip(anchors, names)):
-            info = _shape_info(b)
+            info = shape_info(b)
             if info != ref:
                 raise ValueError(
                     f"anchor {i} ({name!r}) has img_size {info[0]}, patch_size {info[1]}, in_chans {info[2]}, {info[3]} prefix tokens, "
@@ -386,12 +257,13 @@ class StitchableNet(nn.Module):
 
     # -- cost ---------------------------------------------------------------------------
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        img_size, _, in_chans, _ = _shape_info(self.anchors[0])
+        img_size, _, in_chans, _ = shape_info(self.anchors[0])
         p = next(self.parameters())
         return torch.zeros(batch, in_chans, *img_size, device=p.device, dtype=p.dtype)
 
     @torch.no_grad()
-    def _part_flops(self) -> dict:
+    def part_flops(self) -> dict:
+        """FLOPs of one image through each part (``("embed", a)``, ``("block", a, i)``, ``("layer", f, e, i)``, ``("finish", a)``)."""
         def count(fn, *args):
             with FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING) as counter:
                 result = fn(*args)
@@ -413,7 +285,8 @@ class StitchableNet(nn.Module):
         self.train(was_training)
         return parts
 
-    def _parts(self, s: Stitch) -> list[tuple]:
+    def stitch_parts(self, s: Stitch) -> list[tuple]:
+        """The parts (see :meth:`part_flops`) that stitch ``s`` runs, in order."""
         parts, start = [("embed", s.route[0])], 0
         for i, ((j, k), layer) in enumerate(zip(s.cuts, s.layers)):
             parts += [("block", s.route[i], b) for b in range(start, j + 1)]
@@ -425,13 +298,13 @@ class StitchableNet(nn.Module):
     def flops(self, stitch: int | None = None) -> int | list[int]:
         """FLOPs of one image through ``stitch`` (``torch.utils.flop_counter``); all stitches if ``None``."""
         if self._flops is None:
-            part = self._part_flops()
-            self._flops = [sum(part[p] for p in self._parts(s)) for s in self.stitches]
+            part = self.part_flops()
+            self._flops = [sum(part[p] for p in self.stitch_parts(s)) for s in self.stitches]
         return list(self._flops) if stitch is None else self._flops[self._check(stitch)]
 
     def _modules_of(self, s: Stitch) -> list[nn.Module]:
         mods = []
-        for p in self._parts(s):
+        for p in self.stitch_parts(s):
             if p[0] == "block":
                 mods.append(self.anchors[p[1]].blocks[p[2]])
             elif p[0] == "layer":
@@ -441,7 +314,7 @@ class StitchableNet(nn.Module):
     def params(self, stitch: int) -> int:
         """Parameters used by ``stitch`` (front anchor's embedding, blocks, stitching layers, end anchor's norm and head)."""
         s = self.stitches[self._check(stitch)]
-        params = [p for m in (_shell(self.anchors[s.route[0]], "stem"), _shell(self.anchors[s.route[-1]], "tail"), self.heads[s.route[-1]]) for p in m.parameters()]
+        params = [p for m in (shell(self.anchors[s.route[0]], "stem"), shell(self.anchors[s.route[-1]], "tail"), self.heads[s.route[-1]]) for p in m.parameters()]
         for m in self._modules_of(s):  # stitching layers counted merged, as deployed
             params += [m.weight, m.bias] if isinstance(m, StitchingLayer) else list(m.parameters())
         return sum(p.numel() for p in {id(p): p for p in params}.values())
@@ -462,95 +335,7 @@ class StitchableNet(nn.Module):
         """A standalone copy of ``stitch`` (its blocks, stitching layers merged to ``nn.Linear``, head)."""
         s = self.stitches[self._check(stitch)]
         stages = [m.to_linear() if isinstance(m, StitchingLayer) else m for m in self._modules_of(s)]
-        parts = nn.ModuleDict({"stem": _shell(self.anchors[s.route[0]], "stem"), "stages": nn.Sequential(*stages),
-                               "tail": _shell(self.anchors[s.route[-1]], "tail"), "head": self.heads[s.route[-1]]})
+        parts = nn.ModuleDict({"stem": shell(self.anchors[s.route[0]], "stem"), "stages": nn.Sequential(*stages),
+                               "tail": shell(self.anchors[s.route[-1]], "tail"), "head": self.heads[s.route[-1]]})
         parts = copy.deepcopy(parts)  # one deepcopy: modules used twice stay shared
         return StitchedViT(parts["stem"], parts["stages"], parts["tail"], parts["head"], s.description).train(self.training)
-
-
-STEM = ("patch_embed", "patch_drop", "norm_pre", "pos_drop")
-
-
-def _shell(backbone: nn.Module, part: str) -> nn.Module:
-    """A shallow copy of a ViT backbone keeping only its ``stem`` (embedding) or its ``tail`` (final norm, pooling)."""
-    shell = copy.copy(backbone)
-    keep = (lambda n: n in STEM) if part == "stem" else (lambda n: n not in STEM + ("blocks",))
-    shell._modules = {n: (m if keep(n) else nn.Identity()) for n, m in backbone._modules.items()}
-    shell._parameters = dict(backbone._parameters) if part == "stem" else {n: None for n in backbone._parameters}
-    return shell
-
-
-class StitchedViT(nn.Module):
-    """One stitch as a plain module: ``stem`` embedding, ``stages`` (blocks and linear stitching layers), ``tail`` norm/pool, ``head``."""
-
-    def __init__(self, stem: nn.Module, stages: nn.Sequential, tail: nn.Module, head: nn.Module, description: str = ""):
-        super().__init__()
-        self.stem, self.stages, self.tail, self.head = stem, stages, tail, head
-        self.description = description
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return finish(self.tail, self.head, self.stages(embed(self.stem, x)))
-
-
-def least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight, bias)`` minimising ``||x @ weight.T + bias - y||`` over flattened tokens (pseudo-inverse, float64)."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    y = y.reshape(-1, y.shape[-1]).double()
-    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-    sol = torch.linalg.pinv(xa) @ y
-    return sol[:-1].T.float(), sol[-1].float()
-
-
-class StitchSampler:
-    """Draws the stitch of each training step; identical on every process and after a resume.
-
-    ``uniform``: every stitch equally likely (SN-Net). ``flops`` (SN-Netv2's resource-constrained
-    sampling): stitches sorted by FLOPs are grouped, a new group starting when a stitch exceeds its
-    group's first member by more than ``flops_gap`` times the largest FLOPs; a group is drawn
-    (``group_weights``: ``uniform``, ``size`` for proportional to its stitch count, or one weight per
-    group), then a stitch within it uniformly. Draw ``n`` depends only on ``(seed, n)``, so all DDP
-    ranks agree without communication; ``state_dict`` holds the draw count for checkpoints.
-    """
-
-    MODES = ("uniform", "flops")
-
-    def __init__(self, flops: list[float], mode: str = "uniform", flops_gap: float = 0.05, group_weights: str | list[float] = "uniform", seed: int = 0):
-        if mode not in self.MODES:
-            raise ValueError(f"sampling={mode!r}: expected one of {self.MODES}")
-        if not flops_gap >= 0:
-            raise ValueError(f"flops_gap={flops_gap}: expected a fraction >= 0 of the largest stitch's FLOPs")
-        self.mode, self.seed, self.draws = mode, seed, 0
-        order = sorted(range(len(flops)), key=lambda i: (flops[i], i))
-        if mode == "uniform":
-            self.groups = [order]
-        else:
-            gap, self.groups = flops_gap * max(flops), []
-            for i in order:
-                if self.groups and flops[i] - flops[self.groups[-1][0]] <= gap:
-                    self.groups[-1].append(i)
-                else:
-                    self.groups.append([i])
-        if isinstance(group_weights, str):
-            if group_weights not in ("uniform", "size"):
-                raise ValueError(f"group_weights={group_weights!r}: expected 'uniform', 'size' or a list of one weight per group")
-            weights = [1.0 if group_weights == "uniform" else float(len(g)) for g in self.groups]
-        else:
-            weights = [float(w) for w in group_weights]
-            if len(weights) != len(self.groups) or min(weights) < 0 or sum(weights) <= 0:
-                raise ValueError(f"group_weights={group_weights}: expected {len(self.groups)} non-negative weights (one per FLOPs group), not all zero")
-        self.probs = torch.tensor(weights, dtype=torch.float64) / sum(weights)
-
-    def sample(self) -> int:
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.draws) % (2**63))
-        self.draws += 1
-        group = self.groups[int(torch.multinomial(self.probs, 1, generator=gen))]
-        return group[int(torch.randint(len(group), (1,), generator=gen))]
-
-    def state_dict(self) -> dict:
-        return {"draws": self.draws, "seed": self.seed, "mode": self.mode, "groups": self.groups}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["groups"] != self.groups or state["mode"] != self.mode:
-            raise ValueError(f"the checkpoint's stitch sampler ({state['mode']}, {len(state['groups'])} groups) does not match this one "
-                             f"({self.mode}, {len(self.groups)} groups): resume with the same anchors and sampling settings")
-        self.seed, self.draws = state["seed"], state["draws"]

@@ -1,10 +1,10 @@
-"""SNNetModule: trains a :class:`~zoo.snnet.StitchableNet`, one sampled stitch per step.
+"""SNNetModule: trains a :class:`~zoo.snnet.StitchableNet`, one sampled stitch per step (a preset of ``zoo.Classifier``).
 
 SN-Net (Pan et al., CVPR 2023) and SN-Netv2 (Pan et al., 2023). The anchors are timm ViT names with
 kwargs, or checkpoints of zoo classifiers trained here (their heads are reused)::
 
     model:
-      class_path: zoo.snnet_module.SNNetModule
+      class_path: zoo.snnet.SNNetModule
       init_args:
         anchors:
           - checkpoints/snnet/anchor_w48.ckpt
@@ -17,8 +17,11 @@ kwargs, or checkpoints of zoo classifiers trained here (their heads are reused):
 
 The stitching layers are initialised by least squares on the first training batch (broadcast from
 rank 0 under DDP). Every rank draws the same stitch each step, and the sampler's state is saved in
-checkpoints. Validation runs the selected stitch (``eval_stitch``, default the largest anchor); the
-:class:`~callbacks.stitch_sweep.StitchSweep` callback evaluates all of them.
+checkpoints. Each step leaves the other stitches' parameters without gradient, so DDP needs
+``trainer.strategy: ddp_find_unused_parameters_true`` (checked before training). Validation runs the
+selected stitch (``eval_stitch``, default the largest anchor); the :class:`~callbacks.stitch_sweep.StitchSweep`
+callback evaluates all of them. Distillation is :class:`zoo.distillation.SoftTargetKL` (``teacher: largest`` is a
+frozen copy of the largest anchor), so ``losses`` can list any terms instead of ``teacher``/``distill_*``.
 """
 
 from __future__ import annotations
@@ -28,15 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies import Strategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from zoo import losses as L
 from zoo.backbones import build_backbone, load_zoo_module
+from zoo.batch import Batch, as_batch
 from zoo.classifier import Classifier
-from zoo.snnet import StitchableNet, StitchSampler
+from zoo.distillation.losses import SoftTargetKL
+from zoo.distillation.teachers import HeadedBackbone, pool_of
+from zoo.snnet.net import StitchableNet
+from zoo.snnet.sampler import StitchSampler
 
 ANCHOR_KEYS = ("model", "pretrained", "model_kwargs")
 
@@ -61,6 +68,14 @@ def build_anchor(spec: str | dict[str, Any], num_classes: int, pretrained: bool)
     return backbone, nn.Linear(backbone.num_features, num_classes), name.rsplit("/", 1)[-1]
 
 
+def check_find_unused(strategy: Strategy) -> None:
+    """Fail unless a DDP-wrapped model looks for unused parameters (one stitch per step leaves most without gradient)."""
+    if isinstance(strategy.model, DistributedDataParallel) and not strategy.model.find_unused_parameters:
+        raise ValueError("SNNetModule trains one stitch per step, so each step leaves the other stitches' parameters without gradient and DDP must "
+                         "look for them: set `trainer.strategy: ddp_find_unused_parameters_true` (or, with a DDPStrategy in YAML, its init arg "
+                         "`find_unused_parameters: true`)")
+
+
 class SNNetModule(Classifier):
     """Stitchable network training (SN-Net / SN-Netv2) as a zoo classifier.
 
@@ -81,9 +96,13 @@ class SNNetModule(Classifier):
         sample_seed: seed of the stitch sequence (same on every rank).
         fulltune: train all weights; ``False`` trains only stitching layers and heads.
         eval_stitch: stitch used by validation/test/predict (default: the largest anchor).
-        teacher: ``None``, ``largest`` (a frozen copy of the largest anchor) or a zoo ``.ckpt`` classifier.
+        teacher: ``None``, ``largest`` (a frozen copy of the largest anchor) or a zoo ``.ckpt`` classifier: the losses
+            become ``CrossEntropy(weight=1 - distill_alpha)`` + ``SoftTargetKL(weight=distill_alpha, teacher=teacher)``.
         distill_alpha: weight of the distillation term (cross-entropy gets ``1 - distill_alpha``).
         distill_temperature: softmax temperature of the distillation.
+        losses: the loss terms instead (default: cross-entropy, and the distillation above with a ``teacher``); a
+            :mod:`zoo.distillation` term may name ``teacher: largest``.
+        optimizer, lr_scheduler, scheduler_interval, label_smoothing: as :class:`~zoo.classifier.Classifier`.
     """
 
     def __init__(
@@ -106,6 +125,7 @@ class SNNetModule(Classifier):
         teacher: str | None = None,
         distill_alpha: float = 0.5,
         distill_temperature: float = 1.0,
+        losses: list[L.LossTerm] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
@@ -119,10 +139,20 @@ class SNNetModule(Classifier):
             raise ValueError(f"distill_temperature={distill_temperature}: expected a positive value")
         if teacher is not None and teacher != "largest" and not str(teacher).endswith(".ckpt"):
             raise ValueError(f"teacher={teacher!r}: expected null, 'largest' or a path to a zoo classifier .ckpt")
+        if teacher is not None and losses is not None:
+            raise ValueError("teacher= makes the losses (cross-entropy + zoo.distillation.SoftTargetKL); with `losses` given, "
+                             "name the teacher on its distillation term instead (teacher: largest, or a .ckpt)")
         if not isinstance(anchors, (list, tuple)) or len(anchors) < 2:
             raise ValueError(f"anchors={anchors!r}: SN-Net needs a list of at least 2 anchors")
+        terms = losses
+        if teacher is not None:
+            terms = [L.CrossEntropy(weight=1 - distill_alpha, label_smoothing=label_smoothing),
+                     SoftTargetKL(weight=distill_alpha, temperature=distill_temperature, teacher=teacher)]
         super().__init__(model=None, num_classes=num_classes, pretrained=pretrained, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                         scheduler_interval=scheduler_interval, label_smoothing=label_smoothing)
+                         scheduler_interval=scheduler_interval, label_smoothing=label_smoothing if teacher is None else 0.0, losses=terms)
+        if teacher is not None:
+            self.hparams["losses"] = None  # made from teacher / distill_* again when loaded
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         built = [build_anchor(spec, num_classes, pretrained) for spec in anchors]
         self.net = StitchableNet([b for b, _, _ in built], [h for _, h, _ in built], [n for _, _, n in built], kernel_size=kernel_size,
                                  stride=stride, two_way=two_way, interpolate_depth=interpolate_depth, lora_rank=lora_rank, lora_alpha=lora_alpha)
@@ -130,24 +160,14 @@ class SNNetModule(Classifier):
         self.sampler = StitchSampler(self.net.flops() if sampling == "flops" else [0] * len(self.net), sampling, flops_gap, group_weights, sample_seed)
         if not fulltune:
             self.net.anchors.requires_grad_(False)
-        self.teacher = self._build_teacher(teacher)
-        self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
+        if any(getattr(t, "teacher", None) == "largest" for t in self.losses):  # before training: a frozen copy, outside the checkpoint
+            pool_of(self).add("largest", copy.deepcopy(HeadedBackbone(self.net.anchors[-1], self.net.heads[-1])), label="largest")
         self.last_stitch: int | None = None  # stitch of the latest training step
 
-    def _build_teacher(self, teacher: str | None) -> nn.Module | None:
-        if teacher is None:
-            return None
-        if teacher == "largest":
-            model = copy.deepcopy(nn.Sequential(self.net.anchors[-1], self.net.heads[-1]))
-        else:
-            model = load_zoo_module(teacher)
-        return model.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> SNNetModule:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
+    # -- what the StitchSweep callback uses ---------------------------------------------
+    def select_stitch(self, stitch: int) -> None:
+        """Make ``stitch`` the one validation, test, predict and ``forward`` run (kept in checkpoints)."""
+        self.net.select(stitch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -156,37 +176,26 @@ class SNNetModule(Classifier):
         return {n for b in self.net.anchors if callable(getattr(b, "no_weight_decay", None)) for n in b.no_weight_decay()}
 
     # -- training -----------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        # Each step uses one stitch, so most parameters get no gradient: DDP must look for them. A DDPStrategy given
-        # by class_path in YAML passes find_unused_parameters=False explicitly (jsonargparse fills DDP's defaults in).
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
-            rank_zero_info("SNNetModule: setting DDP find_unused_parameters=True (one stitch per step leaves other parameters unused)")
-            strategy._ddp_kwargs["find_unused_parameters"] = True
+    def on_fit_start(self) -> None:
+        check_find_unused(self.trainer.strategy)  # the first hook after DDP wrapped the model, before any step
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if bool(self.net.ls_initialized):
             return
-        self.net.init_stitching_layers(self.unpack_batch(batch)[0])
+        self.net.init_stitching_layers(as_batch(batch).inputs)
         if self.trainer.world_size > 1:  # every rank takes rank 0's solution
             state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in self.net.stitch_layers.state_dict().items()}, src=0)
             self.net.stitch_layers.load_state_dict(state)
 
-    def training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y = self.unpack_batch(batch)
-        stitch = self.sampler.sample()
-        self.last_stitch = stitch
-        logits = self.net(x, stitch)
-        loss = self.criterion(logits, y)
-        if self.teacher is not None:
-            t = self.distill_temperature
-            with torch.no_grad():
-                target = F.log_softmax(self.teacher(x) / t, -1)
-            kd = F.kl_div(F.log_softmax(logits / t, -1), target, log_target=True, reduction="batchmean") * t * t
-            loss = (1 - self.distill_alpha) * loss + self.distill_alpha * kd
-            self.log("train/distill", kd, on_step=True, on_epoch=True, batch_size=len(y))
-        self.log("train/stitch", float(stitch), on_step=True, on_epoch=False, batch_size=len(y))
-        return loss, logits, y
+    def batch_logits(self, batch: Batch) -> torch.Tensor:
+        """Training: the stitch sampled for this step; evaluation: the selected stitch."""
+        return self.net(batch.inputs, self.last_stitch if self.training else None)
+
+    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.last_stitch = self.sampler.sample()
+        out = super().training_loss(batch)
+        self.log("train/stitch", float(self.last_stitch), on_step=True, on_epoch=False, batch_size=len(batch))
+        return out
 
     # -- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -194,6 +203,8 @@ class SNNetModule(Classifier):
         checkpoint["snnet"] = {"sampler": self.sampler.state_dict(), "active": self.net.active}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for key in [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]:  # checkpoints of before zoo.snnet kept the teacher
+            del checkpoint["state_dict"][key]
         state = checkpoint.get("snnet")
         if state is not None:
             self.sampler.load_state_dict(state["sampler"])

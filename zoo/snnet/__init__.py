@@ -1,0 +1,32 @@
+"""Stitchable networks: one network holding many stitches of a pretrained ViT family.
+
+SN-Net (Pan et al., "Stitchable Neural Networks", CVPR 2023) joins the first blocks of a smaller
+anchor to the last blocks of a larger one through a linear *stitching layer* initialised by least
+squares; SN-Netv2 (Pan et al., "Stitched ViTs are Flexible Vision Backbones", 2023) adds two-way
+stitching (large->small and the chains small->large->small, large->small->large) and low-rank
+(LoRA) updates of the stitching layers. One :class:`StitchableNet` holds every stitch: ``select``
+switches the active one without rebuilding anything, ``extract`` returns it as a standalone module,
+and ``forward_all`` evaluates all stitches at once, computing each shared prefix only once.
+
+Anchors are timm ``VisionTransformer``-like backbones (``patch_embed``, ``blocks``, ``norm``,
+``forward_head``), each with its own classification head; a stitch ends with its END anchor's head::
+
+    net = StitchableNet([vit_s, vit_m, vit_l], [head_s, head_m, head_l])   # any order: sorted by size
+    net.init_stitching_layers(images)         # least squares on one batch of real inputs
+    print(net.describe())                     # id, kind, description, FLOPs, params of every stitch
+    net.select(17); logits = net(images)      # instant switch
+    small = net.extract(17)                   # plain nn.Module, same outputs
+
+Files: ``layers.py`` (stitching layers, positions, ViT pieces), ``net.py`` (:class:`StitchableNet`),
+``sampler.py`` (:class:`StitchSampler`), ``module.py`` (:class:`SNNetModule`, the LightningModule).
+"""
+
+from zoo.snnet.layers import FLOP_MAPPING, Stitch, StitchedViT, StitchingLayer, embed, finish, least_squares, map_block, window_positions
+from zoo.snnet.module import SNNetModule, build_anchor, check_find_unused
+from zoo.snnet.net import StitchableNet
+from zoo.snnet.sampler import StitchSampler
+
+__all__ = [
+    "FLOP_MAPPING", "SNNetModule", "Stitch", "StitchSampler", "StitchableNet", "StitchedViT", "StitchingLayer", "build_anchor",
+    "check_find_unused", "embed", "finish", "least_squares", "map_block", "window_positions",
+]

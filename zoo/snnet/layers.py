@@ -1,0 +1,171 @@
+"""SN-Net's parts: stitching layers, stitches and their positions, the ViT pieces a stitch is made of."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import sdpa_flop_count
+
+VIT_PARTS = ("patch_embed", "blocks", "norm", "forward_head", "_pos_embed")
+
+
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's FLOP counter misses the CPU kernel of scaled_dot_product_attention; count it like the GPU ones.
+FLOP_MAPPING = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
+
+
+class StitchingLayer(nn.Module):
+    """A linear map between two anchors' widths, applied to every token.
+
+    With ``rank > 0`` (SN-Netv2's LoRA stitching) the least-squares ``weight`` is frozen and a
+    rank-``rank`` update ``scaling * lora_b @ lora_a`` is trained; in eval mode the update is merged
+    into the weight, so the layer is one plain linear map.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 0, alpha: float = 1.0):
+        super().__init__()
+        if rank < 0:
+            raise ValueError(f"lora rank={rank}: expected 0 (no LoRA) or a positive integer")
+        self.rank = rank
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if rank:
+            self.weight.requires_grad_(False)
+            self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+            self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+            self.scaling = alpha / rank
+
+    def merged_weight(self) -> torch.Tensor:
+        if not self.rank:
+            return self.weight
+        return self.weight + self.scaling * (self.lora_b @ self.lora_a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank and self.training:
+            return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(x, self.lora_a), self.lora_b)
+        return F.linear(x, self.merged_weight(), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing this layer's eval-mode map (LoRA merged)."""
+        out_features, in_features = self.weight.shape
+        linear = nn.Linear(in_features, out_features, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.merged_weight())
+            linear.bias.copy_(self.bias)
+        return linear
+
+
+@dataclass(frozen=True)
+class Stitch:
+    """One path through the anchors.
+
+    ``route`` lists the anchors in data-flow order; leg ``i`` takes the output of block ``j`` of
+    ``route[i]`` into the input of block ``k`` of ``route[i + 1]`` (``cuts[i] == (j, k)``) through
+    stitching layer ``layers[i]`` of that direction. An anchor alone has one entry in ``route``.
+    """
+
+    id: int
+    kind: str
+    route: tuple[int, ...]
+    cuts: tuple[tuple[int, int], ...]
+    layers: tuple[int, ...]
+    description: str
+
+    @property
+    def key(self) -> tuple:
+        return self.route, self.cuts
+
+
+def map_block(k: int, front_depth: int, end_depth: int) -> int:
+    """Block id ``k`` of a ``front_depth``-block anchor mapped onto an ``end_depth``-block one (nearest interpolation)."""
+    return min(end_depth, (k * end_depth) // front_depth)
+
+
+def window_positions(front_depth: int, end_depth: int, kernel_size: int = 2, stride: int = 1) -> list[tuple[int, int, int]]:
+    """SN-Net's stitching positions between two anchors as ``(j, k, layer)``.
+
+    A window of ``kernel_size`` block ids slides by ``stride`` over the front anchor's blocks; every
+    pair ``(j, k)`` inside a window is a position (front output of block ``j`` -> end input of block
+    ``k``, ``k`` mapped to the end anchor's depth), and the positions first seen in a window share one
+    stitching layer. Depth 12, kernel 2, stride 1: 34 positions, 11 layers.
+    """
+    positions, seen, layer = [], set(), 0
+    for start in range(0, front_depth - kernel_size + 1, stride):
+        new = False
+        for j in range(start, start + kernel_size):
+            for k in range(start, start + kernel_size):
+                pos = (j, map_block(k, front_depth, end_depth))
+                if pos not in seen:
+                    seen.add(pos)
+                    positions.append((*pos, layer))
+                    new = True
+        layer += new
+    return positions
+
+
+def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Tokens entering block 0 of a timm ViT (patch embedding, prefix tokens, position embedding)."""
+    x = backbone.patch_embed(x)
+    x = backbone._pos_embed(x)
+    x = backbone.patch_drop(x)
+    return backbone.norm_pre(x)
+
+
+def finish(backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits from the tokens leaving the last block (final norm, pooling, head)."""
+    return head(backbone.forward_head(backbone.norm(x)))
+
+
+def anchor_label(name: str, backbone: nn.Module) -> str:
+    return f"{name}(w{backbone.embed_dim}x{len(backbone.blocks)})"
+
+
+def shape_info(backbone: nn.Module) -> tuple:
+    pe = backbone.patch_embed
+    return tuple(pe.img_size), tuple(pe.patch_size), pe.proj.in_channels, backbone.num_prefix_tokens
+
+
+
+STEM = ("patch_embed", "patch_drop", "norm_pre", "pos_drop")
+
+
+def shell(backbone: nn.Module, part: str) -> nn.Module:
+    """A shallow copy of a ViT backbone keeping only its ``stem`` (embedding) or its ``tail`` (final norm, pooling)."""
+    shell = copy.copy(backbone)
+    keep = (lambda n: n in STEM) if part == "stem" else (lambda n: n not in STEM + ("blocks",))
+    shell._modules = {n: (m if keep(n) else nn.Identity()) for n, m in backbone._modules.items()}
+    shell._parameters = dict(backbone._parameters) if part == "stem" else {n: None for n in backbone._parameters}
+    return shell
+
+
+class StitchedViT(nn.Module):
+    """One stitch as a plain module: ``stem`` embedding, ``stages`` (blocks and linear stitching layers), ``tail`` norm/pool, ``head``."""
+
+    def __init__(self, stem: nn.Module, stages: nn.Sequential, tail: nn.Module, head: nn.Module, description: str = ""):
+        super().__init__()
+        self.stem, self.stages, self.tail, self.head = stem, stages, tail, head
+        self.description = description
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return finish(self.tail, self.head, self.stages(embed(self.stem, x)))
+
+
+def least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, bias)`` minimising ``||x @ weight.T + bias - y||`` over flattened tokens (pseudo-inverse, float64)."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    y = y.reshape(-1, y.shape[-1]).double()
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+    sol = torch.linalg.pinv(xa) @ y
+    return sol[:-1].T.float(), sol[-1].float()
+
+
