@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import FashionMNIST  # noqa: E402
 from zoo.backbones import build_backbone  # noqa: E402
-from zoo.subtuning_profile import FULL, ProfileRunner, profile_figure, stack_dataset  # noqa: E402
+from zoo.subtuning.profile import FULL, ProfileRunner, profile_figure, stack_dataset  # noqa: E402
 
 
 def run(samples_per_class: int, steps: int, args) -> dict:

@@ -13,12 +13,15 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy.stats import chisquare
 
-from callbacks.continual_metrics import average_accuracy, average_forgetting, backward_transfer
+from callbacks.continual_metrics import ContinualMetrics, average_accuracy, average_forgetting, backward_transfer
 from datamodules import Digits
 from datamodules.continual import ContinualDataModule
 from tests.helpers import run_ddp
-from zoo.continual import DER, ER, KFPF, DERpp, FineTune, module_drift
-from zoo.replay_buffer import ReplayBuffer
+from zoo.batch import Batch
+from zoo.classifier import Classifier
+from zoo.continual import DER, ER, KFPF, ContinualClassifier, DarkReplay, DERpp, ExperienceReplay, FineTune, Joint, module_drift
+from zoo.continual.buffer import ReplayBuffer
+from zoo.losses import CrossEntropy
 
 MLP = {"model": "zoo/mlp", "model_kwargs": {"img_size": 8, "hidden": [32, 32]}}
 
@@ -96,26 +99,32 @@ def attach(module, scenario: str = "class"):
     return stream
 
 
+def first_batch(stream, task: int, n: int) -> Batch:
+    return next(iter(torch.utils.data.DataLoader(stream.task_set("train", task), batch_size=n, collate_fn=stream.collate_fn)))
+
+
 def test_derpp_loss_is_ce_plus_alpha_mse_plus_beta_ce():
     seed_everything(0)
     model = DERpp(**MLP, buffer_size=20, alpha=0.3, beta=0.7, replay_batch_size=5)
     stream = attach(model)
-    batch = next(iter(torch.utils.data.DataLoader(stream.task_set("train", 0), batch_size=8)))
-    model.buffer.add(batch[3], batch[1], batch[2], torch.randn(8, 10))
+    batch = first_batch(stream, 0, 8)
+    model.buffer.add(batch.raw, batch.targets, batch.task, torch.randn(8, 10))
     before = copy.deepcopy(model.buffer)
     loss, logits, y = model.training_loss(batch)
     model.buffer, after = before, model.buffer  # replay the same draws by hand
     x1, _, _, z1 = model.replay(5)
     x2, y2, _, _ = model.replay(5)
-    expected = F.cross_entropy(model(batch[0]), batch[1]) + 0.3 * F.mse_loss(model(x1), z1) + 0.7 * F.cross_entropy(model(x2), y2)
+    expected = F.cross_entropy(model(batch.inputs), batch.targets) + 0.3 * F.mse_loss(model(x1), z1) + 0.7 * F.cross_entropy(model(x2), y2)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    (term,) = [t for t in model.losses if isinstance(t, DarkReplay)]  # DER++ is the base class plus one replay term
+    assert (term.alpha, term.beta) == (0.3, 0.7) and [type(t) for t in model.losses] == [CrossEntropy, DarkReplay]
     assert len(after) == 16 and torch.equal(after.logits[8:16], logits.detach())  # current batch inserted, with its logits
 
 
 def test_task_incremental_masks_logits_to_the_task():
     model = ER(**MLP, buffer_size=10)
     attach(model, scenario="task")
-    logits = model.mask(torch.zeros(2, 10), torch.tensor([0, 3]))
+    logits = model.mask_logits(torch.zeros(2, 10), torch.tensor([0, 3]))
     assert logits.argmax(-1).tolist() == [0, 6] and (logits[1, 6:8] == 0).all() and (logits[1, :6] < -1e30).all()
 
 
@@ -123,8 +132,8 @@ def test_fpf_finetunes_only_the_forgetting_prone_modules():
     seed_everything(0)
     model = ER(**MLP, buffer_size=32, fpf_lr=0.1, fpf_num_modules=1)
     stream = attach(model)
-    batch = next(iter(torch.utils.data.DataLoader(stream.task_set("train", 1), batch_size=32)))
-    model.buffer.add(batch[3], batch[1], batch[2], torch.zeros(32, 10))
+    batch = first_batch(stream, 1, 32)
+    model.buffer.add(batch.raw, batch.targets, batch.task, torch.zeros(32, 10))
     model.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         model.head.weight.add_(0.5)  # the head drifts most
@@ -147,7 +156,8 @@ def test_replay_methods_refuse_an_empty_buffer():
         FineTune(**MLP, fpf_steps=5)
     with pytest.raises(ValueError, match="'reservoirs'"):
         ER(**MLP, buffer_size=5, buffer_policy="reservoirs")
-    trainer = Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(max_epochs=5, reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
     with pytest.raises(ValueError, match="fpf_modules: 'bn' names no module"):
         trainer.fit(ER(**MLP, buffer_size=5, fpf_modules=["bn"]), ContinualDataModule(Digits(), classes_per_task=2))
 
@@ -156,7 +166,8 @@ def run_stream(cls, root, ckpt_path=None, **kwargs):
     seed_everything(0)
     model = cls(**{**MLP, "buffer_size": 40, "replay_batch_size": 8, **kwargs})
     stream = ContinualDataModule(Digits(batch_size=16), classes_per_task=2, epochs_per_task=2)
-    trainer = Trainer(max_epochs=10, limit_train_batches=3, limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = Trainer(max_epochs=10, reload_dataloaders_every_n_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=root, callbacks=[ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")])
     trainer.fit(model, stream, ckpt_path=ckpt_path)
     return model
@@ -177,7 +188,8 @@ def test_resume_mid_task_3_finishes_like_an_uninterrupted_stream(cls, kwargs, tm
 def test_ddp_each_rank_keeps_its_share_and_the_checkpoint_keeps_all(tmp_path):
     args = ["--model=zoo.continual.ER", "--model.model=zoo/mlp", f"--model.model_kwargs={json.dumps(MLP['model_kwargs'])}", "--model.buffer_size=40",
             "--model.fpf_steps=2", "--model.replay_batch_size=8", "--data=datamodules.continual.ContinualDataModule", "--data.data=datamodules.Digits",
-            "--data.data.batch_size=16", "--data.classes_per_task=2", "--trainer.max_epochs=5", "--trainer.limit_train_batches=3",
+            "--data.data.batch_size=16", "--data.classes_per_task=2", "--trainer.max_epochs=5", "--trainer.reload_dataloaders_every_n_epochs=1",
+            "--trainer.limit_train_batches=3",
             "--trainer.limit_val_batches=1", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--seed_everything=0"]
     states = run_ddp(args, tmp_path / "ranks", cwd=tmp_path)
     for key, value in states[0]["state_dict"].items():
@@ -194,8 +206,8 @@ def test_kfpf_kd_step_is_sgd_on_ce_plus_alpha_logit_mse_of_the_head_only():
     seed_everything(0)
     model = KFPF(**MLP, buffer_size=32, replay_batch_size=6, fpf_lr=0.05, fpf_alpha=0.5, fpf_modules=["head"])
     stream = attach(model)
-    batch = next(iter(torch.utils.data.DataLoader(stream.task_set("train", 0), batch_size=16)))
-    model.buffer.add(batch[3], batch[1], batch[2], torch.randn(16, 10) * 3)  # stored logits (k-FPF-KD's targets)
+    batch = first_batch(stream, 0, 16)
+    model.buffer.add(batch.raw, batch.targets, batch.task, torch.randn(16, 10) * 3)  # stored logits (k-FPF-KD's targets)
     before, params = copy.deepcopy(model.buffer), {n: p.detach().clone() for n, p in model.named_parameters()}
     model.fpf(1)
     model.buffer, after = before, {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -215,7 +227,50 @@ def test_fpf_with_a_diverging_lr_stops_with_a_clear_error():
     seed_everything(0)
     model = KFPF(**MLP, buffer_size=32, fpf_lr=1e6, fpf_alpha=1.0, fpf_modules=["head"])  # the logit MSE blows up
     stream = attach(model)
-    batch = next(iter(torch.utils.data.DataLoader(stream.task_set("train", 0), batch_size=16)))
-    model.buffer.add(batch[3], batch[1], batch[2], torch.zeros(16, 10))
+    batch = first_batch(stream, 0, 16)
+    model.buffer.add(batch.raw, batch.targets, batch.task, torch.zeros(16, 10))
     with pytest.raises(FloatingPointError, match=r"modules \['head'\]: fpf_lr=1000000.0 is too large"):
         model.fpf(50)
+
+
+def test_er_is_the_base_class_plus_a_replay_term_logged_by_name(tmp_path):
+    """ER == ContinualClassifier with losses [CrossEntropy, ExperienceReplay]: the same loss on the same buffer state."""
+    seed_everything(0)
+    er = ER(**MLP, buffer_size=20, replay_batch_size=5)
+    parts = ContinualClassifier(**MLP, buffer_size=20, replay_batch_size=5, losses=[CrossEntropy(), ExperienceReplay(batch_size=5)])
+    parts.load_state_dict(er.state_dict())
+    for model in (er, parts):
+        stream = attach(model)
+    batch = first_batch(stream, 0, 8)
+    for model in (er, parts):
+        model.buffer.add(batch.raw, batch.targets, batch.task, torch.zeros(8, 10))
+    assert er.training_loss(batch)[0].item() == parts.training_loss(batch)[0].item()
+    assert parts.hparams.losses[1] == {"class_path": "zoo.continual.replay.ExperienceReplay", "init_args": {"weight": 1.0, "batch_size": 5, "name": "experience_replay"}}
+    trainer = Trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(ER(**MLP, buffer_size=20), ContinualDataModule(Digits(batch_size=16), classes_per_task=2))
+    assert {"train/cross_entropy", "train/experience_replay"} <= set(trainer.logged_metrics)
+
+
+def test_replay_terms_need_a_continual_module_with_a_buffer():
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="'experience_replay' .* replays the buffer of a zoo.continual.ContinualClassifier .* Classifier has none"):
+        trainer.fit(Classifier(**MLP, losses=[CrossEntropy(), ExperienceReplay()]), Digits(batch_size=16))
+    with pytest.raises(ValueError, match="buffer_size=0: ContinualClassifier replays from a buffer"):
+        ContinualClassifier(**MLP, losses=[CrossEntropy(), DarkReplay(alpha=0.1)])
+
+
+def test_joint_needs_a_cumulative_stream(tmp_path):
+    kw = dict(max_epochs=5, reload_dataloaders_every_n_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="set data.init_args.cumulative: true"):
+        Trainer(**kw).fit(Joint(**MLP), ContinualDataModule(Digits(batch_size=16), classes_per_task=2))
+    seen = []
+
+    class Tasks(ContinualMetrics):  # the task ends are announced to callbacks, with the matrix row filled
+        def on_task_end(self, trainer, pl_module, task, final):
+            seen.append((task, final, int(pl_module.acc_matrix[task].isnan().sum())))
+
+    stream = ContinualDataModule(Digits(batch_size=16), classes_per_task=2, cumulative=True)
+    Trainer(**kw, callbacks=[Tasks()]).fit(Joint(**MLP), stream)
+    assert seen == [(t, t == 4, 4 - t) for t in range(5)]

@@ -10,11 +10,15 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
+from callbacks.skip_cached_inputs import SkipCachedInputs
+from callbacks.subtuning_profile import SubTuningProfile
 from datamodules import Digits
 from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, run_ddp
 from zoo.backbones import build_backbone, load_zoo_module
-from zoo.subtuning import LayerChain, MultiTaskSubTuned, SubTuningModule, candidate_layers, greedy_select
-from zoo.subtuning_profile import FULL, ProfileRunner, SubTuningProfile, stack_dataset
+from zoo.batch import Batch
+from zoo.classifier import Classifier
+from zoo.subtuning import Freeze, LayerChain, MultiTaskSubTuned, SubTuningModule, candidate_layers, greedy_select
+from zoo.subtuning.profile import FULL, ProfileRunner, stack_dataset
 
 VIT4 = {**TINY_VIT_KWARGS, "depth": 4}
 MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
@@ -33,6 +37,8 @@ def _family_cases():
         ),
         "bert": (build_backbone("hf/bert", **HF_KW), text, ["encoder.layer.0", "encoder.layer.1"], ["encoder.layer.0", "encoder.layer.1"]),
         "llama": (build_backbone("hf/llama", num_key_value_heads=2, **HF_KW), text, ["layers.0", "layers.1"], ["layers.0", "layers.1"]),
+        "gpt2": (build_backbone("hf/gpt2", n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0, eos_token_id=0),
+                 text, ["h.0", "h.1"], ["h.0", "h.1"]),
     }
 
 
@@ -70,6 +76,24 @@ def test_freezing_only_chosen_layers_change_and_prefix_has_no_graph():
         assert torch.equal(v, before[k]) != trained, k
 
 
+def test_freeze_surgery_on_any_classifier_undo_and_preset():
+    torch.manual_seed(0)
+    model = Classifier(model=TINY_VIT, model_kwargs=VIT4, surgery=[Freeze(["blocks.2"])])
+    model.backbone.blocks[0].attn.qkv.weight.requires_grad_(False)  # frozen before the surgery: frozen after its undo too
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.configure_model()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in before if n.startswith(("backbone.blocks.2.", "head."))}
+    assert model.hparams.surgery == [{"class_path": "zoo.subtuning.layers.Freeze", "init_args": {
+        "trainable_layers": ["blocks.2"], "granularity": "block", "cache_frozen_features": False, "checkpoint_feature_cache": True}}]
+    model.unload_surgery()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    preset = _vit(["blocks.2"])  # the preset is the same Freeze, applied when it is built
+    assert {n for n, p in preset.named_parameters() if p.requires_grad} == {n for n in before if n.startswith(("backbone.blocks.2.", "head."))}
+    assert preset.hparams.surgery == [] and isinstance(preset.surgery[0], Freeze)
+    with pytest.raises(ValueError, match="leave Freeze out of `surgery`"):
+        _vit([1], surgery=[Freeze([2])])
+
+
 def test_frozen_batchnorm_stays_in_eval_mode(tmp_path):
     torch.manual_seed(0)
     model = SubTuningModule("timm/resnet10t", num_classes=10, model_kwargs={"in_chans": 1}, trainable_layers=["layer4"], granularity="stage")
@@ -89,16 +113,20 @@ def test_cache_frozen_features_matches_fresh_prefix():
     prefix = model.chain.prefix
     model.chain.prefix = lambda x, s: (calls.append(len(x)), prefix(x, s))[1]
     x, y, idx = torch.randn(6, 1, 8, 8), torch.arange(6), torch.tensor([5, 0, 9, 3, 1, 7])
-    loss1, logits1, _ = model.training_loss((x, y, idx))
-    loss2, logits2, _ = model.training_loss((x[:3], y[:3], idx[:3]))  # all cached: no prefix call
+    task = torch.zeros(6, dtype=torch.long)  # a continual batch: the task id is no index (it was read as one by position)
+    loss1, logits1, _ = model.training_loss(Batch(x, y, index=idx, task=task))
+    loss2, logits2, _ = model.training_loss(Batch(x[:3], y[:3], index=idx[:3]))  # all cached: no prefix call
     assert calls == [6]
     with torch.no_grad():
         fresh = prefix(x, model.start)[0]
     cache = model.caches["train"]
     assert torch.allclose(cache.values[idx], fresh, atol=1e-6) and cache.filled.sum() == 6
-    model.training_loss((x[:2], y[:2], torch.tensor([5, 40])))  # one new sample, the cache grows
+    model.training_loss(Batch(x[:2], y[:2], index=torch.tensor([5, 40])))  # one new sample, the cache grows
     assert calls == [6, 1] and cache.filled.sum() == 7 and cache.placeholder.shape == (1, 8, 8)
     assert torch.allclose(logits1, model(x), atol=1e-5) and torch.allclose(logits2, logits1[:3], atol=1e-6)
+    assert len({tuple(r.tolist()) for r in logits1}) == 6  # six samples, six rows
+    with pytest.raises(ValueError, match="needs the batch field 'index'.*with_index: true"):
+        model.training_loss(Batch(x, y, task=task))  # no index: refused, naming the datamodule option
 
 
 class CountLoads(Callback):
@@ -128,11 +156,12 @@ class CountLoads(Callback):
 
 
 def test_cached_epochs_skip_inputs_and_train_like_uncached(tmp_path):
-    def fit(cache):
+    def fit(cache, skip=True):
         seed_everything(0)
         dm = Digits(samples_per_class=4, batch_size=16, val_fraction=0.05, with_index=True)
         counter = CountLoads(dm)
-        trainer = Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0, callbacks=[counter], default_root_dir=tmp_path)
+        callbacks = [counter, SkipCachedInputs()] if cache and skip else [counter]
+        trainer = Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=tmp_path)
         model = _vit(["blocks.2"], cache_frozen_features=cache)
         trainer.fit(model, datamodule=dm)
         return model, dm, counter, {k: trainer.callback_metrics[k].item() for k in ("val/acc", "val/loss")}
@@ -143,6 +172,11 @@ def test_cached_epochs_skip_inputs_and_train_like_uncached(tmp_path):
     # Epoch 1 loads every image and runs the prefix once per batch; later epochs neither load nor run it.
     assert counter.phases == [("train", n_train, n_batches[0]), ("val", n_val, n_batches[1])] + [("train", 0, 0), ("val", 0, 0)] * 2
     assert dm.train_set.cached is None and dm.val_set.cached is None  # every input loads again after fit
+    # Without the callback the module leaves the datamodule alone: every epoch loads every input, the prefix runs once.
+    _, _, loading, _ = fit(True, skip=False)
+    assert loading.phases == [("train", n_train, n_batches[0]), ("val", n_val, n_batches[1])] + [("train", n_train, 0), ("val", n_val, 0)] * 2
+    with pytest.raises(ValueError, match="SkipCachedInputs .* caches none: set cache_frozen_features: true"):
+        Trainer(max_steps=1, logger=False, enable_checkpointing=False, callbacks=[SkipCachedInputs()]).fit(_vit([1]), datamodule=Digits(samples_per_class=2))
     plain, _, _, plain_metrics = fit(False)
     for k, v in plain.state_dict().items():
         assert torch.allclose(v, cached.state_dict()[k], atol=1e-5), k
@@ -279,7 +313,7 @@ def test_multitask_hf_bert():
 
 class SaveInitState(Callback):
     """Saves rank 0's state_dict when training starts (to compare frozen parameters after DDP), and each
-    rank's count of samples whose inputs its datasets skip, before the last epoch ends."""
+    rank's count of samples whose inputs its datasets skip, at the last epoch's end."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
@@ -288,7 +322,7 @@ class SaveInitState(Callback):
         if trainer.is_global_zero:
             torch.save({k: v.clone() for k, v in pl_module.state_dict().items()}, Path(self.out_dir) / "init.pt")
 
-    def on_train_epoch_end(self, trainer, pl_module):  # runs before the module's hook: masks from the previous epoch
+    def on_train_epoch_end(self, trainer, pl_module):  # listed after SkipCachedInputs: the masks of this epoch
         dm = trainer.datamodule
         counts = {s: int(d.cached.sum()) if d.cached is not None else 0 for s, d in (("train", dm.train_set), ("val", dm.val_set))}
         counts["val_shard"] = len(trainer.val_dataloaders.sampler)
@@ -306,14 +340,14 @@ def test_ddp_two_processes(tmp_path):
         "--model.trainable_layers=[blocks.2]", "--model.cache_frozen_features=true",
         "--data=datamodules.Digits", "--data.with_index=true", "--data.samples_per_class=8", "--data.batch_size=8",
         "--trainer.max_epochs=2", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.callbacks+=tests.zoo.test_subtuning.SaveInitState", f"--trainer.callbacks.out_dir={out}",
+        "--trainer.callbacks+=callbacks.skip_cached_inputs.SkipCachedInputs", "--trainer.callbacks+=tests.zoo.test_subtuning.SaveInitState", f"--trainer.callbacks.out_dir={out}",
     ]
     r0, r1 = run_ddp(args, out, cwd=tmp_path)
     init = torch.load(out / "init.pt")
     assert r0["global_step"] == r1["global_step"] == 10  # 80 samples / (2 ranks x 8) x 2 epochs
-    for rank in range(2):  # each rank skips the inputs it cached: its 40 training samples of epoch 1, its val shard
-        counts = json.loads((out / f"skipped{rank}.json").read_text())
-        assert counts["train"] == 40 and counts["val"] == counts["val_shard"] > 0, counts
+    for rank in range(2):  # each rank skips the inputs it cached: its training samples of both epochs (40 each), its val shard
+        counts, own = json.loads((out / f"skipped{rank}.json").read_text()), torch.load(out / f"cache{rank}.pt")
+        assert counts["train"] == len(own["index"]) > 40 and counts["val"] == counts["val_shard"] > 0, counts
     for k, v in r0["state_dict"].items():
         assert torch.equal(v, r1["state_dict"][k]), k
         trained = k.startswith(("head.", "backbone.blocks.2."))

@@ -1,19 +1,11 @@
-"""Continual learning on a task stream: fine-tuning, joint training, ER, DER/DER++, FPF and k-FPF.
+""":class:`ContinualClassifier`: a :class:`zoo.Classifier` trained on a task stream, with a replay buffer, task-end
+evaluation (the accuracy matrix), module drift and FPF.
 
-Every method is a :class:`~zoo.classifier.Classifier` trained on a
-:class:`~datamodules.continual.ContinualDataModule`; one ``zoo fit`` runs the whole stream (epoch ``e`` trains
-task ``e // epochs_per_task``). When a task ends the module measures how far each module drifted, runs FPF if
-asked, tests every task seen so far (a row of the accuracy matrix) and calls ``on_task_end`` of the callbacks
-(e.g. :class:`callbacks.continual_metrics.ContinualMetrics`). Task ends are handled at the start of the next
-task's first epoch (and at the end of training), so any end-of-epoch checkpoint resumes exactly.
-
-    model:
-      class_path: zoo.continual.DERpp
-      init_args: {model: zoo/mlp, buffer_size: 500, alpha: 0.1, beta: 0.5}
-
-Methods: :class:`FineTune` (lower bound), :class:`Joint` (upper bound), :class:`ER` (Chaudhry et al. 2019),
-:class:`DER` and :class:`DERpp` (Buzzega et al., NeurIPS 2020), FPF (``fpf_steps`` on any method) and
-:class:`KFPF` (Zhao et al., "Does Continual Learning Equally Forget All Parameters?", ICML 2023).
+One ``zoo fit`` runs the whole stream (epoch ``e`` trains task ``e // epochs_per_task``). When a task ends the
+module measures how far each module drifted, runs FPF if asked, tests every task seen so far (a row of the
+accuracy matrix) and announces it to the callbacks (:meth:`ContinualClassifier.announce_task_end`, which calls
+their ``on_task_end``; e.g. :class:`callbacks.continual_metrics.ContinualMetrics`). Task ends are handled at the
+start of the next task's first epoch (and at the end of training), so any end-of-epoch checkpoint resumes exactly.
 """
 
 from __future__ import annotations
@@ -29,9 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datamodules.continual import ContinualDataModule
+from zoo.batch import Batch, to_device
 from zoo.classifier import Classifier
-from zoo.replay_buffer import ReplayBuffer
+from zoo.continual.buffer import ReplayBuffer
+from zoo.continual.replay import ReplayTerm
+from zoo.losses import LossTerm
 from zoo.resume import gather_object
+from zoo.subtuning.prefix import FrozenPrefix
+from zoo.surgery import Surgery
 
 
 def module_drift(model: nn.Module, anchor: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -52,13 +49,13 @@ def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
             tensor /= dist.get_world_size()
 
 
-class ContinualClassifier(Classifier):
+class ContinualClassifier(FrozenPrefix, Classifier):
     """Sequential training on the stream: plain fine-tuning, and the base of every replay method.
 
-    Args (beyond :class:`Classifier`'s):
+    Args (beyond :class:`~zoo.classifier.Classifier`'s):
         buffer_size: samples in the replay memory over all ranks (0: none).
-        buffer_policy: ``reservoir`` or ``balanced`` (see :mod:`zoo.replay_buffer`).
-        replay_batch_size: samples drawn from the buffer per replay term.
+        buffer_policy: ``reservoir`` or ``balanced`` (see :mod:`zoo.continual.buffer`).
+        replay_batch_size: samples drawn from the buffer per replay draw (replay terms and FPF).
         fpf_steps: at each task end, finetune the forgetting-prone modules this many SGD steps on the buffer (FPF).
         fpf_lr: learning rate of FPF.
         fpf_alpha: weight of the logit-matching (MSE to stored logits) term of FPF (0: cross-entropy only).
@@ -66,6 +63,8 @@ class ContinualClassifier(Classifier):
             the ``fpf_num_modules`` modules with the largest measured drift.
         fpf_num_modules: how many modules FPF picks by drift.
         seed: seed of the buffer's random stream.
+        surgery: transforms of the backbone, e.g. ``zoo.subtuning.Freeze`` (SubTuning inside the stream).
+        losses: the loss terms (default cross-entropy); a preset adds its replay term unless one of its type is given.
     """
 
     replays = False  # the method needs a buffer
@@ -89,11 +88,19 @@ class ContinualClassifier(Classifier):
         fpf_modules: list[str] | None = None,
         fpf_num_modules: int = 2,
         seed: int = 0,
+        surgery: list[Surgery] | None = None,
+        losses: list[LossTerm] | None = None,
     ):
-        super().__init__(model, num_classes, pretrained, model_kwargs, optimizer, lr_scheduler, scheduler_interval, label_smoothing)
+        super().__init__(model=model, num_classes=num_classes, pretrained=pretrained, model_kwargs=model_kwargs, optimizer=optimizer,
+                         lr_scheduler=lr_scheduler, scheduler_interval=scheduler_interval, label_smoothing=label_smoothing,
+                         surgery=surgery, losses=losses)
+        for term in self.preset_terms():
+            if self.loss_term(type(term)) is None:
+                self.add_loss(term)
         name = type(self).__name__
-        if buffer_size < 0 or (buffer_size == 0 and (self.replays or fpf_steps > 0)):
-            need = "replays from a buffer" if self.replays else f"runs FPF (fpf_steps={fpf_steps}) on the buffer"
+        replays = self.replays or any(isinstance(t, ReplayTerm) for t in self.losses)
+        if buffer_size < 0 or (buffer_size == 0 and (replays or fpf_steps > 0)):
+            need = "replays from a buffer" if replays else f"runs FPF (fpf_steps={fpf_steps}) on the buffer"
             raise ValueError(f"buffer_size={buffer_size}: {name} {need}; give buffer_size >= 1 (FineTune needs none)")
         if replay_batch_size < 1 or fpf_steps < 0 or fpf_num_modules < 1:
             raise ValueError(f"replay_batch_size={replay_batch_size}, fpf_steps={fpf_steps}, fpf_num_modules={fpf_num_modules}: "
@@ -104,6 +111,11 @@ class ContinualClassifier(Classifier):
         self.tasks_finished = 0
         self.drift: dict[str, float] = {}  # summed over task ends
         self.anchor: dict[str, torch.Tensor] = {}  # parameters at the last task end
+        self._saved_shares: list[dict[str, Any]] | None = None  # buffer shares of a checkpoint, restored at train start
+
+    def preset_terms(self) -> list[LossTerm]:
+        """The loss terms a preset adds to ``losses`` (ER: :class:`~zoo.continual.ExperienceReplay`, ...)."""
+        return []
 
     # -- the stream -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -126,8 +138,9 @@ class ContinualClassifier(Classifier):
             if not self._matching(spec):
                 raise ValueError(f"fpf_modules: {spec!r} names no module; modules with parameters: "
                                  f"{[n for n, m in names.items() if list(m.parameters(recurse=False))]}")
+        super().setup(stage)
 
-    def mask(self, logits: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
+    def mask_logits(self, logits: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
         """Task-incremental: logits outside the task's classes are pushed to the minimum."""
         if task is None or self.stream is None or self.stream.scenario != "task":
             return logits
@@ -138,39 +151,37 @@ class ContinualClassifier(Classifier):
         x, y, t, z = self.buffer.sample(n)
         return self.stream.buffer_transform(x), y, t, z
 
-    def replay_loss(self) -> torch.Tensor:
-        """The replay term added to the current batch's cross-entropy (none for fine-tuning)."""
-        return torch.zeros((), device=self.device)
+    def batch_logits(self, batch: Batch) -> torch.Tensor:
+        logits = super().batch_logits(batch)
+        if self.training and self.buffer is not None:
+            self.__dict__["_step_logits"] = logits  # unmasked: what the buffer stores (DER's targets)
+        return logits
 
-    def training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y, t, raw = batch
-        out = self(x)
-        can_replay = self.buffer is not None and len(self.buffer) > 0
-        loss = self.criterion(self.mask(out, t), y) + (self.replay_loss() if can_replay else 0.0)
-        if self.buffer is not None:  # reservoir sampling sees the examples before augmentation
-            self.buffer.add(raw, y, t, out.detach())
-        return loss, out, y
-
-    def _eval_step(self, batch: Any, metrics, split: str) -> torch.Tensor:
-        x, y = self.unpack_batch(batch)
-        logits = self.mask(self(x), batch[2] if len(batch) > 2 else None)
-        loss = self.criterion(logits, y)
-        self.log(f"{split}/loss", loss, prog_bar=split == "val", on_epoch=True, sync_dist=True, batch_size=len(y))
-        metrics.update(logits, y)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
-        return loss
+    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss terms (cross-entropy, replay), then the batch is offered to the buffer (inputs before augmentation)."""
+        total, logits, y = super().training_loss(batch)
+        if self.buffer is not None:
+            who = f"{type(self).__name__}'s replay buffer"
+            self.buffer.add(batch.require("raw", by=who), y, batch.require("task", by=who), self.__dict__.pop("_step_logits").detach())
+        return total, logits, y
 
     # -- task ends ------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._saved_shares is not None and self.buffer is not None:
+            self._restore_buffer(self._saved_shares)
+        self._saved_shares = None
         if self.buffer is not None:
             self.buffer.to(self.device)
 
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         if not self.anchor:
             self.anchor = {n: p.detach().clone() for n, p in self.named_parameters()}
         self._finish_tasks(self.stream.task_of_epoch(self.current_epoch), final=False)
 
     def on_train_end(self) -> None:
+        super().on_train_end()
         self._finish_tasks(min(math.ceil(self.current_epoch / self.stream.epochs_per_task), self.stream.num_tasks), final=True)
 
     def _finish_tasks(self, until: int, final: bool) -> None:
@@ -179,9 +190,15 @@ class ContinualClassifier(Classifier):
             self.end_of_task(t)
             self.acc_matrix[t, :t + 1] = torch.tensor([self.evaluate_task(j) for j in range(t + 1)])
             self.tasks_finished += 1
-            for callback in self.trainer.callbacks:
-                if callable(getattr(callback, "on_task_end", None)):
-                    callback.on_task_end(self.trainer, self, t, final and self.tasks_finished == until)
+            self.announce_task_end(t, final and self.tasks_finished == until)
+
+    def announce_task_end(self, task: int, final: bool) -> None:
+        """Call ``on_task_end(trainer, module, task, final)`` of every callback that has it (the accuracy matrix's
+        row ``task`` is filled; ``final``: the stream's last task end of this run)."""
+        for callback in self.trainer.callbacks:
+            hook = getattr(callback, "on_task_end", None)
+            if callable(hook):
+                hook(self.trainer, self, task, final)
 
     def end_of_task(self, task: int) -> None:
         """Measure each module's drift over the task, then FPF if ``fpf_steps``."""
@@ -193,16 +210,16 @@ class ContinualClassifier(Classifier):
 
     @torch.no_grad()
     def evaluate_task(self, task: int) -> float:
-        """Test accuracy on one task of the stream (every rank sees the whole test set)."""
-        loader = DataLoader(self.stream.task_set("test", task), batch_size=256)
+        """Test accuracy on one task of the stream (every rank sees the whole test set; the whole backbone runs)."""
+        loader = DataLoader(self.stream.task_set("test", task), batch_size=256, collate_fn=self.stream.collate_fn)
         was_training, correct, total = self.training, 0, 0
         self.eval()
-        for i, (x, y, t) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if self.trainer.fast_dev_run and i:
                 break
-            x, y, t = x.to(self.device), y.to(self.device), t.to(self.device)
-            correct += (self.mask(self(x), t).argmax(-1) == y).sum().item()
-            total += len(y)
+            batch = to_device(batch, self.device)
+            correct += (self.mask_logits(self(batch.inputs), batch.task).argmax(-1) == batch.targets).sum().item()
+            total += len(batch)
         self.train(was_training)
         return correct / total if total else math.nan
 
@@ -221,15 +238,18 @@ class ContinualClassifier(Classifier):
 
     @torch.enable_grad()
     def fpf(self, steps: int) -> None:
-        """Finetune only the forgetting-prone modules on the buffer with plain SGD (Zhao et al. 2023)."""
+        """Finetune only the forgetting-prone modules on the buffer with plain SGD (Zhao et al. 2023); frozen
+        parameters (e.g. SubTuning's) stay as they are."""
         modules = dict(self.named_modules())
-        params = [p for n in self.forgetting_prone_modules() for p in modules[n].parameters(recurse=False)]
+        params = [p for n in self.forgetting_prone_modules() for p in modules[n].parameters(recurse=False) if p.requires_grad]
+        if not params:
+            return
         was_training = self.training
         self.train()
         for _ in range(steps):
             x, y, t, z = self.replay(self.hparams.replay_batch_size)
             out = self(x)
-            loss = self.criterion(self.mask(out, t), y)
+            loss = self.criterion(self.mask_logits(out, t), y)
             if self.hparams.fpf_alpha:
                 loss = loss + self.hparams.fpf_alpha * F.mse_loss(out, z)
             if not torch.isfinite(loss):
@@ -248,108 +268,27 @@ class ContinualClassifier(Classifier):
         super().on_save_checkpoint(checkpoint)
         shares = None
         if self.buffer is not None:  # every rank's share (this hook runs on every rank)
-            shares = gather_object(self.buffer.state_dict())
+            shares = gather_object(self.buffer.state_dict()) if self._saved_shares is None else self._saved_shares
         checkpoint["continual"] = {
             "tasks_finished": self.tasks_finished, "acc_matrix": self.acc_matrix, "drift": dict(self.drift),
             "anchor": {n: p.cpu() for n, p in self.anchor.items()}, "buffer_shares": shares,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The stream's state; the buffer shares wait for the run's ranks (restored when training starts)."""
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("continual")
         if state is None:
             return
         self.tasks_finished, self.acc_matrix, self.drift = state["tasks_finished"], state["acc_matrix"], dict(state["drift"])
         self.anchor = {n: p.to(self.device) for n, p in state["anchor"].items()}
-        shares = state["buffer_shares"]
-        if self.buffer is not None and shares:
-            trainer = self._trainer
-            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (len(shares), 0)
-            if len(shares) != world:
-                raise ValueError(f"the checkpoint holds {len(shares)} buffer shares (one per rank) but this run has {world} ranks; "
-                                 f"resume with {len(shares)} processes")
-            self.buffer = ReplayBuffer(self.buffer.total_capacity, self.buffer.policy, self.buffer.seed)
-            self.buffer.set_share(world, rank)
-            self.buffer.load_state_dict(shares[rank])
+        self._saved_shares = state["buffer_shares"] or None
 
-
-class FineTune(ContinualClassifier):
-    """Fine-tuning on each task in turn, no replay: the lower bound of every continual method."""
-
-
-class Joint(ContinualClassifier):
-    """Joint training on all data seen so far (task ``t`` trains on tasks ``0..t``): the upper bound."""
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        self.stream.cumulative = True
-
-
-class ER(ContinualClassifier):
-    """Experience Replay (Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019).
-
-    Cross-entropy on the current batch plus cross-entropy on a reservoir-sampled buffer draw.
-    """
-
-    replays = True
-
-    def replay_loss(self) -> torch.Tensor:
-        x, y, t, _ = self.replay(self.hparams.replay_batch_size)
-        return self.criterion(self.mask(self(x), t), y)
-
-
-class DER(ContinualClassifier):
-    """Dark Experience Replay (Buzzega et al., NeurIPS 2020): match the logits stored at insertion time.
-
-    Args:
-        alpha: weight of the MSE between current and stored logits on a buffer draw.
-    """
-
-    replays = True
-
-    def __init__(self, *args: Any, alpha: float = 0.3, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-
-    def replay_loss(self) -> torch.Tensor:
-        x, _, _, z = self.replay(self.hparams.replay_batch_size)
-        return self.hparams.alpha * F.mse_loss(self(x), z)
-
-
-class DERpp(DER):
-    """DER++ (Buzzega et al., NeurIPS 2020): DER's logit term plus β·cross-entropy on a second buffer draw.
-
-    Args:
-        alpha: weight of the logit MSE on the first draw.
-        beta: weight of the cross-entropy on the second draw.
-    """
-
-    def __init__(self, *args: Any, alpha: float = 0.1, beta: float = 0.5, **kwargs: Any):
-        super().__init__(*args, alpha=alpha, **kwargs)
-
-    def replay_loss(self) -> torch.Tensor:
-        logit_term = super().replay_loss()  # first draw
-        x2, y2, t2, _ = self.replay(self.hparams.replay_batch_size)  # second draw
-        return logit_term + self.hparams.beta * self.criterion(self.mask(self(x2), t2), y2)
-
-
-class KFPF(ContinualClassifier):
-    """k-FPF (Zhao et al., ICML 2023): no per-step replay; every ``fpf_every`` optimizer steps, regardless of task
-    boundaries, FPF finetunes the forgetting-prone modules for ``fpf_steps`` on the buffer (k = steps / fpf_every).
-    FPF also runs at each task end, where the model is evaluated (the paper's final FPF).
-    ``fpf_alpha > 0`` gives k-FPF-KD (cross-entropy + ``fpf_alpha`` x MSE to the logits stored at insertion, as in
-    DER++), 0 gives k-FPF-CE. FPF is plain SGD on its own (``fpf_lr``), apart from the main optimizer and its state.
-
-    Args:
-        fpf_every: optimizer steps between two FPF runs.
-    """
-
-    def __init__(self, *args: Any, fpf_every: int = 100, fpf_steps: int = 50, **kwargs: Any):
-        if fpf_every < 1 or fpf_steps < 1:
-            raise ValueError(f"fpf_every={fpf_every}, fpf_steps={fpf_steps}: k-FPF needs both >= 1")
-        super().__init__(*args, fpf_steps=fpf_steps, **kwargs)
-        self._fpf_step = -1  # the optimizer step of the last periodic FPF
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.global_step  # unchanged over accumulated batches: FPF once per optimizer step
-        if step % self.hparams.fpf_every == 0 and step != self._fpf_step:
-            self._fpf_step = step
-            self.fpf(self.hparams.fpf_steps)
+    def _restore_buffer(self, shares: list[dict[str, Any]]) -> None:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if len(shares) != world:
+            raise ValueError(f"the checkpoint holds {len(shares)} buffer shares (one per rank) but this run has {world} ranks; "
+                             f"resume with {len(shares)} processes")
+        self.buffer = ReplayBuffer(self.buffer.total_capacity, self.buffer.policy, self.buffer.seed)
+        self.buffer.set_share(world, rank)
+        self.buffer.load_state_dict(shares[rank])

@@ -1,0 +1,108 @@
+"""SubTuning's finetuning profile as a callback: profile the candidate layers and pick ``trainable_layers``
+greedily before ``zoo fit`` trains (Kaplun et al., 2023, Sec. 2-3; the parts are in :mod:`zoo.subtuning.profile`).
+
+    zoo fit --config configs/subtuning/profile.yaml
+
+It writes ``profile.csv``, ``greedy.csv``, ``profile.png`` (also in TensorBoard under ``subtuning/profile``) and
+``trainable_layers.yaml``, a snippet that ``zoo fit`` accepts::
+
+    zoo fit --config configs/subtuning/lite0_fmnist.yaml --config <out_dir>/trainable_layers.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+
+from zoo.subtuning.module import SubTuningModule
+from zoo.subtuning.profile import ProfileRunner, profile_figure, stack_dataset, write_outputs
+
+
+class SubTuningProfile(Callback):
+    """Profile the candidate layers and pick ``trainable_layers`` greedily before training starts.
+
+    On ``setup`` (rank 0, result broadcast), it scores every layer of the module's pretrained
+    backbone on the datamodule's ``train_set``/``val_set``, runs the greedy selection, writes the
+    outputs (see :func:`write_outputs`) to ``out_dir`` (default: the logger's directory) and a
+    TensorBoard figure, then sets the module's ``trainable_layers`` to the chosen ones.
+    Under ``fast_dev_run`` each run trains for one step on a few samples.
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: callbacks.subtuning_profile.SubTuningProfile
+              init_args: {steps: 100, batch_size: 32, lr: 0.001, k: 3, epsilon: 0.01, start: head}
+    """
+
+    def __init__(
+        self,
+        steps: int = 100,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        k: int | None = 3,
+        epsilon: float = 0.01,
+        start: str = "head",
+        folds: int = 1,
+        max_val_samples: int | None = 1000,
+        seed: int = 0,
+        out_dir: str | None = None,
+    ):
+        if start not in ("head", "best", "all"):
+            raise ValueError(f"start={start!r}: expected 'head', 'best' or 'all'")
+        if steps < 1 or batch_size < 1 or folds < 1 or (k is not None and k < 1) or epsilon < 0:
+            raise ValueError(f"steps={steps}, batch_size={batch_size}, folds={folds}, k={k}, epsilon={epsilon}: expected positive steps/batch_size/folds/k and epsilon >= 0")
+        self.kwargs = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "folds": folds, "seed": seed}
+        self.k, self.epsilon, self.start = k, epsilon, start
+        self.max_val_samples, self.out_dir = max_val_samples, out_dir
+        self.chosen: list[str] | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self.chosen is not None:
+            return
+        if trainer.ckpt_path:  # resuming: reuse the selection stored in the checkpoint
+            ckpt = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False)
+            self.chosen = ckpt.get("callbacks", {}).get(self.state_key, {}).get("chosen")
+            if self.chosen is not None:
+                pl_module.set_trainable_layers(self.chosen)
+                return
+        if not isinstance(pl_module, SubTuningModule):
+            raise ValueError(f"SubTuningProfile needs a zoo.subtuning.SubTuningModule, got {type(pl_module).__name__}")
+        dm = trainer.datamodule
+        if dm is None or getattr(dm, "train_set", None) is None or getattr(dm, "val_set", None) is None:
+            raise ValueError("SubTuningProfile needs a zoo datamodule with train_set and val_set")
+        chosen = None
+        if trainer.is_global_zero:
+            chosen = self.run(trainer, pl_module, dm)
+        self.chosen = trainer.strategy.broadcast(chosen, src=0)
+        pl_module.set_trainable_layers(self.chosen)
+
+    def run(self, trainer, pl_module: SubTuningModule, dm) -> list[str]:
+        kwargs, max_val = dict(self.kwargs), self.max_val_samples
+        limit = None
+        if trainer.fast_dev_run:
+            kwargs["steps"], limit, max_val = 1, 4 * dm.num_classes, 16
+        train = stack_dataset(dm.train_set, limit, kwargs["seed"])
+        # A smoke test (fast_dev_run) on a tiny stand-in dataset may have no validation images.
+        val = stack_dataset(dm.val_set if len(dm.val_set) or not trainer.fast_dev_run else dm.train_set, max_val, kwargs["seed"])
+        backbone = copy.deepcopy(pl_module.backbone).cpu()
+        runner = ProfileRunner(backbone, pl_module.num_classes, train, val, granularity=pl_module.hparams.granularity, **kwargs)
+        chosen, best, history = runner.select(self.k, self.epsilon, self.start)
+        profile = runner.profile()
+        out_dir = self.out_dir or (trainer.logger.log_dir if trainer.logger is not None and trainer.logger.log_dir else trainer.default_root_dir)
+        write_outputs(Path(out_dir) / "subtuning_profile", profile, history, chosen, best, pl_module.hparams.granularity)
+        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+        if hasattr(experiment, "add_figure"):
+            experiment.add_figure("subtuning/profile", profile_figure(profile, chosen))
+        return list(chosen)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.chosen = state_dict.get("chosen")

@@ -1,0 +1,93 @@
+"""Replay as loss terms: each draws from the :class:`~zoo.continual.ContinualClassifier`'s buffer.
+
+- :class:`ExperienceReplay` (ER, Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019):
+  cross-entropy on a buffer draw.
+- :class:`DarkReplay` (DER / DER++, Buzzega et al., NeurIPS 2020): ``alpha`` x MSE between the current logits
+  and those stored at insertion on one draw, plus (DER++, ``beta > 0``) ``beta`` x cross-entropy on a second.
+
+Replayed samples have no dataset ``index``: the terms run the module's ``forward`` (the whole backbone), never
+the per-sample caches a module keeps for its own batches (SubTuning's frozen features). The buffer itself
+belongs to the module (FPF draws from it too), which saves every rank's share in its checkpoints::
+
+    model:
+      class_path: zoo.continual.ContinualClassifier
+      init_args:
+        buffer_size: 500
+        losses:
+          - class_path: zoo.losses.CrossEntropy
+          - class_path: zoo.continual.DarkReplay
+            init_args: {alpha: 0.1, beta: 0.5}       # = zoo.continual.DERpp
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from zoo.losses import LossTerm, Step
+
+if TYPE_CHECKING:
+    from zoo.continual.module import ContinualClassifier
+
+
+class ReplayTerm(LossTerm):
+    """Base of the replay terms: ``batch_size`` samples per draw (None: the module's ``replay_batch_size``)."""
+
+    def __init__(self, weight: float = 1.0, batch_size: int | None = None, name: str | None = None):
+        super().__init__(weight=weight, name=name)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"{type(self).__name__}: batch_size={batch_size}: expected a positive integer or null")
+        self.batch_size = batch_size
+
+    def setup(self, module, stage: str) -> None:
+        from zoo.continual.module import ContinualClassifier
+
+        if not isinstance(module, ContinualClassifier) or module.buffer is None:
+            raise ValueError(f"loss term {self.name!r} ({type(self).__name__}) replays the buffer of a zoo.continual.ContinualClassifier "
+                             f"(or ER/DER/DERpp) with buffer_size >= 1; {type(module).__name__} has none")
+
+    def draw(self, module: ContinualClassifier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inputs, targets, task, stored logits)`` of one buffer draw, transformed for training."""
+        return module.replay(self.batch_size or module.hparams.replay_batch_size)
+
+    def forward(self, step: Step) -> torch.Tensor:
+        module = step.module
+        if module.buffer is None or len(module.buffer) == 0:  # nothing stored yet (the first step)
+            return torch.zeros((), device=step.logits.device)
+        return self.replay_loss(module)
+
+    def replay_loss(self, module: ContinualClassifier) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ExperienceReplay(ReplayTerm):
+    """ER: cross-entropy on a buffer draw (task-masked like the current batch)."""
+
+    def replay_loss(self, module: ContinualClassifier) -> torch.Tensor:
+        x, y, t, _ = self.draw(module)
+        return module.criterion(module.mask_logits(module(x), t), y)
+
+
+class DarkReplay(ReplayTerm):
+    """DER (``beta = 0``) and DER++: ``alpha`` x logit MSE on one draw + ``beta`` x cross-entropy on a second.
+
+    Args:
+        alpha: weight of the MSE between current and stored logits.
+        beta: weight of the cross-entropy on a second draw (DER++); 0 is DER.
+    """
+
+    def __init__(self, alpha: float = 0.3, beta: float = 0.0, weight: float = 1.0, batch_size: int | None = None, name: str | None = None):
+        super().__init__(weight=weight, batch_size=batch_size, name=name)
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"DarkReplay: alpha={alpha}, beta={beta}: expected numbers >= 0")
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def replay_loss(self, module: ContinualClassifier) -> torch.Tensor:
+        x, _, _, z = self.draw(module)  # first draw
+        loss = self.alpha * F.mse_loss(module(x), z)
+        if self.beta:
+            x2, y2, t2, _ = self.draw(module)  # second draw
+            loss = loss + self.beta * module.criterion(module.mask_logits(module(x2), t2), y2)
+        return loss
