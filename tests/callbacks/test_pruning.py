@@ -1,4 +1,5 @@
-"""Pruning schedules and callbacks: formulas, amounts, structured shrinking, lottery tickets, resume, DDP, bad input."""
+"""Pruning schedules and callbacks: formulas, amounts, structured shrinking, lottery tickets, resume, DDP, bad input,
+the by-type report and the warning about untouched roles. Pruning EMoE models: tests/compose/test_prune_emoe.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks.pruning import LotteryTicket, MagnitudePruning, StructuredPruning, select_parameters
+from callbacks.pruning import LotteryTicket, MagnitudePruning, StructuredPruning, by_module_type, select_parameters, untouched_roles
 from callbacks.pruning_schedules import Cubic, Exponential, Linear, OneShot, PruningSchedule
 from datamodules import Digits
 from tests.helpers import ROOT, TINY_VIT, TINY_VIT_KWARGS, run_ddp
@@ -87,7 +88,7 @@ def test_global_vs_per_layer_amounts():
     for global_pruning in (True, False):
         module = tiny_vit()
         cb = MagnitudePruning(OneShot(0.6), patterns=["backbone.blocks.*.mlp.fc*"], global_pruning=global_pruning)
-        cb.setup(None, module, "fit")
+        cb.select(module)
         assert cb.targets == [f"backbone.blocks.{i}.mlp.fc{j}.weight" for i in (0, 1) for j in (1, 2)]  # biases stay dense
         before = {n: p.detach().clone() for n, p in module.named_parameters()}
         cb.compute_masks(module, 0.6, None)
@@ -118,7 +119,7 @@ def test_second_step_ranks_current_weights_not_last_forward():
         torch.manual_seed(0)
         module = tiny_vit()
         cb = MagnitudePruning(OneShot(0.6), patterns=["backbone.blocks.*.mlp.fc*"], global_pruning=global_pruning)
-        cb.setup(None, module, "fit")
+        cb.select(module)
         cb.compute_masks(module, 0.3, None)
         module(torch.randn(2, 1, 8, 8))  # the forward pre-hooks set `weight` from weight_orig
         orig = dict(module.named_parameters())
@@ -181,6 +182,21 @@ def test_bad_patterns_fail_before_training():
         LotteryTicket(rounds=2, rate=0.2, round_steps=5, rewind_step=5)
     with pytest.raises(ValueError, match=r"rate=1.0"):
         LotteryTicket(rate=1.0)
+
+
+def test_report_by_module_type_and_warning_for_an_untouched_role(caplog):
+    module = tiny_vit()
+    cb = MagnitudePruning(OneShot(0.5))
+    with caplog.at_level("INFO"):
+        cb.report(module, cb.select(module))
+    # per block qkv, proj, fc1, fc2 (width 32, FFN 64), the head; the patch embedding's kernel
+    assert by_module_type(module, cb.targets) == {"Linear": (9, 2 * (96 * 32 + 32 * 32 + 64 * 32 + 32 * 64) + 10 * 32), "Conv2d": (1, 32 * 4)}
+    assert "MagnitudePruning prunes 10 tensors (16,832 parameters)" in caplog.text and not cb.untouched
+    attention_only = MagnitudePruning(OneShot(0.5), patterns=["backbone.blocks.*.attn.*"])
+    with pytest.warns(UserWarning, match="leaves every ffn module of backbone unpruned"):
+        attention_only.report(module, attention_only.select(module))
+    assert attention_only.untouched == {"backbone": ["ffn", "outside"]}
+    assert untouched_roles(module, select_parameters(module, ["backbone.*"])) == {}
 
 
 # -- structured pruning ----------------------------------------------------------------------------
@@ -352,7 +368,7 @@ def _subtuning():
 
 
 def _emoe():
-    from zoo.emoe_module import EMoEModule
+    from zoo.emoe import EMoEModule
 
     return EMoEModule(TINY_VIT, num_classes=10, pretrained=False, model_kwargs=TINY_VIT_KWARGS, num_experts=8, top_k=2, layers=["*"], gate_noise=0.0)
 
@@ -376,18 +392,22 @@ ZOO_MODULES = {"snnet": _snnet, "subtuning": _subtuning, "emoe": _emoe, "distill
 
 @pytest.mark.parametrize("name", list(ZOO_MODULES))
 def test_magnitude_pruning_on_zoo_modules(name):
-    if not (ROOT / "zoo" / f"{name}.py").exists() and not (ROOT / "zoo" / f"{name}_module.py").exists():
-        pytest.skip(f"zoo/{name}.py is not written yet")
+    if not any((ROOT / "zoo" / f).exists() for f in (name, f"{name}.py", f"{name}_module.py")):
+        pytest.skip(f"zoo/{name} is not written yet")
     seed_everything(0)
     module = ZOO_MODULES[name]()
     module, data = module if isinstance(module, tuple) else (module, Digits(batch_size=32))
+    module.configure_model()  # the module's surgery (EMoE's experts), as the Trainer applies it
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad and p.ndim >= 2 and n.endswith(".weight")}
+    # the default selection: every weight matrix/kernel, and EMoE's stacked expert weights (not their stacked biases)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad and (p.ndim >= 2 and n.endswith(".weight") or n.endswith(("fc1_weight", "fc2_weight")))}
+    assert (name == "emoe") == any(n.endswith("mlp.fc1_weight") for n in trainable)
     cb = MagnitudePruning(OneShot(0.5, at=1))
     fit(module, [cb], max_steps=3, data=data, max_epochs=5 if name == "continual" else None)  # a stream of 5 tasks
     assert set(cb.targets) == trainable and cb.history and cb.history[0][2] == pytest.approx(0.5, abs=1e-3)
     params = dict(module.named_parameters())
     n = sum(params[t].numel() for t in cb.targets)
     assert sum(int((params[t] == 0).sum()) for t in cb.targets) == round(0.5 * n)
+    assert not cb.untouched.get("backbone")  # the default selection reaches attention and FFNs (EMoE experts too)
     for k, v in frozen.items():  # frozen layers (SubTuning's prefix, a distillation teacher, SN-Net anchors) stay dense and unchanged
         assert torch.equal(params[k], v), k

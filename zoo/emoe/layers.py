@@ -238,6 +238,30 @@ class EMoEFFN(nn.Module):
         return self.out_dropout(y).reshape(*lead, -1)
 
     @torch.no_grad()
+    def neuron_norms(self) -> torch.Tensor:
+        """``(N, m)``: the L2 norm of each neuron's weights (its rows of ``fc1``, ``up`` and ``fc2``)."""
+        total = self.fc1_weight.detach().pow(2).sum(-1) + self.fc2_weight.detach().pow(2).sum(-1)
+        if self.up_weight is not None:
+            total = total + self.up_weight.detach().pow(2).sum(-1)
+        return total.sqrt()
+
+    @torch.no_grad()
+    def keep_neurons(self, keep: torch.Tensor) -> None:
+        """Keep the neurons ``keep (N, m')`` (indices inside each expert) and drop the others: every expert
+        becomes ``m'`` neurons wide (structured pruning). ``neuron_order`` keeps the surviving neurons' order."""
+        n, m = self.fc1_weight.shape[:2]
+        if keep.ndim != 2 or keep.shape[0] != n or keep.shape[1] < 1 or int(keep.max()) >= m:
+            raise ValueError(f"keep must be (num_experts={n}, m') indices below {m}, got shape {tuple(keep.shape)}")
+        rows = torch.arange(n, device=keep.device)[:, None]
+        for name in ("fc1_weight", "fc1_bias", "up_weight", "up_bias", "fc2_weight"):
+            p = getattr(self, name)
+            if p is not None:
+                setattr(self, name, nn.Parameter(p.detach()[rows, keep].clone(), requires_grad=p.requires_grad))
+        order = self.neuron_order.view(n, m)[rows, keep.to(self.neuron_order.device)].reshape(-1)
+        self.neuron_order = torch.argsort(torch.argsort(order))  # dense index among the survivors, in the original order
+        self.expert_size = keep.shape[1]
+
+    @torch.no_grad()
     def dense_weights(self) -> dict[str, torch.Tensor | None]:
         """The dense FFN's weights in their original neuron order (Linear layouts)."""
         inverse = torch.argsort(self.neuron_order)

@@ -1,0 +1,154 @@
+"""Unstructured magnitude pruning: :class:`MagnitudePruning` (Zhu & Gupta 2017, "To prune, or not to prune") and
+:class:`LotteryTicket` (iterative magnitude pruning with rewinding; Frankle & Carbin 2019; Frankle et al. 2020)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.nn.utils import prune
+
+from callbacks.pruning.base import MaskedPruning
+from callbacks.pruning.selection import plain_names, select_parameters, split_name
+from callbacks.pruning_schedules import Exponential, PruningSchedule
+
+
+class MagnitudePruning(MaskedPruning):
+    """Unstructured magnitude pruning following a schedule, built on ``torch.nn.utils.prune``.
+
+    Every pruning step removes the smallest-magnitude surviving weights until the scheduled sparsity is
+    reached: over all chosen parameters at once (``global_pruning``) or in each parameter separately.
+    Pruned weights stay pruned. Only the chosen weight matrices/kernels are touched, and only trainable
+    ones unless ``include_frozen`` (SubTuning's frozen layers and a distillation teacher stay dense).
+    The parameters are chosen at the start of fit (after the module's surgery, e.g. EMoE experts, is applied);
+    a table of them by module type is logged, and a selection that leaves every attention or every FFN module
+    of a known model family unpruned is warned about.
+
+    Args:
+        schedule: a :mod:`callbacks.pruning_schedules` object (``OneShot``, ``Linear``, ``Exponential``, ``Cubic``).
+        patterns: fnmatch patterns over parameter names, e.g. ``backbone.blocks.*.mlp.fc*``; None (default): every
+            weight tensor named ``weight`` and the weights a module lists in ``pruning_weights`` (EMoE's experts).
+        exclude: patterns of parameters never pruned.
+        global_pruning: one magnitude threshold over all chosen parameters (else the same sparsity per parameter).
+        include_frozen: also prune parameters with ``requires_grad=False``.
+        make_permanent: at the end of fit, bake the zeros in and drop the masks (a plain model).
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: callbacks.pruning.MagnitudePruning
+              init_args:
+                patterns: ["backbone.blocks.*"]
+                schedule:
+                  class_path: callbacks.pruning_schedules.Cubic
+                  init_args: {final_sparsity: 0.8, start: 0, end: 1000, frequency: 50}
+    """
+
+    def __init__(self, schedule: PruningSchedule, patterns: list[str] | None = None, exclude: list[str] = (), global_pruning: bool = True, include_frozen: bool = False, make_permanent: bool = True):
+        super().__init__(schedule, make_permanent)
+        if patterns is not None and (isinstance(patterns, str) or not patterns):
+            raise ValueError(f"patterns={patterns!r}: expected a non-empty list of fnmatch patterns (or null: every weight tensor)")
+        self.patterns, self.exclude = None if patterns is None else list(patterns), list(exclude)
+        self.global_pruning = global_pruning
+        self.include_frozen = include_frozen
+        self.targets: list[str] = []
+
+    def select(self, pl_module: nn.Module) -> list[str]:
+        """Choose the parameters to prune (``targets``) in the module as it is now; fails on a bad pattern."""
+        self.targets = select_parameters(pl_module, self.patterns, self.exclude, self.include_frozen)
+        return self.targets
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # here, not in setup: the module's surgery (configure_model) runs between the two
+        self.select(pl_module)
+        super().on_fit_start(trainer, pl_module)
+        self.report(pl_module, self.targets, self.include_frozen)
+
+    def planned(self, pl_module: LightningModule, batch: Any) -> list[str]:
+        return self.targets
+
+    def _pruned(self, pl_module: nn.Module) -> list[tuple[nn.Module, str, int, int]]:
+        """``(module, name, numel, pruned so far)`` for every target."""
+        out = []
+        for name in self.targets:
+            module, pname = split_name(pl_module, name)
+            mask = getattr(module, pname + "_mask", None)
+            numel = getattr(module, pname).numel()
+            out.append((module, pname, numel, 0 if mask is None else numel - int(mask.sum().item())))
+        return out
+
+    def compute_masks(self, pl_module: LightningModule, sparsity: float, batch: Any) -> None:
+        self.refresh(pl_module)  # rank the current weights, not those of the last forward
+        pruned = self._pruned(pl_module)
+        if self.global_pruning:
+            total, done = sum(p[2] for p in pruned), sum(p[3] for p in pruned)
+            amount = round(sparsity * total) - done
+            if amount > 0:
+                prune.global_unstructured([(m, n) for m, n, _, _ in pruned], pruning_method=prune.L1Unstructured, amount=amount)
+            return
+        for module, pname, numel, done in pruned:
+            amount = round(sparsity * numel) - done
+            if amount > 0:
+                prune.l1_unstructured(module, pname, amount=amount)
+
+    def measure(self, pl_module: LightningModule) -> float:
+        pruned = self._pruned(pl_module)
+        return sum(p[3] for p in pruned) / sum(p[2] for p in pruned)
+
+
+class LotteryTicket(MagnitudePruning):
+    """Iterative magnitude pruning with weight rewinding (Frankle & Carbin 2019; Frankle et al. 2020).
+
+    At step ``rewind_step`` (0: the initialization) the trainable weights are saved. Every
+    ``round_steps`` steps, for ``rounds`` rounds, the smallest ``rate`` of the surviving chosen weights
+    are pruned and all trainable weights are rewound to their saved values (optimizer state is reset),
+    so round ``r`` trains the ticket of sparsity ``1 - (1 - rate)^r`` from step ``k``.
+
+    YAML::
+
+        trainer:
+          max_steps: 400
+          callbacks:
+            - class_path: callbacks.pruning.LotteryTicket
+              init_args: {rounds: 3, rate: 0.2, round_steps: 100, rewind_step: 10, patterns: ["backbone.*"]}
+    """
+
+    def __init__(self, rounds: int = 3, rate: float = 0.2, round_steps: int = 100, rewind_step: int = 0, patterns: list[str] | None = None, exclude: list[str] = (), global_pruning: bool = True, include_frozen: bool = False, make_permanent: bool = True):
+        if rounds < 1:
+            raise ValueError(f"LotteryTicket: rounds={rounds} must be >= 1")
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"LotteryTicket: rate={rate} must be in (0, 1)")
+        if not 0 <= rewind_step < round_steps:
+            raise ValueError(f"LotteryTicket: rewind_step={rewind_step} must be in [0, round_steps={round_steps}) so the weights are saved before the first round prunes")
+        schedule = Exponential(final_sparsity=1.0 - (1.0 - rate) ** rounds, initial_sparsity=rate, start=round_steps, end=rounds * round_steps, frequency=round_steps)
+        super().__init__(schedule, patterns, exclude, global_pruning, include_frozen, make_permanent)
+        self.rounds, self.rate, self.round_steps, self.rewind_step = rounds, rate, round_steps, rewind_step
+        self.rewind_weights: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.rewind_weights is None and trainer.global_step >= self.rewind_step:
+            self.rewind_weights = {n: p.detach().clone() for n, p in plain_names(pl_module).items() if p.requires_grad}
+        rounds_done = len(self.history)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if len(self.history) > rounds_done:
+            self.rewind(pl_module)
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()
+
+    @torch.no_grad()
+    def rewind(self, pl_module: nn.Module) -> None:
+        """Set every saved weight back to its step-``rewind_step`` value (pruned entries stay masked)."""
+        params = plain_names(pl_module)
+        for name, value in self.rewind_weights.items():
+            params[name].copy_(value)
+        self.refresh(pl_module)  # the masked weights the hooks expose
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rewind_weights": self.rewind_weights}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.rewind_weights = state_dict["rewind_weights"]
