@@ -37,16 +37,20 @@ class FrozenPrefix:
 
     # -- the Freeze ---------------------------------------------------------------------------------------
     @property
+    def freeze_spec(self) -> Freeze | None:
+        """The :class:`Freeze` in the module's ``surgery`` (applied or not yet), or None."""
+        return next((t for t in getattr(self, "surgery", ()) if isinstance(t, Freeze)), None)
+
+    @property
     def freeze(self) -> Freeze | None:
         """The module's :class:`Freeze` surgery, once applied (else None)."""
-        if not getattr(self, "surgery_applied", False):
-            return None
-        return next((t for t in self.surgery if isinstance(t, Freeze)), None)
+        return self.freeze_spec if getattr(self, "surgery_applied", False) else None
 
     @property
     def cache_frozen_features(self) -> bool:
-        freeze = self.freeze
-        return freeze is not None and freeze.cache_frozen_features
+        """Whether the ``Freeze`` asks for the feature cache (known from ``__init__``, before the surgery runs)."""
+        spec = self.freeze_spec
+        return spec is not None and spec.cache_frozen_features
 
     @property
     def chain(self) -> LayerChain:
@@ -111,7 +115,7 @@ class FrozenPrefix:
 
     def batch_logits(self, batch: Batch) -> torch.Tensor:
         """Training batches (and validation batches with an ``index``) go through the cache when it is on."""
-        if self.cache_frozen_features:
+        if self.freeze is not None and self.freeze.cache_frozen_features:
             split = "train" if self.training else self.__dict__.get("_eval_split")
             index = batch.require("index", by=WHO) if split == "train" else batch.index if split else None
             if index is not None:
@@ -196,7 +200,7 @@ class FrozenPrefix:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Every rank's filled rows (a collective under DDP: every rank saves, rank 0's file keeps all)."""
         super().on_save_checkpoint(checkpoint)
-        if not (self.cache_frozen_features and self.freeze.checkpoint_feature_cache):
+        if not (self.cache_frozen_features and self.freeze_spec.checkpoint_feature_cache):
             return
         unique = list({id(c): c for c in self.caches.values()}.values())
         state = {"start": self.start, "splits": {k: unique.index(c) for k, c in self.caches.items()}, "caches": [c.state() for c in unique]}
