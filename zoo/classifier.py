@@ -21,6 +21,8 @@ the LightningCLI way::
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any
 
 import torch
@@ -112,9 +114,15 @@ class Classifier(LightningModule):
         terms = [L.instantiate(t) for t in losses] if losses is not None else [L.CrossEntropy(label_smoothing=label_smoothing)]
         L.unique_names(terms)
         self.losses = nn.ModuleList(terms)
-        # plain data, so checkpoints load with weights_only and rebuild the same parts
-        self.hparams["surgery"] = [t.config() for t in self.surgery]
-        self.hparams["losses"] = None if losses is None else [t.config() for t in terms]
+        # plain data, so checkpoints load with weights_only and rebuild the same parts; a preset whose signature
+        # lacks `surgery`/`losses` makes them from its own arguments, which are its hyperparameters (resume, load)
+        own = inspect.signature(type(self).__init__).parameters
+        parts = {"surgery": [t.config() for t in self.surgery], "losses": None if losses is None else [t.config() for t in terms]}
+        for key, value in parts.items():
+            if key in own:
+                self.hparams[key] = value
+            else:
+                self.hparams.pop(key, None)
         self.surgery_applied = False
         self.train_metrics = accuracy_metrics(num_classes, "train/")
         self.val_metrics = accuracy_metrics(num_classes, "val/")
