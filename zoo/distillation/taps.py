@@ -128,6 +128,7 @@ class StudentTaps:
         self.request = Request()
         self.latest: ModelOutputs | None = None
         self._open: list = []
+        self._capturing: ModelOutputs | None = None
         self._handles = [module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after, always_call=True)]
 
     def taps(self, module: nn.Module) -> Taps:
