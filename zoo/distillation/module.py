@@ -68,7 +68,6 @@ class DistillationModule(Classifier):
         super().__init__(model=model, num_classes=num_classes, pretrained=pretrained, model_kwargs=model_kwargs, optimizer=optimizer,
                          lr_scheduler=lr_scheduler, scheduler_interval=scheduler_interval, label_smoothing=0.0, losses=terms)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)  # the validation loss
-        self.hparams.pop("surgery", None)  # not an argument of this preset: its hyperparameters are its arguments (resume, load)
         self.save_teachers, self.cache_teacher = save_teachers, cache_teacher
         self.approximate_cache_targets, self.cache_dir = approximate_cache_targets, cache_dir
         specs = list(teachers or [])

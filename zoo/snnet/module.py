@@ -150,7 +150,6 @@ class SNNetModule(Classifier):
                      SoftTargetKL(weight=distill_alpha, temperature=distill_temperature, teacher=teacher)]
         super().__init__(model=None, num_classes=num_classes, pretrained=pretrained, optimizer=optimizer, lr_scheduler=lr_scheduler,
                          scheduler_interval=scheduler_interval, label_smoothing=label_smoothing if teacher is None else 0.0, losses=terms)
-        self.hparams.pop("surgery", None)  # not an argument of this preset: its hyperparameters are its arguments (resume, load)
         if teacher is not None:
             self.hparams["losses"] = None  # made from teacher / distill_* again when loaded
             self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
