@@ -46,7 +46,7 @@ CASES = {
                                         ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", *SMALL_BATCHES]),
     "distill/vit_to_small_vit.yaml": ({}, [*SHORT, *SMALL_BATCHES]),
     "emoe/vit_fmnist.yaml": ({"ExpertLoad": {"log_every_n_steps": 1}}, [*SHORT, *SMALL_BATCHES]),
-    "snnet/stitch.yaml": ({"StitchSweep": {"latency_repeats": 1}}, [*SHORT, *SMALL_BATCHES]),
+    "snnet/stitch.yaml": ({"StitchSweep": {"latency_repeats": 1}}, [*SHORT, *SMALL_BATCHES, "--trainer.strategy.init_args.find_unused_parameters=true"]),
     "subtuning/profile.yaml": ({"SubTuningProfile": {"steps": 1, "batch_size": 8, "k": 1, "max_val_samples": 8, "start": "best"}}, [*SHORT, *SMALL_BATCHES]),
 }
 
@@ -241,7 +241,7 @@ def test_distillation(ddp_runs):
     run_dir, states = _result(ddp_runs, "distill/vit_to_small_vit.yaml")
     _assert_same_weights(states)
     assert not any(k.startswith("teachers.") for k in states[0]["state_dict"])
-    assert {"train/SoftTargetKL", "train/AttentionDistill", "val/acc"} <= _tags(run_dir)["scalars"]
+    assert {"train/soft_target_kl", "train/attention_distill", "val/acc"} <= _tags(run_dir)["scalars"]
 
 
 def test_emoe_with_expert_load(ddp_runs):
