@@ -4,8 +4,9 @@ of neurons in every expert (the lowest-norm ones of each), so their stacked expe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from fnmatch import fnmatch
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -31,6 +32,26 @@ def _batch_inputs(batch: Any) -> Any:
 def _rows(name: str, mask: torch.Tensor) -> torch.Tensor:
     """Per output channel (neuron, for an EMoE ``fc1_weight``), whether any of its entries survives."""
     return (mask.reshape(-1, mask.shape[-1]) if name.endswith("fc1_weight") else mask.flatten(1)).amax(1)
+
+
+@contextmanager
+def opaque_experts(pl_module: nn.Module) -> Iterator[list[nn.Module]]:
+    """Every EMoE layer replaced, for the duration, by a plain ``Linear(d, d_out)`` stand-in (yielded, for
+    Torch-Pruning to ignore): Torch-Pruning then neither traces the experts' dispatch (slow: minutes on a tiny
+    ViT) nor prunes the width that flows through them (a group holding an ignored layer is not pruned)."""
+    layers = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, EMoEFFN)]
+    proxies = []
+    for name, layer in layers:
+        parent, _, attr = name.rpartition(".")
+        proxy = nn.Linear(layer.fc1_weight.shape[-1], layer.fc2_weight.shape[-1], bias=False, device=layer.fc2_weight.device)
+        setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, proxy)
+        proxies.append(proxy)
+    try:
+        yield proxies
+    finally:
+        for name, layer in layers:
+            parent, _, attr = name.rpartition(".")
+            setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, layer)
 
 
 class StructuredPruning(MaskedPruning):
@@ -89,14 +110,12 @@ class StructuredPruning(MaskedPruning):
         """The EMoE layers this callback prunes (not ignored, not frozen)."""
         return [(n, m) for n, m in pl_module.named_modules() if isinstance(m, EMoEFFN) and not self._ignored(n, m)]
 
-    def pruner(self, pl_module: nn.Module, sparsity: float, example: Any):
-        """A Torch-Pruning ``MetaPruner`` that removes ``sparsity`` of every prunable group of ``pl_module``."""
+    def pruner(self, pl_module: nn.Module, sparsity: float, example: Any, keep: list[nn.Module] = ()):
+        """A Torch-Pruning ``MetaPruner`` that removes ``sparsity`` of every prunable group of ``pl_module``
+        (``keep``: more modules to ignore). EMoE layers must be hidden first (:func:`opaque_experts`)."""
         import torch_pruning as tp
 
-        ignored = [m for n, m in pl_module.named_modules() if n and self._ignored(n, m)]
-        for m in pl_module.modules():  # EMoE layers are pruned by this callback, not traced by Torch-Pruning
-            if isinstance(m, EMoEFFN):
-                ignored += [m, *m.parameters(recurse=False)]
+        ignored = [m for n, m in pl_module.named_modules() if n and self._ignored(n, m)] + list(keep)
         num_heads = {m.qkv: m.num_heads for m in pl_module.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")} if self.prune_heads else {}
         was_training = pl_module.training
         with torch.enable_grad():  # the dependency graph is traced with autograd
@@ -129,7 +148,9 @@ class StructuredPruning(MaskedPruning):
         names = {m: n for n, m in pl_module.named_modules()}
         masks: dict[str, torch.Tensor] = {}
         roots: set[str] = set()
-        for group in self.pruner(pl_module, sparsity, example).step(interactive=True):
+        with opaque_experts(pl_module) as proxies:
+            groups = list(self.pruner(pl_module, sparsity, example, keep=proxies).step(interactive=True))
+        for group in groups:
             for dep, idxs in group:
                 module, out = dep.target.module, group._DG.is_out_channel_pruning_fn(dep.handler)
                 idx = torch.as_tensor(tp._helpers.to_plain_idxs(idxs), dtype=torch.long)
@@ -193,9 +214,10 @@ class StructuredPruning(MaskedPruning):
     def shrink(self, pl_module: nn.Module, sparsity: float, example: Any) -> None:
         """Physically remove the ``sparsity`` lowest-norm channels of every group (the masked ones), and the
         ``sparsity`` lowest-norm neurons of every expert of the EMoE layers."""
-        pruner = self.pruner(pl_module, sparsity, example)
-        for group in pruner.step(interactive=True):
-            group.prune()
+        with opaque_experts(pl_module) as proxies:
+            pruner = self.pruner(pl_module, sparsity, example, keep=proxies)
+            for group in pruner.step(interactive=True):
+                group.prune()
         for m in pl_module.modules():
             if isinstance(getattr(m, "qkv", None), nn.Module) and m.qkv in pruner.num_heads:
                 m.num_heads = pruner.num_heads[m.qkv]
