@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,20 +25,21 @@ import torch
 from lightning.pytorch import seed_everything
 
 from datamodules import FashionMNIST
+from zoo.batch import Batch
 from zoo.continual import ER, FineTune
-from zoo.replay_buffer import ReplayBuffer
+from zoo.continual.buffer import ReplayBuffer
 
 MLP = {"model": "zoo/mlp", "model_kwargs": {"img_size": 28, "hidden": [256, 256]}}
 BATCH, BUFFER, STEPS, WARMUP, REPEATS = 32, 5000, 150, 20, 5
 
 
-def batches(n: int) -> list[tuple[torch.Tensor, ...]]:
+def batches(n: int) -> list[Batch]:
     g = torch.Generator().manual_seed(0)
     transform = FashionMNIST(download=False).eval_transform()
     out = []
     for _ in range(n):
         raw = torch.randint(0, 256, (BATCH, 1, 28, 28), dtype=torch.uint8, generator=g)
-        out.append((transform(raw), torch.randint(0, 10, (BATCH,), generator=g), torch.zeros(BATCH, dtype=torch.long), raw))
+        out.append(Batch(transform(raw), torch.randint(0, 10, (BATCH,), generator=g), task=torch.zeros(BATCH, dtype=torch.long), raw=raw))
     return out
 
 
@@ -50,8 +52,8 @@ def make(cls, **kwargs):
 
 def fill(buffer: ReplayBuffer, data) -> None:
     while buffer.seen < buffer.capacity:
-        x, y, t, raw = data[buffer.seen // BATCH % len(data)]
-        buffer.add(raw, y, t, torch.zeros(BATCH, 10))
+        b = data[buffer.seen // BATCH % len(data)]
+        buffer.add(b.raw, b.targets, b.task, torch.zeros(BATCH, 10))
 
 
 def time_steps(module, data) -> float:
@@ -71,8 +73,8 @@ def time_buffer_ops(buffer: ReplayBuffer, data) -> float:
     """Seconds per step spent in the buffer: one insertion of the batch and one replay draw."""
     logits = torch.zeros(BATCH, 10)
     start = time.perf_counter()
-    for x, y, t, raw in data:
-        buffer.add(raw, y, t, logits)
+    for b in data:
+        buffer.add(b.raw, b.targets, b.task, logits)
         buffer.sample(BATCH)
     return (time.perf_counter() - start) / len(data)
 
@@ -81,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-stream", action="store_true", help="skip the reproduction stream (stream_minutes: null)")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # steps run without a Trainer: nothing to log to
     data = batches(STEPS)
     er, plain = make(ER, buffer_size=BUFFER, replay_batch_size=BATCH), make(FineTune)
     fill(er.buffer, data)

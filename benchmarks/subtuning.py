@@ -10,7 +10,8 @@ Measures, per model:
     unique storages, parameters excluded) + gradients + AdamW's two moment buffers. On CPU this is
     the part of peak memory that differs between the two; the activation-only ratio is printed too.
   * cached_epoch_speedup: a Lightning epoch (training batches, then validation) of SubTuning with
-    ``cache_frozen_features`` over the same epoch without it, after one untimed epoch (the one that
+    ``cache_frozen_features`` (and the ``SkipCachedInputs`` callback: cached samples load no image) over the
+    same epoch without it, after one untimed epoch (the one that
     fills the cache). Data: real Fashion-MNIST in the paper's low-data regime, 100 images per class
     (1,000 training images) with the datamodule's default validation split (6,000 images).
     ``cached_train_batches_speedup`` is the training-batch part alone. Printed beside each part: its
@@ -40,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import EpochTimer, timed  # noqa: E402
 
+from callbacks.skip_cached_inputs import SkipCachedInputs  # noqa: E402
 from datamodules import FashionMNIST  # noqa: E402
+from zoo.batch import Batch  # noqa: E402
 from zoo.classifier import Classifier  # noqa: E402
 from zoo.snnet import FLOP_MAPPING  # noqa: E402
 from zoo.subtuning import MultiTaskSubTuned, SubTuningModule, candidate_layers  # noqa: E402
@@ -92,7 +95,8 @@ def cached_epochs(name: str, last2: list[str], batch_size: int, data_dir: str, t
         module = build(name, SubTuningModule, in_chans=1, trainable_layers=last2, cache_frozen_features=cache)
         data = FashionMNIST(data_dir, batch_size=batch_size, samples_per_class=100, image_size=MODELS[name][3], with_index=True, download=False)
         timer = EpochTimer()
-        trainer = Trainer(max_epochs=1 + timed_epochs, num_sanity_val_steps=0, callbacks=[timer], logger=False,
+        callbacks = [timer, SkipCachedInputs()] if cache else [timer]  # cached epochs load no images
+        trainer = Trainer(max_epochs=1 + timed_epochs, num_sanity_val_steps=0, callbacks=callbacks, logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(module, datamodule=data)
         result.append(tuple(statistics.median(e[k] for e in timer.epochs[1:]) for k in range(3)))
@@ -116,11 +120,12 @@ def bench(name: str, batch_size: int, steps: int, data_dir: str, epochs_timed: i
     # FLOPs bounds: caching removes the frozen prefix's forward and nothing else.
     idx = torch.arange(batch_size)
     cached = build(name, SubTuningModule, trainable_layers=last2, cache_frozen_features=True)
-    cached.training_loss((x, y, idx))  # fills the cache for these samples
+    batch = Batch(x, y, index=idx)
+    cached.training_loss(batch)  # fills the cache for these samples
 
     def forward_flops(module) -> int:
         with FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING) as counter:
-            module.training_loss((x, y, idx))
+            module.training_loss(batch)
         return counter.get_total_flops()
 
     suffix, whole = forward_flops(cached), forward_flops(sub)  # sub: the same layers, no cache

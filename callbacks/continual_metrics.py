@@ -1,7 +1,8 @@
 """The standard continual-learning metrics from the accuracy matrix, as scalars, CSV and a TensorBoard heatmap.
 
 ``R[i, j]`` is the test accuracy on task ``j`` after training task ``i`` (``j <= i``), filled by the
-:mod:`zoo.continual` modules at each task end. After task ``i``:
+:mod:`zoo.continual` modules at each task end (announced to callbacks by
+:meth:`zoo.continual.ContinualClassifier.announce_task_end`, which calls :meth:`ContinualMetrics.on_task_end`). After task ``i``:
 
 - average accuracy ``A_i = mean_{j<=i} R[i, j]``;
 - average forgetting ``F_i = mean_{j<i} (max_{j<=l<i} R[l, j] - R[i, j])`` (Chaudhry et al., ECCV 2018);
@@ -63,6 +64,11 @@ class ContinualMetrics(Callback):
 
     def __init__(self, heatmap: bool = True):
         self.heatmap = heatmap
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "announce_task_end", None)):
+            raise ValueError(f"ContinualMetrics reads the accuracy matrix that a zoo.continual module (ContinualClassifier, ER, DER, ...) "
+                             f"fills at each task end; {type(pl_module).__name__} keeps none")
 
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int, final: bool) -> None:
         R = pl_module.acc_matrix[:task + 1, :task + 1]

@@ -22,7 +22,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from callbacks.continual_metrics import stream_metrics
 from datamodules import FashionMNIST
 from datamodules.continual import ContinualDataModule
-from zoo.continual import ER, KFPF, DERpp, FineTune, Joint
+from zoo.continual import ER, KFPF, DarkReplay, DERpp, FineTune, Joint, ReplayTerm
 
 MLP = {"model": "zoo/mlp", "model_kwargs": {"img_size": 28, "hidden": [256, 256]}}
 CNN = {"model": "zoo/convnet", "model_kwargs": {"widths": [16, 32, 64]}}
@@ -51,8 +51,9 @@ class CountPasses(Callback):
         self.samples = 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        replay_terms = {"ER": 1, "DERpp": 2}.get(type(module).__name__, 0) if module.buffer is not None and len(module.buffer) else 0
-        self.samples += len(batch[1]) + replay_terms * module.hparams.replay_batch_size
+        draws = sum(2 if isinstance(t, DarkReplay) and t.beta else 1 for t in module.losses if isinstance(t, ReplayTerm))
+        replayed = draws * module.hparams.replay_batch_size if module.buffer is not None and len(module.buffer) else 0
+        self.samples += len(batch) + replayed
         if isinstance(module, KFPF) and module.global_step % module.hparams.fpf_every == 0:
             self.samples += module.hparams.fpf_steps * module.hparams.replay_batch_size
 
@@ -70,9 +71,9 @@ def run_method(name: str, seed: int = 0, data_dir: str = "data") -> dict:
     module = METHODS[name]()
     module.optimizer = lambda params: torch.optim.SGD(params, lr=LR)
     stream = ContinualDataModule(FashionMNIST(data_dir=data_dir, batch_size=BATCH, val_fraction=0.05, download=False, seed=seed),
-                                 classes_per_task=2, class_order_seed=seed if seed else None)
+                                 classes_per_task=2, class_order_seed=seed if seed else None, cumulative=isinstance(module, Joint))
     counter = CountPasses()
-    trainer = Trainer(max_epochs=stream.num_tasks, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = Trainer(max_epochs=stream.num_tasks, reload_dataloaders_every_n_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[counter])
     start = time.perf_counter()
     trainer.fit(module, stream)

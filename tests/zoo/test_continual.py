@@ -258,6 +258,8 @@ def test_replay_terms_need_a_continual_module_with_a_buffer():
         trainer.fit(Classifier(**MLP, losses=[CrossEntropy(), ExperienceReplay()]), Digits(batch_size=16))
     with pytest.raises(ValueError, match="buffer_size=0: ContinualClassifier replays from a buffer"):
         ContinualClassifier(**MLP, losses=[CrossEntropy(), DarkReplay(alpha=0.1)])
+    with pytest.raises(ValueError, match="ContinualMetrics reads the accuracy matrix .* Classifier keeps none"):
+        Trainer(max_steps=1, logger=False, enable_checkpointing=False, callbacks=[ContinualMetrics()]).fit(Classifier(**MLP), Digits(batch_size=16))
 
 
 def test_joint_needs_a_cumulative_stream(tmp_path):

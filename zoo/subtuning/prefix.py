@@ -73,7 +73,9 @@ class FrozenPrefix:
         if freeze is None:
             self.trainable_names, self.trainable_modules, self.start = [], [], None
             return
-        if freeze.cache_frozen_features and type(self.backbone).__name__ == "HFEncoder":
+        from zoo.backbones import HFEncoder
+
+        if freeze.cache_frozen_features and isinstance(self.backbone, HFEncoder):
             raise ValueError("cache_frozen_features=true does not support Hugging Face models: their token states depend on each batch's padding")
         self.trainable_names = freeze.names(self.backbone)
         self.trainable_modules = [self.chain.root.get_submodule(n) for n in self.trainable_names]
@@ -154,8 +156,10 @@ class FrozenPrefix:
         super().setup(stage)
         if not self.cache_frozen_features or stage != "fit":
             return
+        from datamodules.continual import ContinualDataModule
+
         dm = self.trainer.datamodule
-        inner = getattr(dm, "data", None) if type(dm).__name__ == "ContinualDataModule" else dm
+        inner = dm.data if isinstance(dm, ContinualDataModule) else dm  # a stream: the datamodule it splits
         if inner is None or not hasattr(inner, "deterministic_train_transform"):
             raise ValueError("cache_frozen_features=true needs a zoo datamodule (it checks deterministic_train_transform and with_index)")
         if not inner.deterministic_train_transform:
