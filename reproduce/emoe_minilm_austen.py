@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zoo.backbones import build_backbone  # noqa: E402
+from zoo.batch import as_batch  # noqa: E402
 from zoo.classifier import Classifier  # noqa: E402
-from zoo.emoe import emoe_layers, find_ffns, moefy, paper_defaults  # noqa: E402
-from zoo.emoe_module import EMoEModule  # noqa: E402
+from zoo.emoe import EMoEModule, emoe_layers, find_ffns, moefy, paper_defaults  # noqa: E402
 
 ROWS: list[tuple[str, str, str]] = []
 
@@ -49,12 +49,13 @@ def report(experiment: str, setting: str, value: str) -> None:
 def train(module: Classifier, loader: DataLoader, steps: int, seed: int) -> float:
     """Plain finetuning loop over ``module.training_loss``; returns the seconds taken."""
     torch.manual_seed(seed)
+    module.configure_model()  # the module's surgery (EMoE's experts), as a Trainer would apply it
     module.train()
     optimizer = module.configure_optimizers()
     start, step = time.perf_counter(), 0
     while step < steps:
         for batch in loader:
-            loss, _, _ = module.training_loss(batch)
+            loss, _, _ = module.training_loss(as_batch(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -68,8 +69,8 @@ def train(module: Classifier, loader: DataLoader, steps: int, seed: int) -> floa
 def accuracy(module: Classifier, loader: DataLoader) -> float:
     module.eval()
     correct = total = 0
-    for batch in loader:
-        x, y = module.unpack_batch(batch)
+    for batch in map(as_batch, loader):
+        x, y = batch.inputs, batch.targets
         correct += (module(x).argmax(-1) == y).sum().item()
         total += len(y)
     return correct / total
@@ -119,8 +120,8 @@ def fashion_classes(dataset, classes: range, per_class: int | None, seed: int) -
         idx = torch.nonzero(targets == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
         keep += idx[:per_class].tolist() if per_class else idx.tolist()
-    items = [dataset[i] for i in keep]
-    return TensorDataset(torch.stack([x for x, *_ in items]), torch.tensor([int(y) - classes.start for _, y, *_ in items]))
+    items = [as_batch(dataset[i]) for i in keep]  # Batch samples (or (image, label) pairs)
+    return TensorDataset(torch.stack([b.inputs for b in items]), torch.tensor([int(b.targets) - classes.start for b in items]))
 
 
 def vit(args) -> None:
