@@ -355,7 +355,7 @@ def test_ddp_masks_identical_on_every_rank(case, tmp_path):
 # -- every zoo module ------------------------------------------------------------------------------
 
 def _snnet():
-    from zoo.snnet_module import SNNetModule
+    from zoo.snnet import SNNetModule
 
     spec = lambda w: {"model": TINY_VIT, "model_kwargs": {**TINY_VIT_KWARGS, "embed_dim": w}}  # noqa: E731
     return SNNetModule([spec(32), spec(16)], fulltune=False)  # anchors frozen: only stitching layers and heads train
@@ -403,7 +403,8 @@ def test_magnitude_pruning_on_zoo_modules(name):
     trainable = {n for n, p in module.named_parameters() if p.requires_grad and (p.ndim >= 2 and n.endswith(".weight") or n.endswith(("fc1_weight", "fc2_weight")))}
     assert (name == "emoe") == any(n.endswith("mlp.fc1_weight") for n in trainable)
     cb = MagnitudePruning(OneShot(0.5, at=1))
-    fit(module, [cb], max_steps=3, data=data, max_epochs=5 if name == "continual" else None)  # a stream of 5 tasks
+    stream = {"max_epochs": 5, "reload_dataloaders_every_n_epochs": 1} if name == "continual" else {}  # a stream of 5 tasks
+    fit(module, [cb], max_steps=3, data=data, **stream)
     assert set(cb.targets) == trainable and cb.history and cb.history[0][2] == pytest.approx(0.5, abs=1e-3)
     params = dict(module.named_parameters())
     n = sum(params[t].numel() for t in cb.targets)
