@@ -5,9 +5,10 @@ from callbacks.expert_load import ExpertLoad
 from callbacks.pruning import LotteryTicket, MagnitudePruning, StructuredPruning
 from callbacks.pruning_schedules import Cubic, Exponential, Linear, OneShot, PruningSchedule
 from callbacks.stitch_sweep import StitchSweep
-from zoo.subtuning_profile import SubTuningProfile
+from callbacks.skip_cached_inputs import SkipCachedInputs
+from callbacks.subtuning_profile import SubTuningProfile
 
 __all__ = [
     "ContinualMetrics", "Cubic", "ExpertLoad", "Exponential", "Linear", "LotteryTicket", "MagnitudePruning", "OneShot",
-    "PruningSchedule", "StitchSweep", "StructuredPruning", "SubTuningProfile",
+    "PruningSchedule", "SkipCachedInputs", "StitchSweep", "StructuredPruning", "SubTuningProfile",
 ]

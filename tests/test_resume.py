@@ -34,6 +34,7 @@ CASES = {
     "emoe": ("emoe/vit_fmnist.yaml", {}),
     "snnet": ("snnet/stitch.yaml", {}),
     "subtuning": ("subtuning/lite0_fmnist.yaml", {}),
+    "compose_subtuning_er": ("compose/subtuning_er.yaml", {}),
 }
 
 

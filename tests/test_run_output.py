@@ -83,7 +83,7 @@ def test_resumed_run_reports_its_own_checkpoint(tmp_path, monkeypatch, capsys):
 
 def test_continual_summary_shows_the_stream_beside_the_current_task(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    conf = {"trainer": {"max_epochs": 2, "limit_train_batches": 3, "logger": False},
+    conf = {"trainer": {"max_epochs": 2, "limit_train_batches": 3, "logger": False, "reload_dataloaders_every_n_epochs": 1},
             "model": {"class_path": "zoo.continual.ER", "init_args": {"model": "zoo/mlp", "model_kwargs": {"in_chans": 1, "img_size": 8}, "buffer_size": 20}},
             "data": {"class_path": "datamodules.continual.ContinualDataModule",
                      "init_args": {"data": DATA, "scenario": "class", "classes_per_task": 5, "epochs_per_task": 1}}}

@@ -19,12 +19,12 @@ _EXPORTS = {
     "build_backbone": "zoo.backbones",
     "load_zoo_module": "zoo.backbones",
     **dict.fromkeys(["ContinualClassifier", "DER", "DERpp", "ER", "FineTune", "Joint", "KFPF", "ReplayBuffer",
-                     "ExperienceReplay", "DarkReplay"], "zoo.continual"),
+                     "ExperienceReplay", "DarkReplay", "ReplayTerm"], "zoo.continual"),
     **dict.fromkeys(["AttentionDistill", "DecoupledKD", "DistillationModule", "DistillLoss", "FeatureHint", "HardCE",
                      "HiddenStateDistill", "SoftTargetKL"], "zoo.distillation"),
     **dict.fromkeys(["EMoEFFN", "EMoEModule", "Moefy", "BalanceLoss", "demoefy", "moefy"], "zoo.emoe"),
     **dict.fromkeys(["SNNetModule", "StitchableNet", "StitchingLayer", "StitchSampler"], "zoo.snnet"),
-    **dict.fromkeys(["Freeze", "MultiTaskSubTuned", "SubTuningModule", "candidate_layers", "greedy_select"], "zoo.subtuning"),
+    **dict.fromkeys(["FeatureCache", "Freeze", "FrozenPrefix", "LayerChain", "MultiTaskSubTuned", "ProfileRunner", "SubTuningModule", "candidate_layers", "greedy_select"], "zoo.subtuning"),
 }
 __all__ = sorted(_EXPORTS)
 

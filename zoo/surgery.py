@@ -35,7 +35,8 @@ class Surgery:
     def apply(self, model: nn.Module) -> nn.Module:
         """Run :meth:`transform`, then freeze every new parameter made inside a part that was frozen."""
         frozen = frozen_modules(model)
-        before = {id(p) for p in model.parameters()}
+        kept = list(model.parameters())  # alive while ids are compared: a freed parameter's id can be reused
+        before = {id(p) for p in kept}
         model = self.transform(model)
         for name, p in model.named_parameters():
             if id(p) not in before and p.requires_grad and any(name.startswith(m + ".") for m in frozen):
