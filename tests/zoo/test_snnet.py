@@ -22,7 +22,9 @@ from zoo.batch import Batch
 from zoo.distillation import SoftTargetKL
 from zoo.distillation.teachers import pool_of
 from zoo.losses import CrossEntropy
-from zoo.snnet import FLOP_MAPPING, SNNetModule, StitchableNet, StitchingLayer, StitchSampler, check_find_unused, least_squares, window_positions
+from zoo.snnet import (FLOP_MAPPING, Anchors, SNNetModule, Stitch, StitchableNet, StitchedViT, StitchingLayer, StitchSampler, check_find_unused,
+                       least_squares, window_positions)
+from zoo.surgery import instantiate
 
 
 def vit(width: int, depth: int = 2, **kw) -> torch.nn.Module:
@@ -164,6 +166,54 @@ def test_lora_stitching_layer_trains_low_rank_and_merges_in_eval():
     torch.testing.assert_close(layer.to_linear()(x), ref)
 
 
+# -- stitching as surgery ------------------------------------------------------------------
+def test_stitch_surgery_makes_the_net_and_undo_is_the_selected_stitch():
+    torch.manual_seed(0)
+    backbones = [vit(w, 4) for w in (32, 16, 48)]
+    anchors = Anchors(backbones, [torch.nn.Linear(b.num_features, 10) for b in backbones], ["a", "b", "c"])
+    anchors.backbones[0].requires_grad_(False)  # a frozen anchor stays frozen, the new stitching layers train
+    surgery = instantiate(Stitch(kernel_size=3, two_way=True, lora_rank=2, lora_alpha=4.0, eval_stitch=5).config())  # as hparams store it
+    net = surgery(anchors)
+    assert isinstance(net, StitchableNet) and net.active == 5 and net.kernel_size == 3 and net.two_way
+    assert net.names == ["b(w16x4)", "a(w32x4)", "c(w48x4)"] and net.anchors[1] is backbones[0] and net.heads[1] is anchors.heads[0]
+    assert len(net) == len(make_net(depth=4, kernel_size=3, two_way=True))
+    assert not any(p.requires_grad for p in net.anchors[1].parameters())
+    assert all(layer.lora_a.requires_grad and layer.scaling == 2.0 for layers in net.stitch_layers.values() for layer in layers)
+    net.init_stitching_layers(digits_batch(16)[0])
+    for layers in net.stitch_layers.values():
+        for layer in layers:
+            torch.nn.init.normal_(layer.lora_b, std=0.1)
+    x = torch.randn(4, 1, 8, 8)
+    for kind in ("anchor", "sl", "ls", "sls", "lsl"):
+        s = [s for s in net.stitches if s.kind == kind][-1]
+        net.select(s.id)
+        plain = surgery.undo(net.eval())
+        assert type(plain) is StitchedViT and plain.description == s.description
+        assert not any(isinstance(m, StitchingLayer) for m in plain.modules())
+        torch.testing.assert_close(plain(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_module_stitches_in_configure_model_and_unloads_the_chosen_stitch(tmp_path):
+    module = SNNetModule([anchor_spec(32, 3), anchor_spec(16, 3)], two_way=True, lora_rank=2)
+    assert type(module.backbone) is Anchors and module.sampler is None and "surgery" not in module.hparams  # not stitched yet
+    fit(module, tmp_path, 2)  # Lightning's configure_model stitches
+    assert [type(t) for t in module.surgery] == [Stitch] and module.backbone is module.net and isinstance(module.net, StitchableNet)
+    s = [s for s in module.net.stitches if s.kind == "lsl"][0]
+    for layers in module.net.stitch_layers.values():  # LoRA updates that matter: unloading merges them
+        for layer in layers:
+            torch.nn.init.normal_(layer.lora_b, std=0.1)
+    module.select_stitch(s.id)
+    x = digits_batch(8)[0]
+    with torch.no_grad():
+        ref = module.eval()(x)
+        plain = module.unload_surgery()
+        assert type(plain) is StitchedViT and module.backbone is plain and plain.description == s.description
+        torch.testing.assert_close(plain(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(module(x), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="unload_surgery"):
+        module.net
+
+
 # -- least squares -------------------------------------------------------------------------
 def test_least_squares_init_fits_target_activations():
     net = make_net(widths=(16, 32), kernel_size=1)  # one position per layer: (0, 0) and (1, 1)
@@ -251,6 +301,11 @@ def test_resume_continues_the_stitch_sequence(tmp_path):
     assert loaded.sampler.draws == 4 and loaded.hparams.two_way
     for k, v in loaded.net.stitch_layers.state_dict().items():
         torch.testing.assert_close(v, saved[k])
+    ckpt = torch.load(tmp_path / "half.ckpt", weights_only=False)  # before Stitch, the network's weights were at `net.`
+    ckpt["state_dict"] = {("net." + k[9:] if k.startswith("backbone.") else k): v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    old = SNNetModule.load_from_checkpoint(tmp_path / "old.ckpt")  # strict: every weight found its place
+    assert old.net.active == loaded.net.active and all(torch.equal(v, loaded.state_dict()[k]) for k, v in old.state_dict().items())
 
 
 def test_fulltune_false_trains_only_stitching_layers_and_heads(tmp_path):
@@ -258,7 +313,7 @@ def test_fulltune_false_trains_only_stitching_layers_and_heads(tmp_path):
     anchors0 = {k: v.clone() for k, v in module.net.anchors.state_dict().items()}
     fit(module, tmp_path, 3)
     trained = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trained and all(n.startswith(("net.stitch_layers.", "net.heads.")) for n in trained)
+    assert trained and all(n.startswith(("backbone.stitch_layers.", "backbone.heads.")) for n in trained)
     assert not any(n.endswith(".weight") and "stitch_layers" in n for n in trained)  # LoRA: least-squares weight frozen
     for k, v in module.net.anchors.state_dict().items():
         torch.testing.assert_close(v, anchors0[k])
@@ -300,7 +355,7 @@ def test_ddp_ranks_use_the_same_stitch_every_step(tmp_path):
     assert states[0]["global_step"] == states[1]["global_step"] == 5
     for k, v in states[0]["state_dict"].items():  # incl. stitching layers: least squares broadcast from rank 0
         torch.testing.assert_close(v, states[1]["state_dict"][k], msg=k)
-    assert states[0]["state_dict"]["net.ls_initialized"].item()
+    assert states[0]["state_dict"]["backbone.ls_initialized"].item()
 
 
 def test_ddp_without_find_unused_parameters_fails_saying_what_to_set():
@@ -343,5 +398,15 @@ def test_bad_inputs_fail_at_construction_with_clear_messages():
         SNNetModule([anchor_spec(32), anchor_spec(16)], teacher="big")
     with pytest.raises(ValueError, match="name the teacher on its distillation term"):
         SNNetModule([anchor_spec(32), anchor_spec(16)], teacher="largest", losses=[CrossEntropy()])
-    with pytest.raises(ValueError, match="valid ids are"):
-        SNNetModule([anchor_spec(32), anchor_spec(16)], eval_stitch=1000)
+    with pytest.raises(ValueError, match="valid ids are"):  # the stitches exist once configure_model has stitched the anchors
+        SNNetModule([anchor_spec(32), anchor_spec(16)], eval_stitch=1000).configure_model()
+    with pytest.raises(ValueError, match="eval_stitch=-1"):
+        SNNetModule([anchor_spec(32), anchor_spec(16)], eval_stitch=-1)
+    with pytest.raises(ValueError, match="kernel_size=0"):
+        Stitch(kernel_size=0)
+    with pytest.raises(TypeError, match="transforms zoo.snnet.Anchors.*already stitched"):
+        Stitch()(net)
+    with pytest.raises(TypeError, match="takes the StitchableNet"):
+        Stitch().undo(vit(16))
+    with pytest.raises(RuntimeError, match="apply zoo.snnet.Stitch"):
+        Anchors([vit(16)], [torch.nn.Linear(16, 10)])(torch.randn(1, 1, 8, 8))

@@ -17,16 +17,22 @@ Anchors are timm ``VisionTransformer``-like backbones (``patch_embed``, ``blocks
     net.select(17); logits = net(images)      # instant switch
     small = net.extract(17)                   # plain nn.Module, same outputs
 
+As model surgery (what :class:`SNNetModule` does in ``configure_model``)::
+
+    net = Stitch(kernel_size=2, two_way=True)(Anchors.build(["timm/deit_tiny_patch16_224", "timm/deit_small_patch16_224"], 10))
+    plain = Stitch().undo(net)                # the selected stitch, as extract() gives it
+
 Files: ``layers.py`` (stitching layers, positions, ViT pieces), ``net.py`` (:class:`StitchableNet`),
-``sampler.py`` (:class:`StitchSampler`), ``module.py`` (:class:`SNNetModule`, the LightningModule).
+``sampler.py`` (:class:`StitchSampler`), ``surgery.py`` (:class:`Anchors`, the :class:`Stitch` surgery), ``module.py`` (:class:`SNNetModule`, the LightningModule).
 """
 
-from zoo.snnet.layers import FLOP_MAPPING, Stitch, StitchedViT, StitchingLayer, embed, finish, least_squares, map_block, window_positions
-from zoo.snnet.module import SNNetModule, build_anchor, check_find_unused
+from zoo.snnet.layers import FLOP_MAPPING, StitchedViT, StitchPath, StitchingLayer, embed, finish, least_squares, map_block, window_positions
+from zoo.snnet.module import SNNetModule, check_find_unused
 from zoo.snnet.net import StitchableNet
 from zoo.snnet.sampler import StitchSampler
+from zoo.snnet.surgery import Anchors, Stitch, build_anchor
 
 __all__ = [
-    "FLOP_MAPPING", "SNNetModule", "Stitch", "StitchSampler", "StitchableNet", "StitchedViT", "StitchingLayer", "build_anchor",
+    "FLOP_MAPPING", "Anchors", "SNNetModule", "Stitch", "StitchPath", "StitchSampler", "StitchableNet", "StitchedViT", "StitchingLayer", "build_anchor",
     "check_find_unused", "embed", "finish", "least_squares", "map_block", "window_positions",
 ]

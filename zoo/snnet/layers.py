@@ -66,7 +66,7 @@ class StitchingLayer(nn.Module):
 
 
 @dataclass(frozen=True)
-class Stitch:
+class StitchPath:
     """One path through the anchors.
 
     ``route`` lists the anchors in data-flow order; leg ``i`` takes the output of block ``j`` of

@@ -15,6 +15,9 @@ kwargs, or checkpoints of zoo classifiers trained here (their heads are reused):
         fulltune: true          # false: train only stitching layers and heads
         teacher: null           # "largest" or a zoo .ckpt: distill into every stitch
 
+The anchors are the module's backbone (:class:`~zoo.snnet.Anchors`) until ``configure_model`` applies the
+:class:`~zoo.snnet.Stitch` surgery (built from ``kernel_size`` ... ``eval_stitch``): then the backbone, also
+``module.net``, is the :class:`StitchableNet`, and ``unload_surgery()`` returns the selected stitch as a plain module.
 The stitching layers are initialised by least squares on the first training batch (broadcast from
 rank 0 under DDP). Every rank draws the same stitch each step, and the sampler's state is saved in
 checkpoints. Each step leaves the other stitches' parameters without gradient, so DDP needs
@@ -27,7 +30,6 @@ frozen copy of the largest anchor), so ``losses`` can list any terms instead of 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,35 +39,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from zoo import losses as L
-from zoo.backbones import build_backbone, load_zoo_module
 from zoo.batch import Batch, as_batch
 from zoo.classifier import Classifier
 from zoo.distillation.losses import SoftTargetKL
 from zoo.distillation.teachers import HeadedBackbone, pool_of
 from zoo.snnet.net import StitchableNet
 from zoo.snnet.sampler import StitchSampler
-
-ANCHOR_KEYS = ("model", "pretrained", "model_kwargs")
-
-
-def build_anchor(spec: str | dict[str, Any], num_classes: int, pretrained: bool) -> tuple[nn.Module, nn.Module, str]:
-    """``(backbone, head, name)`` of one anchor: a zoo ``.ckpt`` (its head kept when it has ``num_classes``
-    outputs), a model name, or ``{model, pretrained, model_kwargs}``."""
-    if isinstance(spec, str):
-        spec = {"model": spec}
-    if not isinstance(spec, dict) or "model" not in spec or set(spec) - set(ANCHOR_KEYS):
-        raise ValueError(f"anchor {spec!r}: expected a model name, a zoo .ckpt path, or a dict with keys {ANCHOR_KEYS} ('model' required)")
-    name = spec["model"]
-    if name.endswith(".ckpt"):
-        module = load_zoo_module(name)
-        backbone, head = getattr(module, "backbone", None), getattr(module, "head", None)
-        if backbone is None or head is None:
-            raise ValueError(f"anchor {name!r}: {type(module).__name__} has no backbone and head to stitch")
-        if not isinstance(head, nn.Linear) or head.out_features != num_classes:
-            head = nn.Linear(backbone.num_features, num_classes)
-        return backbone, head, Path(name).stem
-    backbone = build_backbone(name, spec.get("pretrained", pretrained), **(spec.get("model_kwargs") or {}))
-    return backbone, nn.Linear(backbone.num_features, num_classes), name.rsplit("/", 1)[-1]
+from zoo.snnet.surgery import Anchors, Stitch
 
 
 def check_find_unused(strategy: Strategy) -> None:
@@ -148,21 +128,42 @@ class SNNetModule(Classifier):
         if teacher is not None:
             terms = [L.CrossEntropy(weight=1 - distill_alpha, label_smoothing=label_smoothing),
                      SoftTargetKL(weight=distill_alpha, temperature=distill_temperature, teacher=teacher)]
+        stitch = Stitch(kernel_size=kernel_size, stride=stride, two_way=two_way, interpolate_depth=interpolate_depth, lora_rank=lora_rank,
+                        lora_alpha=lora_alpha, eval_stitch=eval_stitch)
         super().__init__(model=None, num_classes=num_classes, pretrained=pretrained, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                         scheduler_interval=scheduler_interval, label_smoothing=label_smoothing if teacher is None else 0.0, losses=terms)
+                         scheduler_interval=scheduler_interval, label_smoothing=label_smoothing if teacher is None else 0.0, losses=terms,
+                         surgery=[stitch])
         if teacher is not None:
             self.hparams["losses"] = None  # made from teacher / distill_* again when loaded
             self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        built = [build_anchor(spec, num_classes, pretrained) for spec in anchors]
-        self.net = StitchableNet([b for b, _, _ in built], [h for _, h, _ in built], [n for _, _, n in built], kernel_size=kernel_size,
-                                 stride=stride, two_way=two_way, interpolate_depth=interpolate_depth, lora_rank=lora_rank, lora_alpha=lora_alpha)
-        self.net.select(self.net.anchor_ids[-1] if eval_stitch is None else eval_stitch)
-        self.sampler = StitchSampler(self.net.flops() if sampling == "flops" else [0] * len(self.net), sampling, flops_gap, group_weights, sample_seed)
+        self.backbone = Anchors.build(anchors, num_classes, pretrained)  # stitched by the surgery in configure_model
         if not fulltune:
-            self.net.anchors.requires_grad_(False)
+            self.backbone.backbones.requires_grad_(False)
         if any(getattr(t, "teacher", None) == "largest" for t in self.losses):  # before training: a frozen copy, outside the checkpoint
-            pool_of(self).add("largest", copy.deepcopy(HeadedBackbone(self.net.anchors[-1], self.net.heads[-1])), label="largest")
+            i = self.backbone.largest()
+            pool_of(self).add("largest", copy.deepcopy(HeadedBackbone(self.backbone.backbones[i], self.backbone.heads[i])), label="largest")
+        self.sampler_args = (sampling, flops_gap, group_weights, sample_seed)
+        self.sampler: StitchSampler | None = None  # made with the stitchable network (configure_model)
         self.last_stitch: int | None = None  # stitch of the latest training step
+
+    # -- the stitchable network -----------------------------------------------------------
+    def configure_model(self) -> None:
+        """Stitch the anchors (:class:`~zoo.snnet.Stitch`, first of ``surgery``) and make the stitch sampler, once."""
+        super().configure_model()
+        if self.sampler is None and isinstance(self.backbone, StitchableNet):
+            sampling, flops_gap, group_weights, seed = self.sampler_args
+            self.sampler = StitchSampler(self.backbone.flops() if sampling == "flops" else [0] * len(self.backbone), sampling, flops_gap,
+                                         group_weights, seed)
+
+    @property
+    def net(self) -> StitchableNet:
+        """The :class:`StitchableNet` (the backbone after ``configure_model``, which runs now if Lightning has not run it yet)."""
+        if isinstance(self.backbone, Anchors) and not self.surgery_applied:
+            self.configure_model()
+        if not isinstance(self.backbone, StitchableNet):
+            raise RuntimeError(f"{type(self).__name__}.net: the backbone is a {type(self.backbone).__name__}, not the StitchableNet "
+                               "(unload_surgery() made it the plain selected stitch)")
+        return self.backbone
 
     # -- what the StitchSweep callback uses ---------------------------------------------
     def select_stitch(self, stitch: int) -> None:
@@ -170,7 +171,8 @@ class SNNetModule(Classifier):
         self.net.select(stitch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        """The selected stitch (after ``unload_surgery()``: the plain stitch network it returned)."""
+        return (self.net if isinstance(self.backbone, Anchors) else self.backbone)(x)
 
     def no_weight_decay(self) -> set[str]:
         return {n for b in self.net.anchors if callable(getattr(b, "no_weight_decay", None)) for n in b.no_weight_decay()}
@@ -192,6 +194,8 @@ class SNNetModule(Classifier):
         return self.net(batch.inputs, self.last_stitch if self.training else None)
 
     def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.sampler is None:  # built without a Trainer: stitch now
+            self.configure_model()
         self.last_stitch = self.sampler.sample()
         out = super().training_loss(batch)
         self.log("train/stitch", float(self.last_stitch), on_step=True, on_epoch=False, batch_size=len(batch))
@@ -203,9 +207,12 @@ class SNNetModule(Classifier):
         checkpoint["snnet"] = {"sampler": self.sampler.state_dict(), "active": self.net.active}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        for key in [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]:  # checkpoints of before zoo.snnet kept the teacher
-            del checkpoint["state_dict"][key]
+        weights = checkpoint["state_dict"]
+        for key in [k for k in weights if k.startswith("teacher.")]:  # checkpoints of before zoo.snnet kept the teacher
+            del weights[key]
+        for key in [k for k in weights if k.startswith("net.")]:  # and the stitchable network at `net` (now the stitched backbone)
+            weights["backbone." + key[4:]] = weights.pop(key)
         state = checkpoint.get("snnet")
         if state is not None:
-            self.sampler.load_state_dict(state["sampler"])
             self.net.select(state["active"])
+            self.sampler.load_state_dict(state["sampler"])

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from zoo.snnet.layers import (
     FLOP_MAPPING,
     VIT_PARTS,
-    Stitch,
+    StitchPath,
     StitchedViT,
     StitchingLayer,
     anchor_label,
@@ -122,7 +122,7 @@ class StitchableNet(nn.Module):
         parts.append(f"{self.names[route[-1]]}[{start}:{self.depths[route[-1]]}]")
         return " -> ".join(parts)
 
-    def _enumerate(self, pairs: list[tuple[int, int]]) -> list[Stitch]:
+    def _enumerate(self, pairs: list[tuple[int, int]]) -> list[StitchPath]:
         specs: list[tuple[str, tuple, tuple, tuple]] = [("anchor", (a,), (), ()) for a in range(len(self.anchors))]
         for f, e in pairs:
             specs += [("sl", (f, e), ((j, k),), (layer,)) for j, k, layer in self.positions[(f, e)]]
@@ -136,7 +136,7 @@ class StitchableNet(nn.Module):
                         for j2, k2, l2 in self._aligned(second, first):
                             if j2 >= k1:  # the middle anchor runs at least one block
                                 specs.append((kind, (first, second, first), ((j1, k1), (j2, k2)), (l1, l2)))
-        return [Stitch(i, kind, route, cuts, layers, self._describe(route, cuts)) for i, (kind, route, cuts, layers) in enumerate(specs)]
+        return [StitchPath(i, kind, route, cuts, layers, self._describe(route, cuts)) for i, (kind, route, cuts, layers) in enumerate(specs)]
 
     def _aligned(self, f: int, e: int) -> list[tuple[int, int, int]]:
         """Positions with no block skipped or repeated (front block j -> end block j+1), used for chains."""
@@ -285,7 +285,7 @@ class StitchableNet(nn.Module):
         self.train(was_training)
         return parts
 
-    def stitch_parts(self, s: Stitch) -> list[tuple]:
+    def stitch_parts(self, s: StitchPath) -> list[tuple]:
         """The parts (see :meth:`part_flops`) that stitch ``s`` runs, in order."""
         parts, start = [("embed", s.route[0])], 0
         for i, ((j, k), layer) in enumerate(zip(s.cuts, s.layers)):
@@ -302,7 +302,7 @@ class StitchableNet(nn.Module):
             self._flops = [sum(part[p] for p in self.stitch_parts(s)) for s in self.stitches]
         return list(self._flops) if stitch is None else self._flops[self._check(stitch)]
 
-    def _modules_of(self, s: Stitch) -> list[nn.Module]:
+    def _modules_of(self, s: StitchPath) -> list[nn.Module]:
         mods = []
         for p in self.stitch_parts(s):
             if p[0] == "block":
