@@ -132,7 +132,7 @@ class SoftTargetKL(DistillLoss):
     uses_logits = True
 
     def __init__(self, weight: float = 1.0, temperature: float = 4.0, teacher: TeacherSpec = None, name: str | None = None):
-        super().__init__(weight, teacher, name)
+        super().__init__(weight=weight, teacher=teacher, name=name)
         if temperature <= 0:
             raise ValueError(f"SoftTargetKL: temperature={temperature} must be > 0")
         self.temperature = float(temperature)
@@ -155,7 +155,7 @@ class DecoupledKD(DistillLoss):
 
     def __init__(self, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, teacher: TeacherSpec = None,
                  name: str | None = None):
-        super().__init__(weight, teacher, name)
+        super().__init__(weight=weight, teacher=teacher, name=name)
         if temperature <= 0 or alpha < 0 or beta < 0:
             raise ValueError(f"DecoupledKD: temperature={temperature} must be > 0, alpha={alpha} and beta={beta} >= 0")
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
@@ -219,7 +219,7 @@ class FeatureHint(DistillLoss):
     needs_example = True
 
     def __init__(self, student_layer: str, teacher_layer: str, weight: float = 1.0, teacher: TeacherSpec = 0, name: str | None = None):
-        super().__init__(weight, teacher, name)
+        super().__init__(weight=weight, teacher=teacher, name=name)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.projector: nn.Module | None = None
 
@@ -262,7 +262,7 @@ class HiddenStateDistill(DistillLoss):
     needs_example = True
 
     def __init__(self, layer_pairs: list[tuple[int, int]], weight: float = 1.0, teacher: TeacherSpec = 0, name: str | None = None):
-        super().__init__(weight, teacher, name)
+        super().__init__(weight=weight, teacher=teacher, name=name)
         self.layer_pairs = _check_pairs("HiddenStateDistill", layer_pairs)
         self.projectors = nn.ModuleDict()
 
@@ -304,7 +304,7 @@ class AttentionDistill(DistillLoss):
     needs_example = True
 
     def __init__(self, layer_pairs: list[tuple[int, int]], weight: float = 1.0, mode: str = "kl", teacher: TeacherSpec = 0, name: str | None = None):
-        super().__init__(weight, teacher, name)
+        super().__init__(weight=weight, teacher=teacher, name=name)
         if mode not in ("kl", "mse"):
             raise ValueError(f"AttentionDistill: mode={mode!r}: expected 'kl' or 'mse'")
         self.layer_pairs = _check_pairs("AttentionDistill", layer_pairs)
