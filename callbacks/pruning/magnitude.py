@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
-from torch.nn.utils import prune
 
 from callbacks.pruning.base import MaskedPruning
 from callbacks.pruning.selection import plain_names, select_parameters, split_name
@@ -59,6 +58,7 @@ class MagnitudePruning(MaskedPruning):
     def select(self, pl_module: nn.Module) -> list[str]:
         """Choose the parameters to prune (``targets``) in the module as it is now; fails on a bad pattern."""
         self.targets = select_parameters(pl_module, self.patterns, self.exclude, self.include_frozen)
+        self._owners = (pl_module, [split_name(pl_module, n) for n in self.targets])  # looked up once, not every pruning step
         return self.targets
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -73,26 +73,32 @@ class MagnitudePruning(MaskedPruning):
     def _pruned(self, pl_module: nn.Module) -> list[tuple[nn.Module, str, int, int]]:
         """``(module, name, numel, pruned so far)`` for every target."""
         out = []
-        for name in self.targets:
-            module, pname = split_name(pl_module, name)
+        cached = getattr(self, "_owners", (None, []))
+        owners = cached[1] if cached[0] is pl_module and len(cached[1]) == len(self.targets) else [split_name(pl_module, n) for n in self.targets]
+        for module, pname in owners:
             mask = getattr(module, pname + "_mask", None)
             numel = getattr(module, pname).numel()
             out.append((module, pname, numel, 0 if mask is None else numel - int(mask.sum().item())))
         return out
 
     def compute_masks(self, pl_module: LightningModule, sparsity: float, batch: Any) -> None:
+        """Mask the smallest-magnitude surviving weights, over all targets (``global_pruning``) or per target, until
+        ``sparsity`` is reached. The masks are updated in place: ``torch.nn.utils.prune``'s own ``global_unstructured``
+        would wrap every parameter in a new ``PruningContainer`` at each pruning step (a growing chain, ~5x the time)."""
         self.refresh(pl_module)  # rank the current weights, not those of the last forward
-        pruned = self._pruned(pl_module)
-        if self.global_pruning:
-            total, done = sum(p[2] for p in pruned), sum(p[3] for p in pruned)
-            amount = round(sparsity * total) - done
-            if amount > 0:
-                prune.global_unstructured([(m, n) for m, n, _, _ in pruned], pruning_method=prune.L1Unstructured, amount=amount)
-            return
-        for module, pname, numel, done in pruned:
-            amount = round(sparsity * numel) - done
-            if amount > 0:
-                prune.l1_unstructured(module, pname, amount=amount)
+        pruned = list(zip(self.targets, self._pruned(pl_module)))
+        for group in [pruned] if self.global_pruning else [[p] for p in pruned]:
+            amount = round(sparsity * sum(p[2] for _, p in group)) - sum(p[3] for _, p in group)
+            if amount <= 0:
+                continue
+            weights = [getattr(m, n).detach() for _, (m, n, _, _) in group]
+            masks = [getattr(m, n + "_mask", None) for _, (m, n, _, _) in group]
+            scores = torch.cat([w.abs().flatten() for w in weights])
+            keep = torch.cat([(torch.ones_like(w) if k is None else k).flatten() for w, k in zip(weights, masks)]).bool()
+            scores[~keep] = float("inf")  # pruned weights stay pruned and are not counted again
+            keep[scores.topk(amount, largest=False).indices] = False
+            for (name, _), chunk, w in zip(group, keep.split([w.numel() for w in weights]), weights):
+                self.set_mask(pl_module, name, chunk.view_as(w))
 
     def measure(self, pl_module: LightningModule) -> float:
         pruned = self._pruned(pl_module)
