@@ -295,6 +295,21 @@ def test_moefy_surgery_undo_gives_a_plain_model_computing_the_same_function(fami
         assert torch.equal(v, tiny(family).state_dict()[k]), k
 
 
+@pytest.mark.parametrize("family", ["timm", "llama"])
+def test_narrower_experts_turn_back_into_a_narrower_dense_ffn(family):
+    model = moefy(tiny(family), num_experts=8, top_k=8).eval()  # k = N: the EMoE model is a dense function
+    x = inputs(family)
+    for _, layer in emoe_layers(model):  # structured pruning keeps 5 of each expert's 8 neurons
+        layer.keep_neurons(layer.neuron_norms().topk(5, dim=1).indices.sort(dim=1).values)
+        assert layer.fc1_weight.shape[:2] == (8, 5) and sorted(layer.neuron_order.tolist()) == list(range(40))
+    with torch.no_grad():
+        narrow = model(x)
+        back = demoefy(model)
+        torch.testing.assert_close(back(x), narrow, atol=1e-5, rtol=1e-5)
+    first = [m for m in back.modules() if isinstance(m, nn.Linear) and m.weight.shape[0] == 40]
+    assert len(first) == 2 * (2 if family == "llama" else 1) and all(m.out_features == 40 for m in first)
+
+
 def test_moefy_leaves_experts_of_a_frozen_part_frozen_and_checks_early():
     vit = tiny("timm")
     vit.blocks[0].requires_grad_(False)

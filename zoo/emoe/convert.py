@@ -100,7 +100,19 @@ def _param(t: torch.Tensor | None, like: nn.Parameter) -> nn.Parameter | None:
 
 
 def _restore(ffn: EMoEFFN) -> dict[str, nn.Module]:
-    """Fill the dense templates with the experts' weights (original order); returns ``{rel path: module}``."""
+    """Fill the dense templates with the experts' weights (original order); returns ``{rel path: module}``. Layer
+    widths follow the weights (structured pruning may have made the experts narrower, see ``EMoEFFN.keep_neurons``)."""
+    restored = _fill(ffn)
+    for module in restored.values():
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.out_features, m.in_features = m.weight.shape
+            elif _is_conv1d(m):
+                m.nf = m.weight.shape[1]
+    return restored
+
+
+def _fill(ffn: EMoEFFN) -> dict[str, nn.Module]:
     w, t, like = ffn.dense_weights(), ffn._dense_templates, ffn.fc1_weight
     if ffn.family == "timm":
         m = t[""]
