@@ -10,7 +10,7 @@
 
     OMP_NUM_THREADS=2 python benchmarks/compose.py [--steps 40 --warmup 5 --repeats 5]
 
-Runs alternate (A, B, A, B, ...) so that machine load hits both; each run's time is the median of its step times
+Runs alternate (A B, B A, A B, ...) so that machine load hits both and neither always runs first; each run's time is the median of its step times
 after the warm-up, and a figure is the ratio of the medians over runs. The last line is JSON.
 """
 
@@ -104,13 +104,12 @@ def kd_student() -> Classifier:
 def kd_prune(args) -> dict[str, float]:
     data = Images(args.batch * (args.steps + args.warmup), (1, 28, 28))
     times: dict[str, list[float]] = {"kd": [], "kd_prune": []}
-    pruned = None
-    for _ in range(args.repeats):
-        times["kd"].append(run(kd_student(), data, args.batch, args.steps, args.warmup))
-        student = kd_student()
-        prune = MagnitudePruning(Cubic(final_sparsity=0.5, start=args.warmup, end=args.warmup + args.steps - 1, frequency=10), patterns=["backbone.blocks.*"])
-        times["kd_prune"].append(run(student, data, args.batch, args.steps, args.warmup, [prune]))
-        pruned = prune.history[-1][2] if prune.history else 0.0
+    pruned = 0.0
+    for i in range(args.repeats):
+        for side in ("kd", "kd_prune")[:: 1 if i % 2 == 0 else -1]:  # A B, B A, ...: no side always runs first
+            prune = MagnitudePruning(Cubic(final_sparsity=0.5, start=args.warmup, end=args.warmup + args.steps - 1, frequency=10), patterns=["backbone.blocks.*"])
+            times[side].append(run(kd_student(), data, args.batch, args.steps, args.warmup, [prune] if side == "kd_prune" else []))
+            pruned = prune.history[-1][2] if prune.history else pruned
     kd, both = statistics.median(times["kd"]), statistics.median(times["kd_prune"])
     print(f"KD (ViT {STUDENT['embed_dim']}x{STUDENT['depth']} from ViT {TEACHER['embed_dim']}x{TEACHER['depth']}, batch {args.batch}), "
           f"median step over {args.repeats} alternating runs: KD {1e3 * kd:.1f} ms, KD + gradual magnitude pruning {1e3 * both:.1f} ms "
@@ -121,11 +120,11 @@ def kd_prune(args) -> dict[str, float]:
 def parts_vs_monolith(args) -> dict[str, float]:
     data = Images(args.batch * (args.steps + args.warmup), (3, 32, 32))
     times: dict[str, list[float]] = {"monolith": [], "parts": []}
-    for _ in range(args.repeats):
-        seed_everything(0, verbose=False)
-        times["monolith"].append(run(Monolith(WIDE), data, args.batch, args.steps, args.warmup))
-        seed_everything(0, verbose=False)
-        times["parts"].append(run(Classifier(VIT, num_classes=10, model_kwargs=WIDE, losses=[CrossEntropy()]), data, args.batch, args.steps, args.warmup))
+    for i in range(args.repeats):
+        for side in ("monolith", "parts")[:: 1 if i % 2 == 0 else -1]:
+            seed_everything(0, verbose=False)
+            module = Monolith(WIDE) if side == "monolith" else Classifier(VIT, num_classes=10, model_kwargs=WIDE, losses=[CrossEntropy()])
+            times[side].append(run(module, data, args.batch, args.steps, args.warmup))
     mono, parts = statistics.median(times["monolith"]), statistics.median(times["parts"])
     print(f"ViT {WIDE['embed_dim']}x{WIDE['depth']} batch {args.batch}, median step over {args.repeats} alternating runs: hand-written "
           f"LightningModule {1e3 * mono:.1f} ms, zoo.Classifier(losses=[CrossEntropy]) {1e3 * parts:.1f} ms -> x{parts / mono:.3f} "
