@@ -205,6 +205,10 @@ def _unknown(name: str, valid: list[str] | tuple[str, ...]) -> ValueError:
     return ValueError(f"Unknown model {name!r}.{hint} Models are named timm/<name>, hf/<name-or-dir>, pypi/<{'|'.join(PYPI_MODELS)}>, zoo/<{'|'.join(BUILTIN)}>, or a path to a zoo .ckpt.")
 
 
+# Modules whose file became a package (issue 15): checkpoints saved before still load.
+MOVED = {"zoo.emoe_module.EMoEModule": "zoo.emoe.EMoEModule", "zoo.snnet_module.SNNetModule": "zoo.snnet.SNNetModule"}
+
+
 def load_zoo_module(path: str | os.PathLike, map_location: str = "cpu"):
     """Load any zoo LightningModule from its checkpoint (the class is stored in the checkpoint)."""
     from zoo.runtime import load_checkpoint
@@ -213,6 +217,7 @@ def load_zoo_module(path: str | os.PathLike, map_location: str = "cpu"):
     class_path = ckpt.get("zoo_class")
     if class_path is None:
         raise ValueError(f"{path} is not a zoo checkpoint (no 'zoo_class' entry); save it with a zoo module")
+    class_path = MOVED.get(class_path, class_path)
     module_name, _, cls_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls.load_from_checkpoint(path, map_location=map_location)

@@ -215,10 +215,14 @@ class Classifier(LightningModule):
         return self.mask_logits(self.batch_logits(batch), batch.task).softmax(-1)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay beyond norms and biases (timm's own list)."""
-        backbone = getattr(self, "backbone", None)
-        fn = getattr(backbone, "no_weight_decay", None)
-        return set(fn()) if callable(fn) else set()
+        """Parameter names exempt from weight decay beyond norms and biases: what any submodule declares with its
+        own ``no_weight_decay()`` (timm's position embeddings, EMoE's stacked expert biases after surgery)."""
+        names: set[str] = set()
+        for module in self.modules():
+            fn = getattr(module, "no_weight_decay", None)
+            if module is not self and callable(fn):
+                names |= set(fn())
+        return names
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(param_groups(self, self.no_weight_decay()))

@@ -357,3 +357,18 @@ def test_balance_loss_is_logged_and_needs_layers_that_compute_it(tmp_path):
     no_aux = Classifier(TINY_VIT, model_kwargs=TINY_VIT_KWARGS, surgery=[Moefy(8, 2, ["*"])], losses=[CrossEntropy(), BalanceLoss(0.01)])
     with pytest.raises(ValueError, match="balance_loss: true"):
         fit(no_aux)
+
+
+def test_stacked_expert_biases_get_no_weight_decay_on_any_module():
+    from zoo.classifier import param_groups
+
+    plain = Classifier(model=TINY_VIT, num_classes=10, model_kwargs=TINY_VIT_KWARGS,
+                       surgery=[Moefy(num_experts=8, top_k=2, layers=["*"])])
+    for module in (plain, _module()):
+        module.configure_model()
+        decay, no_decay = param_groups(module, module.no_weight_decay())
+        names = {id(p): n for n, p in module.named_parameters()}
+        no_decay_names = {names[id(p)] for p in no_decay["params"]}
+        assert any(n.endswith("fc1_bias") for n in no_decay_names)
+        assert not any(names[id(p)].endswith("fc1_bias") for p in decay["params"])
+        assert any(names[id(p)].endswith("fc1_weight") for p in decay["params"])

@@ -148,6 +148,10 @@ class EMoEFFN(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.routing_counts: torch.Tensor | None = None  # tokens per expert seen in training (not a buffer: DDP would overwrite it)
 
+    def no_weight_decay(self) -> set[str]:
+        """The experts' first biases are stacked into (N, m) matrices: still biases (no weight decay)."""
+        return {"fc1_bias", "up_bias"}
+
     def extra_repr(self) -> str:
         n, m, d = self.fc1_weight.shape
         return f"{self.family}, dim={d}, experts={n}x{m}, top_k={self.top_k}, gate={self.gate}, dispatch={self.dispatch}, swiglu={self.up_weight is not None}"

@@ -90,6 +90,3 @@ class EMoEModule(Classifier):
         """``(name, layer)`` of the backbone's EMoE layers (empty before ``configure_model``)."""
         return emoe_layers(self.backbone)
 
-    def no_weight_decay(self) -> set[str]:
-        # the experts' first biases are stacked into (N, m) matrices: still biases
-        return super().no_weight_decay() | {"fc1_bias", "up_bias"}
