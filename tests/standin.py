@@ -72,3 +72,21 @@ def point_data_dirs(node, data_dir: str):
 def standin_args(config_text: str) -> list[str]:
     """The extra CLI arguments of a config's ``# standin: ...`` lines (tiny models, stand-in checkpoints)."""
     return [arg for line in config_text.splitlines() if line.startswith("# standin:") for arg in shlex.split(line.split(":", 1)[1])]
+
+
+def fit_config(config: Path, tmp_path: Path, monkeypatch, *args: str, data: Path | None = None):
+    """``zoo fit`` of a shipped config on stand-in data (``data`` or :func:`write_all` under ``tmp_path``), with its
+    ``# standin:`` arguments, no logger or progress bar, one validation batch, then ``args``; run from ``tmp_path``.
+    Returns the CLI (``.model``, ``.trainer``)."""
+    import yaml
+
+    import cli
+
+    text = config.read_text()
+    conf = yaml.safe_load(text)
+    conf["data"] = point_data_dirs(conf["data"], str(data or write_all(tmp_path / "data")))
+    patched = tmp_path / config.name
+    patched.write_text(yaml.safe_dump(conf))
+    monkeypatch.chdir(tmp_path)
+    return cli.main(["fit", "--config", str(patched), *standin_args(text), "--trainer.limit_val_batches=1", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false", *args])

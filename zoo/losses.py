@@ -18,7 +18,6 @@ A new term is one short class: subclass :class:`LossTerm` and implement :meth:`L
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo import spec
 from zoo.batch import Batch
 
 if TYPE_CHECKING:
@@ -84,16 +84,7 @@ class LossTerm(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """``{class_path, init_args}``: plain data for the hyperparameters (so checkpoints load with weights_only)."""
-        names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]
-        args = {n: plain(getattr(self, n)) for n in names if hasattr(self, n)}
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
-
-
-def plain(value: Any) -> Any:
-    """Tuples become lists (YAML and ``weights_only`` checkpoints hold lists)."""
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
+        return spec.config_of(self)
 
 
 def snake_case(name: str) -> str:
@@ -117,16 +108,7 @@ class CrossEntropy(LossTerm):
 
 def instantiate(term: LossTerm | dict[str, Any]) -> LossTerm:
     """A term, or its ``{class_path, init_args}`` (as stored in a checkpoint's hyperparameters)."""
-    if isinstance(term, LossTerm):
-        return term
-    if isinstance(term, dict) and "class_path" in term:
-        import importlib
-
-        module, _, name = term["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        if isinstance(cls, type) and issubclass(cls, LossTerm):
-            return cls(**term.get("init_args", {}))
-    raise ValueError(f"losses: {term!r} is not a zoo.losses.LossTerm (or its {{class_path, init_args}})")
+    return spec.instantiate(term, LossTerm, "losses")
 
 
 def unique_names(terms: list[LossTerm]) -> None:

@@ -21,10 +21,11 @@ before the transform is frozen too (so experts made inside SubTuning's frozen pr
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
+
+from zoo import spec
 
 
 class Surgery:
@@ -54,8 +55,7 @@ class Surgery:
 
     def config(self) -> dict[str, Any]:
         """``{class_path, init_args}`` of this transform (plain data for the hyperparameters)."""
-        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": {n: getattr(self, n) for n in names if hasattr(self, n)}}
+        return spec.config_of(self)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config()["init_args"].items())
@@ -72,18 +72,9 @@ def frozen_modules(model: nn.Module) -> list[str]:
     return out
 
 
-def instantiate(spec: Surgery | dict[str, Any]) -> Surgery:
+def instantiate(part: Surgery | dict[str, Any]) -> Surgery:
     """A transform, or its ``{class_path, init_args}`` (as stored in a checkpoint's hyperparameters)."""
-    if isinstance(spec, Surgery):
-        return spec
-    if isinstance(spec, dict) and "class_path" in spec:
-        import importlib
-
-        module, _, name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        if isinstance(cls, type) and issubclass(cls, Surgery):
-            return cls(**spec.get("init_args", {}))
-    raise ValueError(f"surgery: {spec!r} is not a zoo.surgery.Surgery (or its {{class_path, init_args}})")
+    return spec.instantiate(part, Surgery, "surgery")
 
 
 def apply_all(model: nn.Module, transforms: list[Surgery]) -> nn.Module:

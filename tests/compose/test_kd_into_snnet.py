@@ -9,13 +9,11 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-import cli
 from datamodules import FashionMNIST
 from tests.helpers import ROOT
-from tests.standin import point_data_dirs, standin_args, write_all
+from tests.standin import fit_config, write_all
 from zoo.backbones import load_zoo_module
 from zoo.classifier import Classifier
 from zoo.distillation import SoftTargetKL, pool_of
@@ -33,15 +31,8 @@ class KeepLargest(Callback):
 
 def run_config(tmp_path: Path, monkeypatch, *extra: str):
     """``zoo fit`` of the compose config on stand-in data for 3 steps; returns the CLI."""
-    text = CONFIG.read_text()
-    conf = yaml.safe_load(text)
-    conf["data"] = point_data_dirs(conf["data"], str(write_all(tmp_path / "data")))
-    patched = tmp_path / CONFIG.name
-    patched.write_text(yaml.safe_dump(conf))
-    monkeypatch.chdir(tmp_path)
-    return cli.main(["fit", "--config", str(patched), *standin_args(text), "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
-                     "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--callbacks.sweep.init_args.latency_repeats=1",
-                     "--trainer.callbacks+=tests.compose.test_kd_into_snnet.KeepLargest", *extra])
+    return fit_config(CONFIG, tmp_path, monkeypatch, "--trainer.max_steps=3", "--callbacks.sweep.init_args.latency_repeats=1",
+                      "--trainer.callbacks+=tests.compose.test_kd_into_snnet.KeepLargest", *extra)
 
 
 def kd_gradients(module, term, batch, stitch: int, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:

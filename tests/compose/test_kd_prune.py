@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 
-import cli
 from callbacks.pruning import MagnitudePruning
 from tests.helpers import ROOT
-from tests.standin import point_data_dirs, standin_args, write_all
+from tests.standin import fit_config
 from zoo.distillation import SoftTargetKL, pool_of
 
 CONFIG = ROOT / "configs" / "compose" / "kd_prune.yaml"
@@ -18,16 +16,9 @@ CONFIG = ROOT / "configs" / "compose" / "kd_prune.yaml"
 
 def run_config(tmp_path: Path, monkeypatch, *extra: str):
     """``zoo fit`` of the compose config on stand-in data, 3 steps, pruned at steps 0..2 to the config's 50 %; returns the CLI."""
-    text = CONFIG.read_text()
-    conf = yaml.safe_load(text)
-    conf["data"] = point_data_dirs(conf["data"], str(write_all(tmp_path / "data")))
-    patched = tmp_path / CONFIG.name
-    patched.write_text(yaml.safe_dump(conf))
-    monkeypatch.chdir(tmp_path)
     schedule = "--callbacks.pruning.init_args.schedule.init_args"
-    return cli.main(["fit", "--config", str(patched), *standin_args(text), "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
-                     "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=16",
-                     f"{schedule}.start=0", f"{schedule}.end=2", f"{schedule}.frequency=1", *extra])
+    return fit_config(CONFIG, tmp_path, monkeypatch, "--trainer.max_steps=3", "--data.init_args.batch_size=16",
+                      f"{schedule}.start=0", f"{schedule}.end=2", f"{schedule}.frequency=1", *extra)
 
 
 def zeros(tensors) -> float:

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Trainer, seed_everything
 
-import cli
 from callbacks.pruning import MagnitudePruning, StructuredPruning, by_module_type
 from callbacks.pruning_schedules import Linear
 from datamodules import Digits
 from tests.helpers import ROOT, TINY_VIT, TINY_VIT_KWARGS
-from tests.standin import point_data_dirs, standin_args, write_all
+from tests.standin import fit_config
 from zoo.classifier import Classifier
 from zoo.emoe import EMoEFFN, Moefy, emoe_layers
 
@@ -25,16 +23,9 @@ EXPERTS = ("fc1_weight", "fc2_weight")
 
 def run_config(tmp_path: Path, monkeypatch, *extra: str):
     """``zoo fit`` of the compose config on stand-in data, 3 steps, pruned to 50 % at steps 0..2; returns the CLI."""
-    text = CONFIG.read_text()
-    conf = yaml.safe_load(text)
-    conf["data"] = point_data_dirs(conf["data"], str(write_all(tmp_path / "data")))
-    patched = tmp_path / CONFIG.name
-    patched.write_text(yaml.safe_dump(conf))
-    monkeypatch.chdir(tmp_path)
     schedule = "--callbacks.pruning.init_args.schedule.init_args"
-    return cli.main(["fit", "--config", str(patched), *standin_args(text), "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
-                     "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=16",
-                     f"{schedule}.start=0", f"{schedule}.end=2", f"{schedule}.frequency=1", *extra])
+    return fit_config(CONFIG, tmp_path, monkeypatch, "--trainer.max_steps=3", "--data.init_args.batch_size=16",
+                      f"{schedule}.start=0", f"{schedule}.end=2", f"{schedule}.frequency=1", *extra)
 
 
 def test_default_selection_reaches_the_experts_and_the_report_lists_them(tmp_path, monkeypatch, caplog):
