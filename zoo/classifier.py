@@ -128,6 +128,20 @@ class Classifier(LightningModule):
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Two technique presets do not combine by inheritance (each builds its own parts from its own arguments,
+        so one's arguments would be dropped): fail at the class statement, pointing at the parts."""
+        super().__init_subclass__(**kwargs)
+        presets = [b for b in cls.__mro__[1:] if issubclass(b, Classifier) and b is not Classifier and "__init__" in vars(b)]
+        leaves = [p for p in presets if not any(q is not p and issubclass(q, p) for q in presets)]
+        if len(leaves) > 1:
+            names = " and ".join(b.__name__ for b in cls.__bases__ if issubclass(b, Classifier))
+            raise TypeError(
+                f"{cls.__name__} inherits from the presets {names}: presets do not mix by inheritance (the arguments of "
+                f"one would be lost). Compose parts instead: one module with `surgery:` and `losses:` lists and callbacks "
+                f"(README, 'How the parts fit'; examples in configs/compose/), or subclass one preset and add parts."
+            )
+
     # -- the parts ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Apply ``surgery`` to the backbone, once (Lightning calls this before training and before loading a

@@ -174,3 +174,20 @@ def test_bad_loss_terms_and_label_smoothing_with_losses():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Classifier(model="zoo/mlp", **kwargs)
+
+
+def test_two_presets_do_not_mix_by_inheritance():
+    from zoo.continual import ER
+    from zoo.distillation import DistillationModule
+    from zoo.snnet import SNNetModule
+    from zoo.subtuning import SubTuningModule
+
+    with pytest.raises(TypeError, match="SubTunedER inherits from the presets ER and SubTuningModule: .*Compose parts"):
+        type("SubTunedER", (ER, SubTuningModule), {})
+    with pytest.raises(TypeError, match="DistilledSNNet inherits from the presets SNNetModule and DistillationModule"):
+        type("DistilledSNNet", (SNNetModule, DistillationModule), {})
+
+    class MyER(ER):  # one preset, subclassed: fine
+        pass
+
+    assert MyER(model="zoo/mlp", buffer_size=4).hparams.buffer_size == 4
