@@ -5,17 +5,27 @@ distillation taps and the pruning callbacks' coverage report all ask this module
 parametrized over :data:`FAMILIES`. Names are relative to the *root*: the backbone itself, or the wrapped
 Hugging Face model of an :class:`~zoo.backbones.HFEncoder`.
 
-==============  ======================  ===============  ======================  ==================
-family          blocks (stage)          attention        FFN                     built from
-==============  ======================  ===============  ======================  ==================
-``vit``         ``blocks.i``            ``attn``         ``mlp``                 timm VisionTransformer
-``resnet``      ``layerS.j`` (layerS)   --               --                      timm ResNet
-``efficientnet`` ``blocks.i.j`` (i)     --               --                      timm EfficientNet
-``bert``        ``encoder.layer.i``     ``attention``    ``intermediate``,       HF BERT-like
-                                                         ``output``
-``llama``       ``layers.i``            ``self_attn``    ``mlp``                 HF Llama-like
-``gpt2``        ``h.i``                 ``attn``         ``mlp``                 HF GPT-2
-==============  ======================  ===============  ======================  ==================
+==============  ======================  ===============  ============================  ==============================
+family          blocks (stage)          attention        FFN (its dense layers)        built from
+==============  ======================  ===============  ============================  ==============================
+``vit``         ``blocks.i``            ``attn``         ``mlp`` (``mlp.fc1``,         timm VisionTransformer
+                                                         ``mlp.fc2``)
+``resnet``      ``layerS.j`` (layerS)   --               --                            timm ResNet
+``efficientnet`` ``blocks.i.j`` (i)     --               --                            timm EfficientNet
+``bert``        ``encoder.layer.i``     ``attention``    ``intermediate``, ``output``  HF BERT-like
+                                                         (``intermediate.dense``,
+                                                         ``output.dense``)
+``llama``       ``layers.i``            ``self_attn``    ``mlp`` (``mlp.gate_proj``,   HF Llama-like
+                                                         ``mlp.up_proj``,
+                                                         ``mlp.down_proj``)
+``gpt2``        ``h.i``                 ``attn``         ``mlp`` (``mlp.c_fc``,        HF GPT-2
+                                                         ``mlp.c_proj``; ``Conv1D``)
+==============  ======================  ===============  ============================  ==============================
+
+The FFN's dense layers are listed in data order: the input projection (Llama: the gate, then the up projection)
+first, the output projection last. GPT-2's are ``Conv1D``: weights stored transposed (in x out). BERT's FFN is two
+submodules of the block; ``output`` also holds the dropout, the residual and the LayerNorm after ``output.dense``,
+so the FFN as *one* module (:func:`ffns`, what EMoE converts) is the whole block there.
 
 A new family is one :class:`Family` entry in :data:`FAMILIES`.
 """
@@ -37,6 +47,14 @@ class Family:
     blocks: Callable[[nn.Module], list[tuple[str, str]]]  # root -> (block, stage) names in forward order
     attention: tuple[str, ...] = ()  # submodules of a block that are attention
     ffn: tuple[str, ...] = ()  # submodules of a block that are the FFN
+    ffn_layers: tuple[str, ...] = ()  # the FFN's dense layers (relative to a block), input projection(s) first, output last
+    ffn_transposed: bool = False  # those layers are HF Conv1D: weights stored transposed (in x out)
+
+    @property
+    def ffn_module(self) -> str:
+        """The FFN as one module, relative to a block: its FFN submodule, or ``""`` (the block itself) when the FFN
+        is several submodules (BERT's ``intermediate`` + ``output``)."""
+        return self.ffn[0] if len(self.ffn) == 1 else ""
 
 
 def _timm(cls_path: str) -> Callable[[nn.Module, bool], bool]:
@@ -64,14 +82,17 @@ def _has(path: str) -> Callable[[nn.Module, bool], bool]:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("vit", _timm("timm.models.vision_transformer.VisionTransformer"), _indexed("blocks"), ("attn",), ("mlp",)),
+    Family("vit", _timm("timm.models.vision_transformer.VisionTransformer"), _indexed("blocks"), ("attn",), ("mlp",),
+           ("mlp.fc1", "mlp.fc2")),
     Family("resnet", _timm("timm.models.resnet.ResNet"),
            lambda r: [(f"layer{s}.{j}", f"layer{s}") for s in range(1, 5) for j in range(len(getattr(r, f"layer{s}")))]),
     Family("efficientnet", _timm("timm.models.efficientnet.EfficientNet"),
            lambda r: [(f"blocks.{i}.{j}", f"blocks.{i}") for i, stage in enumerate(r.blocks) for j in range(len(stage))]),
-    Family("bert", _has("encoder.layer"), _indexed("encoder.layer"), ("attention",), ("intermediate", "output")),
-    Family("llama", lambda r, hf: _has("layers")(r, hf) and hasattr(r, "norm"), _indexed("layers"), ("self_attn",), ("mlp",)),
-    Family("gpt2", _has("h"), _indexed("h"), ("attn",), ("mlp",)),
+    Family("bert", _has("encoder.layer"), _indexed("encoder.layer"), ("attention",), ("intermediate", "output"),
+           ("intermediate.dense", "output.dense")),
+    Family("llama", lambda r, hf: _has("layers")(r, hf) and hasattr(r, "norm"), _indexed("layers"), ("self_attn",), ("mlp",),
+           ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    Family("gpt2", _has("h"), _indexed("h"), ("attn",), ("mlp",), ("mlp.c_fc", "mlp.c_proj"), ffn_transposed=True),
 )
 
 
@@ -101,6 +122,23 @@ def find_family(backbone: nn.Module) -> Family | None:
 def blocks(backbone: nn.Module) -> list[tuple[str, str]]:
     """``(block, stage)`` names of ``backbone``'s blocks, relative to :func:`root_of`, in forward order."""
     return family_of(backbone).blocks(root_of(backbone))
+
+
+def by_name(name: str) -> Family:
+    """The :class:`Family` called ``name``; an unknown name fails with the known ones."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"no model family {name!r}: known families are {[f.name for f in FAMILIES]}")
+
+
+def ffns(backbone: nn.Module) -> list[str]:
+    """Each block's FFN as one module (:attr:`Family.ffn_module`), relative to :func:`root_of`, in forward order;
+    empty for a family with no FFN (CNNs)."""
+    family = family_of(backbone)
+    if not family.ffn:
+        return []
+    return [f"{block}.{family.ffn_module}".rstrip(".") for block, _ in family.blocks(root_of(backbone))]
 
 
 def roles(backbone: nn.Module) -> dict[str, str]:

@@ -3,6 +3,8 @@
 Supported FFNs: timm ``Mlp`` (ViT, DeiT...), HF BERT-like layers (``intermediate.dense`` +
 ``output.dense``; the output's dropout, residual and LayerNorm are kept), HF GPT-2-like MLPs
 (``c_fc``/``c_proj`` ``Conv1D``) and HF Llama-like SwiGLU MLPs (``gate_proj``/``up_proj``/``down_proj``).
+Where the FFNs of a backbone are, and their dense layers, come from :mod:`zoo.families`; the FFN kinds below
+(``timm``, ``bert``, ``gpt2``, ``llama``) are the FFN layouts of the families in :data:`LAYOUTS`.
 
     model = build_backbone("pypi/all-MiniLM-L6-v2", pretrained=True)
     emoe = moefy(model, num_experts=64, top_k=16, layers=[4])       # a converted copy
@@ -18,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from zoo import families
 from zoo.emoe.layers import EMoEFFN, _check_args
 
 FAMILIES = ("timm", "bert", "gpt2", "llama")
@@ -25,8 +28,13 @@ SUPPORTED = (
     "timm Mlp (fc1/act/fc2, no inner norm), HF BERT-like layers (intermediate.dense + output.dense), "
     "HF GPT-2-like MLPs (c_fc/c_proj Conv1D), HF Llama-like MLPs (gate_proj/up_proj/down_proj)"
 )
-# the first dense weight of each FFN kind (its rows are the neurons)
-FIRST = {"bert": "intermediate.dense", "gpt2": "c_fc", "llama": "gate_proj", "timm": "fc1"}
+# FFN kind -> the zoo.families family whose FFN layout (dense layers, Conv1D or not) it is
+LAYOUTS = {"timm": "vit", "bert": "bert", "gpt2": "gpt2", "llama": "llama"}
+KIND_OF = {family: kind for kind, family in LAYOUTS.items()}
+# what EMoE carries over beyond the dense layers: the activation, and the dropouts (EMoEFFN argument -> attribute)
+ACT = {"timm": "act", "bert": "intermediate.intermediate_act_fn", "gpt2": "act", "llama": "act_fn"}
+DROPOUTS = {"timm": {"hidden_dropout": "drop1", "out_dropout": "drop2"}, "gpt2": {"out_dropout": "dropout"}}
+DETECT_ORDER = ("llama", "gpt2", "bert", "timm")  # type-based detection (the fallback) tries the kinds in this order
 
 
 def _placeholder(module: nn.Module, keep: nn.Module) -> nn.Module:
@@ -46,22 +54,37 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
 
 
-def ffn_family(module: nn.Module) -> str | None:
-    """``timm``/``bert``/``gpt2``/``llama`` when ``module`` is a supported FFN block, else None."""
-    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) and hasattr(module, "act_fn"):
-        return "llama"
-    if _is_conv1d(getattr(module, "c_fc", None)) and _is_conv1d(getattr(module, "c_proj", None)) and hasattr(module, "act"):
-        return "gpt2"
-    inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
-    if isinstance(getattr(inter, "dense", None), nn.Linear) and hasattr(inter, "intermediate_act_fn") and isinstance(getattr(out, "dense", None), nn.Linear):
-        return "bert"
-    try:
+def _get(module: nn.Module, path: str):
+    """``module``'s attribute at the dotted ``path``, None where it is missing."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
+def layers_of(kind: str) -> tuple[tuple[str, ...], bool]:
+    """The dense layers of an FFN of ``kind`` relative to the FFN module (input projection(s) first, output last),
+    and whether they are transposed ``Conv1D``: the registry's :attr:`~zoo.families.Family.ffn_layers`."""
+    family = families.by_name(LAYOUTS[kind])
+    cut = len(family.ffn_module) + 1 if family.ffn_module else 0
+    return tuple(n[cut:] for n in family.ffn_layers), family.ffn_transposed
+
+
+def _fits(module: nn.Module, kind: str) -> bool:
+    """Whether ``module`` has the layout of ``kind``: its dense layers, and the activation EMoE carries over."""
+    names, transposed = layers_of(kind)
+    dense = _is_conv1d if transposed else (lambda m: isinstance(m, nn.Linear))
+    if not all(dense(_get(module, n)) for n in names) or _get(module, ACT[kind]) is None:
+        return False
+    if kind == "timm":  # other timm MLPs (GluMlp, SwiGLU...) have fc1/fc2 too, with another meaning
         from timm.layers import Mlp
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    if isinstance(module, Mlp) and isinstance(module.fc1, nn.Linear) and isinstance(module.fc2, nn.Linear):
-        return "timm"
-    return None
+
+        return isinstance(module, Mlp)
+    return True
+
+
+def ffn_family(module: nn.Module) -> str | None:
+    """``timm``/``bert``/``gpt2``/``llama`` when ``module`` is a supported FFN block, else None (by its type and layers)."""
+    return next((kind for kind in DETECT_ORDER if _fits(module, kind)), None)
 
 
 def _timm_norm_ok(module: nn.Module) -> bool:
@@ -70,22 +93,15 @@ def _timm_norm_ok(module: nn.Module) -> bool:
 
 def _convert(module: nn.Module, family: str, **kw) -> tuple[EMoEFFN, dict[str, nn.Module]]:
     """Build the EMoE layer of a dense block, and the emptied dense modules to restore it later."""
-    if family == "timm":
-        ffn = EMoEFFN(module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, module.act,
-                      hidden_dropout=module.drop1, out_dropout=module.drop2, **kw)
-        templates = {"": module}
-    elif family == "bert":
-        inter, dense_out = module.intermediate, module.output.dense
-        ffn = EMoEFFN(inter.dense.weight, inter.dense.bias, dense_out.weight, dense_out.bias, inter.intermediate_act_fn, **kw)
-        templates = {"intermediate": inter, "output.dense": dense_out}
-    elif family == "gpt2":
-        ffn = EMoEFFN(module.c_fc.weight.t(), module.c_fc.bias, module.c_proj.weight.t(), module.c_proj.bias, module.act,
-                      out_dropout=module.dropout, **kw)
-        templates = {"": module}
-    else:
-        ffn = EMoEFFN(module.gate_proj.weight, module.gate_proj.bias, module.down_proj.weight, module.down_proj.bias, module.act_fn,
-                      up_weight=module.up_proj.weight, up_bias=module.up_proj.bias, **kw)
-        templates = {"": module}
+    names, transposed = layers_of(family)
+    first, *up, last = (module.get_submodule(n) for n in names)
+    t = (lambda w: w.t()) if transposed else (lambda w: w)
+    if up:  # SwiGLU: act(gate) * up
+        kw.update(up_weight=t(up[0].weight), up_bias=up[0].bias)
+    dropouts = {arg: getattr(module, attr) for arg, attr in DROPOUTS.get(family, {}).items()}
+    ffn = EMoEFFN(t(first.weight), first.bias, t(last.weight), last.bias, _get(module, ACT[family]), **dropouts, **kw)
+    # BERT: the EMoE layer replaces ``intermediate`` and ``output.dense`` (``output`` keeps its residual and LayerNorm)
+    templates = {"intermediate": module.intermediate, "output.dense": module.output.dense} if family == "bert" else {"": module}
     ffn.family = family
     return ffn, templates
 
@@ -112,38 +128,59 @@ def _restore(ffn: EMoEFFN) -> dict[str, nn.Module]:
     return restored
 
 
+def _template_layer(templates: dict[str, nn.Module], name: str) -> nn.Module:
+    """The dense layer ``name`` (relative to the FFN module) inside the saved templates."""
+    key = next(k for k in templates if not k or name == k or name.startswith(k + "."))
+    return templates[key] if name == key else templates[key].get_submodule(name[len(key) + 1 if key else 0:])
+
+
 def _fill(ffn: EMoEFFN) -> dict[str, nn.Module]:
     w, t, like = ffn.dense_weights(), ffn._dense_templates, ffn.fc1_weight
-    if ffn.family == "timm":
-        m = t[""]
-        m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias = (_param(w[k], like) for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
-        return {"": m}
-    if ffn.family == "bert":
-        inter, dense_out = t["intermediate"], t["output.dense"]
-        inter.dense.weight, inter.dense.bias = _param(w["fc1_weight"], like), _param(w["fc1_bias"], like)
-        dense_out.weight, dense_out.bias = _param(w["fc2_weight"], like), _param(w["fc2_bias"], like)
-        return {"intermediate": inter, "output.dense": dense_out}
-    m = t[""]
-    if ffn.family == "gpt2":
-        m.c_fc.weight, m.c_fc.bias = _param(w["fc1_weight"].t().contiguous(), like), _param(w["fc1_bias"], like)
-        m.c_proj.weight, m.c_proj.bias = _param(w["fc2_weight"].t().contiguous(), like), _param(w["fc2_bias"], like)
-        return {"": m}
-    m.gate_proj.weight, m.gate_proj.bias = _param(w["fc1_weight"], like), _param(w["fc1_bias"], like)
-    m.up_proj.weight, m.up_proj.bias = _param(w["up_weight"], like), _param(w["up_bias"], like)
-    m.down_proj.weight, m.down_proj.bias = _param(w["fc2_weight"], like), _param(w["fc2_bias"], like)
-    return {"": m}
+    names, transposed = layers_of(ffn.family)
+    first, *up, last = (_template_layer(t, n) for n in names)
+    tr = (lambda x: x.t().contiguous()) if transposed else (lambda x: x)
+    first.weight, first.bias = _param(tr(w["fc1_weight"]), like), _param(w["fc1_bias"], like)
+    if up:
+        up[0].weight, up[0].bias = _param(tr(w["up_weight"]), like), _param(w["up_bias"], like)
+    last.weight, last.bias = _param(tr(w["fc2_weight"]), like), _param(w["fc2_bias"], like)
+    return dict(t)
 
 
 def ffn_width(module: nn.Module, family: str) -> int:
-    """Neurons of a supported dense FFN block."""
-    return module.get_submodule(FIRST[family]).weight.shape[1 if family == "gpt2" else 0]
+    """Neurons of a supported dense FFN block (the rows of its first dense layer's weight)."""
+    names, transposed = layers_of(family)
+    return module.get_submodule(names[0]).weight.shape[1 if transposed else 0]
+
+
+def _family_ffns(backbone: nn.Module, family: families.Family) -> list[tuple[str, str]]:
+    """``(name relative to backbone, kind)`` of the blocks' FFNs (:func:`zoo.families.ffns`) that have EMoE's layout
+    for ``family``; none for a family EMoE does not support (CNNs)."""
+    kind = KIND_OF.get(family.name)
+    if kind is None:
+        return []
+    root = families.root_of(backbone)
+    at = next(n for n, m in backbone.named_modules() if m is root)  # "model" inside an HFEncoder
+    units = ((f"{at}.{unit}" if at else unit, root.get_submodule(unit)) for unit in families.ffns(backbone))
+    return [(name, kind) for name, module in units if _fits(module, kind) and (kind != "timm" or _timm_norm_ok(module))]
 
 
 def find_ffns(model: nn.Module) -> list[tuple[str, str]]:
-    """``(name, family)`` of every supported dense FFN block of ``model``, in model order."""
+    """``(name, family)`` of every supported dense FFN block of ``model``, in model order.
+
+    A backbone of a known family (:mod:`zoo.families`, the model itself or anywhere inside it) gives its blocks'
+    FFNs from the registry. Elsewhere, in a model of no known family (a bare timm ``Mlp``, a Hugging Face model
+    outside an ``HFEncoder``), the FFNs are recognised by their type (:func:`ffn_family`): the fallback.
+    """
     found, inside = [], ()
     for name, module in model.named_modules():
         if inside and any(name.startswith(p + ".") for p in inside):
+            continue
+        known = families.find_family(module)
+        if known is not None:
+            found += [(f"{name}.{n}" if name else n, kind) for n, kind in _family_ffns(module, known)]
+            if not name:
+                break
+            inside = (*inside, name)
             continue
         family = ffn_family(module)
         if family == "timm" and not _timm_norm_ok(module):

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import sdpa_flop_count
 
-VIT_PARTS = ("patch_embed", "blocks", "norm", "forward_head", "_pos_embed")
+from zoo import families
+
+SUPPORTED_FAMILIES = ("vit",)  # zoo.families families whose blocks SN-Net stitches
+VIT_PARTS = ("patch_embed", "norm", "forward_head", "_pos_embed")  # what a stitch uses besides the blocks
 
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -113,6 +116,28 @@ def window_positions(front_depth: int, end_depth: int, kernel_size: int = 2, str
     return positions
 
 
+def check_anchor(backbone: nn.Module, label: str) -> None:
+    """Fail unless ``backbone`` is of a family SN-Net stitches (:mod:`zoo.families`), with the parts a stitch uses."""
+    family = families.find_family(backbone)
+    if family is None or family.name not in SUPPORTED_FAMILIES:
+        what = (f"a model of the {family.name!r} family" if family is not None
+                else f"of no known model family (known: {[f.name for f in families.FAMILIES]})")
+        raise ValueError(
+            f"{label} is not a ViT-like block sequence: it is {what}. SN-Net stitches the blocks of the "
+            f"{' / '.join(SUPPORTED_FAMILIES)} family (timm VisionTransformer-style models: patch_embed, blocks, norm, "
+            "forward_head), e.g. timm/vit_*, timm/deit_*."
+        )
+    missing = [p for p in VIT_PARTS if not hasattr(backbone, p)]
+    if missing:
+        raise ValueError(f"{label} is not a ViT-like block sequence: it lacks {missing}, which SN-Net's stitches use")
+
+
+def anchor_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The blocks of an anchor in forward order, where :mod:`zoo.families` says they are."""
+    root = families.root_of(backbone)
+    return [root.get_submodule(name) for name, _ in families.blocks(backbone)]
+
+
 def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Tokens entering block 0 of a timm ViT (patch embedding, prefix tokens, position embedding)."""
     x = backbone.patch_embed(x)
@@ -127,7 +152,7 @@ def finish(backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tenso
 
 
 def anchor_label(name: str, backbone: nn.Module) -> str:
-    return f"{name}(w{backbone.embed_dim}x{len(backbone.blocks)})"
+    return f"{name}(w{backbone.embed_dim}x{len(anchor_blocks(backbone))})"
 
 
 def shape_info(backbone: nn.Module) -> tuple:
@@ -142,7 +167,8 @@ STEM = ("patch_embed", "patch_drop", "norm_pre", "pos_drop")
 def shell(backbone: nn.Module, part: str) -> nn.Module:
     """A shallow copy of a ViT backbone keeping only its ``stem`` (embedding) or its ``tail`` (final norm, pooling)."""
     shell = copy.copy(backbone)
-    keep = (lambda n: n in STEM) if part == "stem" else (lambda n: n not in STEM + ("blocks",))
+    holders = tuple({name.split(".")[0] for name, _ in families.blocks(backbone)})  # "blocks" for a timm ViT
+    keep = (lambda n: n in STEM) if part == "stem" else (lambda n: n not in STEM + holders)
     shell._modules = {n: (m if keep(n) else nn.Identity()) for n, m in backbone._modules.items()}
     shell._parameters = dict(backbone._parameters) if part == "stem" else {n: None for n in backbone._parameters}
     return shell

@@ -11,11 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from zoo.snnet.layers import (
     FLOP_MAPPING,
-    VIT_PARTS,
     StitchPath,
     StitchedViT,
     StitchingLayer,
+    anchor_blocks,
     anchor_label,
+    check_anchor,
     shape_info,
     shell,
     embed,
@@ -27,6 +28,8 @@ from zoo.snnet.layers import (
 
 class StitchableNet(nn.Module):
     """SN-Net / SN-Netv2 over a family of ViT anchors (sorted here from smallest to largest).
+
+    The anchors' blocks are read where :mod:`zoo.families` says they are; anchors of another family fail.
 
     Args:
         anchors: timm ViT-like backbones (``num_classes=0``), in any order.
@@ -69,7 +72,7 @@ class StitchableNet(nn.Module):
         self.heads = nn.ModuleList(heads[i] for i in order)
         self.names = [anchor_label(names[i], anchors[i]) for i in order]
         self.kernel_size, self.stride, self.two_way = kernel_size, stride, two_way
-        self.depths = [len(b.blocks) for b in self.anchors]
+        self.depths = [len(anchor_blocks(b)) for b in self.anchors]
 
         pairs = [(a, a + 1) for a in range(len(self.anchors) - 1)]
         directions = pairs + ([(e, f) for f, e in pairs] if two_way else [])
@@ -91,14 +94,9 @@ class StitchableNet(nn.Module):
     @staticmethod
     def _check_anchors(anchors: list[nn.Module], names: list[str], interpolate_depth: bool, kernel_size: int) -> None:
         for i, (b, name) in enumerate(zip(anchors, names)):
-            missing = [p for p in VIT_PARTS if not hasattr(b, p)]
-            if missing or not isinstance(getattr(b, "blocks", None), (nn.Sequential, nn.ModuleList)):
-                raise ValueError(
-                    f"anchor {i} ({name!r}, {type(b).__name__}) is not a ViT-like block sequence: it lacks {missing or ['blocks as a sequence']}. "
-                    "SN-Net stitches timm VisionTransformer-style models (patch_embed, blocks, norm, forward_head), e.g. timm/vit_*, timm/deit_*."
-                )
-            if len(b.blocks) < kernel_size:
-                raise ValueError(f"anchor {i} ({name!r}) has {len(b.blocks)} blocks, fewer than kernel_size={kernel_size}")
+            check_anchor(b, f"anchor {i} ({name!r}, {type(b).__name__})")
+            if len(anchor_blocks(b)) < kernel_size:
+                raise ValueError(f"anchor {i} ({name!r}) has {len(anchor_blocks(b))} blocks, fewer than kernel_size={kernel_size}")
         ref = shape_info(anchors[0])
         for i, (b, name) in enumerate(zip(anchors, names)):
             info = shape_info(b)
@@ -108,9 +106,10 @@ class StitchableNet(nn.Module):
                     f"but anchor 0 ({names[0]!r}) has {ref[0]}, {ref[1]}, {ref[2]}, {ref[3]}: stitching maps tokens one to one, "
                     "so all anchors need the same image size, patch size (token count), input channels and prefix tokens"
                 )
-            if not interpolate_depth and len(b.blocks) != len(anchors[0].blocks):
+            depth, depth0 = len(anchor_blocks(b)), len(anchor_blocks(anchors[0]))
+            if not interpolate_depth and depth != depth0:
                 raise ValueError(
-                    f"anchor {i} ({name!r}) has {len(b.blocks)} blocks but anchor 0 ({names[0]!r}) has {len(anchors[0].blocks)}: "
+                    f"anchor {i} ({name!r}) has {depth} blocks but anchor 0 ({names[0]!r}) has {depth0}: "
                     "with interpolate_depth=false all anchors need the same depth (set interpolate_depth=true to map blocks by interpolation)"
                 )
 
@@ -169,14 +168,15 @@ class StitchableNet(nn.Module):
         h = embed(self.anchors[s.route[0]], x)
         start = 0
         for i, ((j, k), layer) in enumerate(zip(s.cuts, s.layers)):
-            blocks = self.anchors[s.route[i]].blocks
+            blocks = anchor_blocks(self.anchors[s.route[i]])
             for b in range(start, j + 1):
                 h = blocks[b](h)
             h = self.layer(s.route[i], s.route[i + 1], layer)(h)
             start = k
         end = s.route[-1]
+        blocks = anchor_blocks(self.anchors[end])
         for b in range(start, self.depths[end]):
-            h = self.anchors[end].blocks[b](h)
+            h = blocks[b](h)
         return finish(self.anchors[end], self.heads[end], h)
 
     @torch.no_grad()
@@ -209,8 +209,9 @@ class StitchableNet(nn.Module):
         """Run ``key``'s last anchor from block ``start``, branching into every child stitch at its cut."""
         route = key[0]
         anchor, branches = route[-1], children.get(key, {})
+        blocks = anchor_blocks(self.anchors[anchor])
         for b in range(start, self.depths[anchor]):
-            h = self.anchors[anchor].blocks[b](h)
+            h = blocks[b](h)
             for child in branches.get(b, ()):
                 j, k = child[1][-1]
                 self._walk(child, self._layer_of(anchor, child[0][-1], j, k)(h), k, children, wanted, out)
@@ -225,7 +226,7 @@ class StitchableNet(nn.Module):
         for b in self.anchors:
             h = embed(b, x)
             hs = [h]
-            for blk in b.blocks:
+            for blk in anchor_blocks(b):
                 h = blk(h)
                 hs.append(h)
             feats.append(hs)
@@ -274,7 +275,7 @@ class StitchableNet(nn.Module):
         parts, x = {}, self.example_input()
         for a, b in enumerate(self.anchors):
             parts[("embed", a)], h = count(embed, b, x)
-            for i, blk in enumerate(b.blocks):
+            for i, blk in enumerate(anchor_blocks(b)):
                 parts[("block", a, i)], h = count(blk, h)
             parts[("finish", a)], _ = count(finish, b, self.heads[a], h)
         for key, layers in self.stitch_layers.items():
@@ -303,10 +304,10 @@ class StitchableNet(nn.Module):
         return list(self._flops) if stitch is None else self._flops[self._check(stitch)]
 
     def _modules_of(self, s: StitchPath) -> list[nn.Module]:
-        mods = []
+        mods, blocks = [], [anchor_blocks(b) for b in self.anchors]
         for p in self.stitch_parts(s):
             if p[0] == "block":
-                mods.append(self.anchors[p[1]].blocks[p[2]])
+                mods.append(blocks[p[1]][p[2]])
             elif p[0] == "layer":
                 mods.append(self.layer(*p[1:]))
         return mods
