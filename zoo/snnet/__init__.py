@@ -8,8 +8,8 @@ stitching (large->small and the chains small->large->small, large->small->large)
 switches the active one without rebuilding anything, ``extract`` returns it as a standalone module,
 and ``forward_all`` evaluates all stitches at once, computing each shared prefix only once.
 
-Anchors are timm ``VisionTransformer``-like backbones (``patch_embed``, ``blocks``, ``norm``,
-``forward_head``), each with its own classification head; a stitch ends with its END anchor's head::
+Anchors are backbones of the ``vit`` family of :mod:`zoo.families` (timm ``VisionTransformer``: ``patch_embed``,
+``blocks``, ``norm``, ``forward_head``), each with its own classification head; a stitch ends with its END anchor's head::
 
     net = StitchableNet([vit_s, vit_m, vit_l], [head_s, head_m, head_l])   # any order: sorted by size
     net.init_stitching_layers(images)         # least squares on one batch of real inputs
