@@ -4,7 +4,9 @@
   schedule (Zhu & Gupta 2017, "To prune, or not to prune"), on every weight tensor by default (EMoE
   experts included) or on parameters chosen by name pattern.
 * :class:`StructuredPruning`: channels, attention heads, FFN and EMoE-expert neurons by L2 norm (Torch-Pruning,
-  Fang et al. 2023, "DepGraph"), masked during training and physically removed at the end of fit.
+  Fang et al. 2023, "DepGraph"), masked during training and physically removed at the end of fit. Its grouping and
+  removal live in :mod:`zoo.pruning.structured`, shared with the one-shot surgery :class:`zoo.pruning.PruneStructured`
+  (prune at build time, then finetune).
 * :class:`LotteryTicket`: iterative magnitude pruning with weight rewinding to step ``k``
   (Frankle & Carbin 2019; Frankle et al. 2020, "Linear mode connectivity and the lottery ticket hypothesis").
 

@@ -16,6 +16,8 @@ from fnmatch import fnmatch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from zoo.pruning.structured import names_check  # noqa: F401  (one implementation, shared with zoo.pruning)
+
 # roles of zoo.families whose whole absence from a selection is reported (stems, embeddings and norms are often kept on purpose)
 CHECKED_ROLES = ("attention", "ffn")
 
@@ -126,12 +128,3 @@ def report(who: str, pl_module: nn.Module, names: Sequence[str], include_frozen:
             rank_zero_warn(f"{who}: the selection leaves every {' and every '.join(missed)} module of {model} unpruned "
                            f"(by module type it prunes: {', '.join(table) or 'nothing'}); widen `patterns` if that is not intended")
     return untouched
-
-
-def names_check(pl_module: nn.Module, patterns: Sequence[str], what: str) -> None:
-    """Fail when a pattern matches no module name of ``pl_module``, listing the closest names."""
-    names = [n for n, _ in pl_module.named_modules() if n]
-    for pattern in patterns:
-        if not any(fnmatch(n, pattern) for n in names):
-            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3) or names[:5]
-            raise ValueError(f"{what} {pattern!r} matches no module of {type(pl_module).__name__}; candidates: {', '.join(close)}")

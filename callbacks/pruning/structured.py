@@ -1,25 +1,24 @@
 """Structured pruning: channels, attention heads and FFN neurons by L2 norm (Torch-Pruning, Fang et al. 2023,
 "DepGraph"), masked during training and physically removed at the end of fit. EMoE layers lose the same number
-of neurons in every expert (the lowest-norm ones of each), so their stacked experts shrink too."""
+of neurons in every expert (the lowest-norm ones of each), so their stacked experts shrink too. The grouping,
+ranking and removal are :mod:`zoo.pruning.structured`, shared with the one-shot surgery
+:class:`zoo.pruning.PruneStructured`."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from fnmatch import fnmatch
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
 from callbacks.pruning.base import MaskedPruning
-from callbacks.pruning.selection import names_check
 from callbacks.pruning_schedules import PruningSchedule
 from zoo.batch import as_batch
 from zoo.emoe.layers import EMoEFFN
+from zoo.pruning.structured import EXPERT_TENSORS, expert_keep, expert_layers, is_ignored, meta_pruner, names_check, opaque_experts, remove_channels
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-EXPERT_TENSORS = ("fc1_weight", "fc1_bias", "up_weight", "up_bias", "fc2_weight")  # stacked (N, m, ...): a neuron is [e, j]
 
 
 def _batch_inputs(batch: Any) -> Any:
@@ -32,26 +31,6 @@ def _batch_inputs(batch: Any) -> Any:
 def _rows(name: str, mask: torch.Tensor) -> torch.Tensor:
     """Per output channel (neuron, for an EMoE ``fc1_weight``), whether any of its entries survives."""
     return (mask.reshape(-1, mask.shape[-1]) if name.endswith("fc1_weight") else mask.flatten(1)).amax(1)
-
-
-@contextmanager
-def opaque_experts(pl_module: nn.Module) -> Iterator[list[nn.Module]]:
-    """Every EMoE layer replaced, for the duration, by a plain ``Linear(d, d_out)`` stand-in (yielded, for
-    Torch-Pruning to ignore): Torch-Pruning then neither traces the experts' dispatch (slow: minutes on a tiny
-    ViT) nor prunes the width that flows through them (a group holding an ignored layer is not pruned)."""
-    layers = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, EMoEFFN)]
-    proxies = []
-    for name, layer in layers:
-        parent, _, attr = name.rpartition(".")
-        proxy = nn.Linear(layer.fc1_weight.shape[-1], layer.fc2_weight.shape[-1], bias=False, device=layer.fc2_weight.device)
-        setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, proxy)
-        proxies.append(proxy)
-    try:
-        yield proxies
-    finally:
-        for name, layer in layers:
-            parent, _, attr = name.rpartition(".")
-            setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, layer)
 
 
 class StructuredPruning(MaskedPruning):
@@ -71,7 +50,8 @@ class StructuredPruning(MaskedPruning):
         ignore: fnmatch patterns of module names whose output channels are kept (the classifier head,
             and e.g. ``backbone.patch_embed.proj`` to keep a ViT's embedding width). Frozen modules are
             always kept.
-        prune_heads: remove whole attention heads of timm-style attention (modules with ``qkv`` and ``num_heads``).
+        prune_heads: remove whole attention heads of timm-style attention (modules with ``qkv`` and ``num_heads``);
+            false: every head loses the same share of its dimensions.
         global_pruning: rank channels across groups instead of the same fraction in each group.
         round_to: keep channel counts multiples of this (hardware-friendly).
         make_permanent: physically shrink the model at the end of fit (else keep the masks).
@@ -103,41 +83,24 @@ class StructuredPruning(MaskedPruning):
         super().on_fit_start(trainer, pl_module)
 
     def _ignored(self, name: str, module: nn.Module) -> bool:
-        frozen = list(module.parameters(recurse=False)) and not any(p.requires_grad for p in module.parameters(recurse=False))
-        return bool(frozen) or any(fnmatch(name, pat) for pat in self.ignore)
+        return is_ignored(name, module, self.ignore)
 
     def experts(self, pl_module: nn.Module) -> list[tuple[str, EMoEFFN]]:
         """The EMoE layers this callback prunes (not ignored, not frozen)."""
-        return [(n, m) for n, m in pl_module.named_modules() if isinstance(m, EMoEFFN) and not self._ignored(n, m)]
+        return expert_layers(pl_module, self.ignore)
 
     def pruner(self, pl_module: nn.Module, sparsity: float, example: Any, keep: list[nn.Module] = ()):
         """A Torch-Pruning ``MetaPruner`` that removes ``sparsity`` of every prunable group of ``pl_module``
         (``keep``: more modules to ignore). EMoE layers must be hidden first (:func:`opaque_experts`)."""
-        import torch_pruning as tp
-
         ignored = [m for n, m in pl_module.named_modules() if n and self._ignored(n, m)] + list(keep)
-        num_heads = {m.qkv: m.num_heads for m in pl_module.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")} if self.prune_heads else {}
-        was_training = pl_module.training
-        with torch.enable_grad():  # the dependency graph is traced with autograd
-            pruner = tp.pruner.MetaPruner(
-                pl_module, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=sparsity, ignored_layers=ignored,
-                global_pruning=self.global_pruning, round_to=self.round_to, num_heads=num_heads, prune_num_heads=bool(num_heads),
-                prune_head_dims=not num_heads, head_pruning_ratio=sparsity if num_heads else 0.0,
-            )
-        pl_module.train(was_training)
-        return pruner
+        return meta_pruner(pl_module, sparsity, example, ignored, self.prune_heads, self.global_pruning, self.round_to)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._example is None:
             self._example = _batch_inputs(batch)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
-    @staticmethod
-    def expert_keep(layer: EMoEFFN, sparsity: float) -> torch.Tensor:
-        """``(N, m')`` indices of the neurons each expert keeps: all but its ``round(sparsity * m)`` lowest-norm ones."""
-        norms = layer.neuron_norms()
-        keep = norms.shape[1] - round(sparsity * norms.shape[1])
-        return norms.topk(keep, dim=1).indices.sort(dim=1).values
+    expert_keep = staticmethod(expert_keep)
 
     @torch.no_grad()
     def plan(self, pl_module: nn.Module, sparsity: float, example: Any) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -210,19 +173,8 @@ class StructuredPruning(MaskedPruning):
             self.remove_masks(pl_module)
             self.shrink(pl_module, self.applied, self._example)
 
-    @torch.no_grad()
     def shrink(self, pl_module: nn.Module, sparsity: float, example: Any) -> None:
         """Physically remove the ``sparsity`` lowest-norm channels of every group (the masked ones), and the
-        ``sparsity`` lowest-norm neurons of every expert of the EMoE layers."""
-        with opaque_experts(pl_module) as proxies:
-            pruner = self.pruner(pl_module, sparsity, example, keep=proxies)
-            for group in pruner.step(interactive=True):
-                group.prune()
-        for m in pl_module.modules():
-            if isinstance(getattr(m, "qkv", None), nn.Module) and m.qkv in pruner.num_heads:
-                m.num_heads = pruner.num_heads[m.qkv]
-                m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-                if hasattr(m, "attn_dim"):
-                    m.attn_dim = m.num_heads * m.head_dim
-        for _, layer in self.experts(pl_module):
-            layer.keep_neurons(self.expert_keep(layer, sparsity))
+        ``sparsity`` lowest-norm neurons of every expert of the EMoE layers (:func:`zoo.pruning.remove_channels`)."""
+        remove_channels(pl_module, sparsity, example, ignore=self.ignore, prune_heads=self.prune_heads,
+                        global_pruning=self.global_pruning, round_to=self.round_to)
