@@ -23,6 +23,7 @@ _EXPORTS = {
     **dict.fromkeys(["AttentionDistill", "DecoupledKD", "DistillationModule", "DistillLoss", "FeatureHint", "HardCE",
                      "HiddenStateDistill", "SoftTargetKL"], "zoo.distillation"),
     **dict.fromkeys(["EMoEFFN", "EMoEModule", "Moefy", "BalanceLoss", "demoefy", "moefy"], "zoo.emoe"),
+    "PruneStructured": "zoo.pruning",
     **dict.fromkeys(["Anchors", "SNNetModule", "Stitch", "StitchableNet", "StitchingLayer", "StitchSampler"], "zoo.snnet"),
     **dict.fromkeys(["FeatureCache", "Freeze", "FrozenPrefix", "LayerChain", "MultiTaskSubTuned", "ProfileRunner", "SubTuningModule", "candidate_layers", "greedy_select"], "zoo.subtuning"),
 }
