@@ -31,6 +31,7 @@ import datamodules  # noqa: F401
 import zoo.continual  # noqa: F401  (the technique packages: their modules and parts become known subclasses)
 import zoo.distillation  # noqa: F401
 import zoo.emoe  # noqa: F401
+import zoo.pruning  # noqa: F401
 import zoo.snnet  # noqa: F401
 import zoo.subtuning  # noqa: F401
 from callbacks.checkpoint import Checkpoint
