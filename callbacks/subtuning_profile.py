@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import Callback
 
 from zoo.subtuning.module import SubTuningModule
-from zoo.subtuning.profile import ProfileRunner, profile_figure, stack_dataset, write_outputs
+from zoo.subtuning.profile import STARTS, ProfileRunner, profile_figure, stack_dataset, write_outputs
 
 
 class SubTuningProfile(Callback):
@@ -28,7 +28,9 @@ class SubTuningProfile(Callback):
     On ``setup`` (rank 0, result broadcast), it scores every layer of the module's pretrained
     backbone on the datamodule's ``train_set``/``val_set``, runs the greedy selection, writes the
     outputs (see :func:`write_outputs`) to ``out_dir`` (default: the logger's directory) and a
-    TensorBoard figure, then sets the module's ``trainable_layers`` to the chosen ones.
+    TensorBoard figure, then sets the module's ``trainable_layers`` to the chosen ones. The runs
+    use a copy of the backbone on the trainer's root device. ``start: both`` is the official
+    greedy start (see :func:`zoo.subtuning.profile.greedy_select`).
     Under ``fast_dev_run`` each run trains for one step on a few samples.
 
     YAML::
@@ -53,8 +55,8 @@ class SubTuningProfile(Callback):
         seed: int = 0,
         out_dir: str | None = None,
     ):
-        if start not in ("head", "best", "all"):
-            raise ValueError(f"start={start!r}: expected 'head', 'best' or 'all'")
+        if start not in STARTS:
+            raise ValueError(f"start={start!r}: expected one of {', '.join(map(repr, STARTS))}")
         if steps < 1 or batch_size < 1 or folds < 1 or (k is not None and k < 1) or epsilon < 0:
             raise ValueError(f"steps={steps}, batch_size={batch_size}, folds={folds}, k={k}, epsilon={epsilon}: expected positive steps/batch_size/folds/k and epsilon >= 0")
         self.kwargs = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "folds": folds, "seed": seed}
@@ -90,7 +92,8 @@ class SubTuningProfile(Callback):
         train = stack_dataset(dm.train_set, limit, kwargs["seed"])
         # A smoke test (fast_dev_run) on a tiny stand-in dataset may have no validation images.
         val = stack_dataset(dm.val_set if len(dm.val_set) or not trainer.fast_dev_run else dm.train_set, max_val, kwargs["seed"])
-        backbone = copy.deepcopy(pl_module.backbone).cpu()
+        # On the trainer's device (in ``setup`` the module itself is not moved there yet).
+        backbone = copy.deepcopy(pl_module.backbone).to(trainer.strategy.root_device)
         runner = ProfileRunner(backbone, pl_module.num_classes, train, val, granularity=pl_module.hparams.granularity, **kwargs)
         chosen, best, history = runner.select(self.k, self.epsilon, self.start)
         profile = runner.profile()

@@ -26,6 +26,9 @@ from zoo.batch import as_batch
 from zoo.subtuning.chain import LayerChain
 from zoo.subtuning.layers import candidate_layers, freeze_except, frozen_eval
 
+STARTS = ("head", "best", "all", "both")  # "both": the official start (see greedy_select)
+
+
 def greedy_select(
     layers: Sequence[str],
     score: Callable[[tuple[str, ...]], float],
@@ -37,7 +40,10 @@ def greedy_select(
     """The paper's greedy layer selection.
 
     ``start="head"`` begins from no layer (the head alone), ``"best"`` from the profile's best
-    layer, ``"all"`` from every layer (then each round *removes* a layer). Each round scores every
+    layer, ``"all"`` from every layer (then each round *removes* a layer). ``"both"`` is the
+    official code's start (talswisa/SubTuning ``greedy_start``): score no layer and every layer,
+    then search from the better one (adding from no layer, removing from all; a tie goes to no
+    layer), with ``k`` read for that direction. Each round scores every
     one-layer change of the current set with ``score`` and keeps the best; it stops at ``k``
     layers, when no change is left, or when the
     round's best accuracy falls below the best so far minus ``epsilon``.
@@ -46,19 +52,13 @@ def greedy_select(
     Returns ``(best set, its accuracy, history)``; the best set is the smallest among the
     highest-scoring sets seen. ``history`` has one row per scored set.
     """
-    if start not in ("head", "best", "all"):
-        raise ValueError(f"start={start!r}: expected 'head', 'best' or 'all'")
+    if start not in STARTS:
+        raise ValueError(f"start={start!r}: expected one of {', '.join(map(repr, STARTS))}")
     if k is not None and k < 1:
         raise ValueError(f"k={k}: expected a positive number of layers or null")
     if epsilon < 0:
         raise ValueError(f"epsilon={epsilon}: expected a non-negative number")
     order = {n: i for i, n in enumerate(layers)}
-    if start == "best":
-        if not profile:
-            raise ValueError("start='best' needs the finetuning profile (accuracy per layer)")
-        current = (max(layers, key=lambda n: profile[n]),)
-    else:
-        current = tuple(layers) if start == "all" else ()
     history: list[dict[str, Any]] = []
     memo: dict[tuple[str, ...], float] = {}
 
@@ -67,6 +67,15 @@ def greedy_select(
             memo[s] = float(score(s))
             history.append({"round": rnd, "layers": s, "val_acc": memo[s]})
         return memo[s]
+
+    if start == "both":  # official: all layers if strictly better than none, else none
+        start = "all" if evaluate(tuple(layers), 0) > evaluate((), 0) else "head"
+    if start == "best":
+        if not profile:
+            raise ValueError("start='best' needs the finetuning profile (accuracy per layer)")
+        current = (max(layers, key=lambda n: profile[n]),)
+    else:
+        current = tuple(layers) if start == "all" else ()
 
     def done() -> bool:
         if k is None:
@@ -116,6 +125,8 @@ class ProfileRunner:
     k-fold cross-validation on the training data (for tiny datasets). Scores are memoized, and the
     frozen prefix's outputs are computed once per start layer and split and shared by all runs.
     ``layers=FULL`` finetunes every parameter from the raw inputs (the full-finetuning baseline).
+    Everything runs on the backbone's device (its first parameter's); the data stay where they are
+    and are moved there batch by batch, and the cached prefix outputs live on that device.
     """
 
     def __init__(
@@ -140,6 +151,7 @@ class ProfileRunner:
         if folds == 1 and val is None:
             raise ValueError("folds=1 scores on the validation set: pass val, or set folds >= 2 for cross-validation")
         self.backbone = backbone.eval()
+        self.device = next(iter([*backbone.parameters(), *backbone.buffers()]), torch.empty(0)).device
         self.chain = LayerChain(backbone)
         self.layers = candidate_layers(backbone, granularity)
         self.num_classes = num_classes
@@ -155,7 +167,7 @@ class ProfileRunner:
         if key not in self._features:
             x = self.data[split][0]
             with torch.no_grad():
-                self._features[key] = torch.cat([self.chain.prefix(x[i : i + self.eval_batch_size], start)[0] for i in range(0, len(x), self.eval_batch_size)])
+                self._features[key] = torch.cat([self.chain.prefix(x[i : i + self.eval_batch_size].to(self.device), start)[0] for i in range(0, len(x), self.eval_batch_size)])
         return self._features[key]
 
     def add_split(self, name: str, data: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -173,11 +185,11 @@ class ProfileRunner:
             frozen_eval(net, modules)
             start = chain.start_of(layers)
         torch.manual_seed(self.seed)
-        head = nn.Linear(net.num_features, self.num_classes)
+        head = nn.Linear(net.num_features, self.num_classes, device=self.device)
         x, y = self.data["train"]
         feats = x if start is None else self.features("train", start)
         if train_idx is not None:
-            feats, y = feats[train_idx], y[train_idx]
+            feats, y = feats[train_idx.to(feats.device)], y[train_idx.to(y.device)]
         params = [p for p in [*net.parameters(), *head.parameters()] if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         gen = torch.Generator().manual_seed(self.seed)
@@ -186,9 +198,9 @@ class ProfileRunner:
             if len(order) < min(self.batch_size, len(y)):
                 order = torch.cat([order, torch.randperm(len(y), generator=gen)])
             idx, order = order[: self.batch_size], order[self.batch_size :]
-            h = feats[idx]
+            h = feats[idx.to(feats.device)].to(self.device)
             out = net(h) if start is None else chain.suffix(h, ((), {}), h, start)
-            loss = F.cross_entropy(head(out), y[idx])
+            loss = F.cross_entropy(head(out), y[idx.to(y.device)].to(self.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -201,12 +213,12 @@ class ProfileRunner:
         x, y = self.data[split]
         feats = x if start is None else self.features(split, start)
         if idx is not None:
-            feats, y = feats[idx], y[idx]
+            feats, y = feats[idx.to(feats.device)], y[idx.to(y.device)]
         correct = 0
         for i in range(0, len(y), self.eval_batch_size):
-            h = feats[i : i + self.eval_batch_size]
+            h = feats[i : i + self.eval_batch_size].to(self.device)
             out = net(h) if start is None else chain.suffix(h, ((), {}), h, start)
-            correct += int((head(out).argmax(-1) == y[i : i + self.eval_batch_size]).sum())
+            correct += int((head(out).argmax(-1) == y[i : i + self.eval_batch_size].to(self.device)).sum())
         return correct / len(y)
 
     def score(self, layers: Sequence[str] | str) -> float:
