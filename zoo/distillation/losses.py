@@ -127,21 +127,41 @@ HardCE = CrossEntropy  # the distillation preset's old name of the label term (e
 
 
 class SoftTargetKL(DistillLoss):
-    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch (Hinton et al., 2015)."""
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))`` (Hinton et al., 2015).
+
+    ``reduction: batchmean`` (default) averages the KL over the batch; ``numel`` divides the summed KL by
+    ``batch * classes`` as DeiT and the official SN-Net code do (``kl_div(..., reduction='sum') * T*T / s.numel()``),
+    i.e. ``classes`` times weaker.
+    """
 
     uses_logits = True
+    REDUCTIONS = ("batchmean", "numel")
 
-    def __init__(self, weight: float = 1.0, temperature: float = 4.0, teacher: TeacherSpec = None, name: str | None = None):
+    def __init__(self, weight: float = 1.0, temperature: float = 4.0, teacher: TeacherSpec = None, name: str | None = None,
+                 reduction: str = "batchmean"):
         super().__init__(weight=weight, teacher=teacher, name=name)
         if temperature <= 0:
             raise ValueError(f"SoftTargetKL: temperature={temperature} must be > 0")
-        self.temperature = float(temperature)
+        if reduction not in self.REDUCTIONS:
+            raise ValueError(f"SoftTargetKL: reduction={reduction!r}: expected one of {self.REDUCTIONS}")
+        self.temperature, self.reduction = float(temperature), reduction
 
     def compute(self, student, teacher, targets):
         t = self.temperature
         log_p_s = F.log_softmax(_f64(student.logits) / t, -1)
         log_p_t = F.log_softmax(_f64(teacher.logits) / t, -1)
+        if self.reduction == "numel":
+            return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum") * t * t / student.logits.numel()
         return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
+
+
+class HardDistill(DistillLoss):
+    """DeiT's hard distillation (Touvron et al., 2021): cross-entropy of the student on the teacher's argmax."""
+
+    uses_logits = True
+
+    def compute(self, student, teacher, targets):
+        return F.cross_entropy(_f64(student.logits), teacher.logits.argmax(-1))
 
 
 class DecoupledKD(DistillLoss):

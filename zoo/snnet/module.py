@@ -12,7 +12,7 @@ kwargs, or checkpoints of zoo classifiers trained here (their heads are reused):
         two_way: false          # SN-Netv2: large->small and chains too
         sampling: uniform       # or flops (SN-Netv2 resource-constrained)
         lora_rank: 0            # SN-Netv2 low-rank stitching-layer updates
-        fulltune: true          # false: train only stitching layers and heads
+        fulltune: true          # false: train only stitching layers, cls tokens and heads
         teacher: null           # "largest" or a zoo .ckpt: distill into every stitch
 
 The anchors are the module's backbone (:class:`~zoo.snnet.Anchors`) until ``configure_model`` applies the
@@ -23,7 +23,8 @@ rank 0 under DDP). Every rank draws the same stitch each step, and the sampler's
 checkpoints. Each step leaves the other stitches' parameters without gradient, so DDP needs
 ``trainer.strategy: ddp_find_unused_parameters_true`` (checked before training). Validation runs the
 selected stitch (``eval_stitch``, default the largest anchor); the :class:`~callbacks.stitch_sweep.StitchSweep`
-callback evaluates all of them. Distillation is :class:`zoo.distillation.SoftTargetKL` (``teacher: largest`` is a
+callback evaluates all of them. Distillation is :class:`zoo.distillation.SoftTargetKL` (``distill_type: soft`` or
+``soft_numel``) or :class:`zoo.distillation.losses.HardDistill` (``hard``) (``teacher: largest`` is a
 frozen copy of the largest anchor), so ``losses`` can list any terms instead of ``teacher``/``distill_*``.
 """
 
@@ -41,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from zoo import losses as L
 from zoo.batch import Batch, as_batch
 from zoo.classifier import Classifier
-from zoo.distillation.losses import SoftTargetKL
+from zoo.distillation.losses import HardDistill, SoftTargetKL
 from zoo.distillation.teachers import HeadedBackbone, pool_of
 from zoo.snnet.net import StitchableNet
 from zoo.snnet.sampler import StitchSampler
@@ -74,16 +75,22 @@ class SNNetModule(Classifier):
         flops_gap: ``flops`` sampling: group width as a fraction of the largest stitch's FLOPs.
         group_weights: ``flops`` sampling: ``uniform``, ``size`` or one weight per group.
         sample_seed: seed of the stitch sequence (same on every rank).
-        fulltune: train all weights; ``False`` trains only stitching layers and heads.
+        fulltune: train all weights; ``False`` trains only the stitching layers, the anchors' ``cls_token`` (as the official
+            code does) and the heads.
         eval_stitch: stitch used by validation/test/predict (default: the largest anchor).
         teacher: ``None``, ``largest`` (a frozen copy of the largest anchor) or a zoo ``.ckpt`` classifier: the losses
             become ``CrossEntropy(weight=1 - distill_alpha)`` + ``SoftTargetKL(weight=distill_alpha, teacher=teacher)``.
         distill_alpha: weight of the distillation term (cross-entropy gets ``1 - distill_alpha``).
         distill_temperature: softmax temperature of the distillation.
+        distill_type: the distillation term: ``soft`` (``SoftTargetKL``, KL averaged over the batch), ``soft_numel``
+            (``SoftTargetKL(reduction=numel)``: the official/DeiT ``sum / numel`` convention, ``classes`` times weaker) or
+            ``hard`` (``HardDistill``: cross-entropy on the teacher's argmax, the official SN-Net DeiT recipe).
         losses: the loss terms instead (default: cross-entropy, and the distillation above with a ``teacher``); a
             :mod:`zoo.distillation` term may name ``teacher: largest``.
         optimizer, lr_scheduler, scheduler_interval, label_smoothing: as :class:`~zoo.classifier.Classifier`.
     """
+
+    DISTILL_TYPES = ("soft", "soft_numel", "hard")
 
     def __init__(
         self,
@@ -105,6 +112,7 @@ class SNNetModule(Classifier):
         teacher: str | None = None,
         distill_alpha: float = 0.5,
         distill_temperature: float = 1.0,
+        distill_type: str = "soft",
         losses: list[L.LossTerm] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -117,6 +125,8 @@ class SNNetModule(Classifier):
             raise ValueError(f"distill_alpha={distill_alpha}: expected a value in [0, 1]")
         if distill_temperature <= 0:
             raise ValueError(f"distill_temperature={distill_temperature}: expected a positive value")
+        if distill_type not in self.DISTILL_TYPES:
+            raise ValueError(f"distill_type={distill_type!r}: expected one of {self.DISTILL_TYPES}")
         if teacher is not None and teacher != "largest" and not str(teacher).endswith(".ckpt"):
             raise ValueError(f"teacher={teacher!r}: expected null, 'largest' or a path to a zoo classifier .ckpt")
         if teacher is not None and losses is not None:
@@ -126,8 +136,10 @@ class SNNetModule(Classifier):
             raise ValueError(f"anchors={anchors!r}: SN-Net needs a list of at least 2 anchors")
         terms = losses
         if teacher is not None:
-            terms = [L.CrossEntropy(weight=1 - distill_alpha, label_smoothing=label_smoothing),
-                     SoftTargetKL(weight=distill_alpha, temperature=distill_temperature, teacher=teacher)]
+            kd = (HardDistill(weight=distill_alpha, teacher=teacher) if distill_type == "hard" else
+                  SoftTargetKL(weight=distill_alpha, temperature=distill_temperature, teacher=teacher,
+                               reduction="numel" if distill_type == "soft_numel" else "batchmean"))
+            terms = [L.CrossEntropy(weight=1 - distill_alpha, label_smoothing=label_smoothing), kd]
         stitch = Stitch(kernel_size=kernel_size, stride=stride, two_way=two_way, interpolate_depth=interpolate_depth, lora_rank=lora_rank,
                         lora_alpha=lora_alpha, eval_stitch=eval_stitch)
         super().__init__(model=None, num_classes=num_classes, pretrained=pretrained, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -139,6 +151,10 @@ class SNNetModule(Classifier):
         self.backbone = Anchors.build(anchors, num_classes, pretrained)  # stitched by the surgery in configure_model
         if not fulltune:
             self.backbone.backbones.requires_grad_(False)
+            for anchor in self.backbone.backbones:  # official: the cls token trains with the stitching layers
+                token = getattr(anchor, "cls_token", None)
+                if isinstance(token, nn.Parameter):
+                    token.requires_grad_(True)
         if any(getattr(t, "teacher", None) == "largest" for t in self.losses):  # before training: a frozen copy, outside the checkpoint
             i = self.backbone.largest()
             pool_of(self).add("largest", copy.deepcopy(HeadedBackbone(self.backbone.backbones[i], self.backbone.heads[i])), label="largest")

@@ -27,8 +27,8 @@ ANCHOR_KEYS = ("model", "pretrained", "model_kwargs")
 
 
 def build_anchor(spec: str | dict[str, Any], num_classes: int, pretrained: bool) -> tuple[nn.Module, nn.Module, str]:
-    """``(backbone, head, name)`` of one anchor: a zoo ``.ckpt`` (its head kept when it has ``num_classes``
-    outputs), a model name, or ``{model, pretrained, model_kwargs}``."""
+    """``(backbone, head, name)`` of one anchor: a zoo ``.ckpt`` or a timm model name / ``{model, pretrained, model_kwargs}``
+    (its own head kept when it has ``num_classes`` outputs, e.g. ImageNet anchors on ImageNet; else a fresh ``Linear``)."""
     if isinstance(spec, str):
         spec = {"model": spec}
     if not isinstance(spec, dict) or "model" not in spec or set(spec) - set(ANCHOR_KEYS):
@@ -42,8 +42,34 @@ def build_anchor(spec: str | dict[str, Any], num_classes: int, pretrained: bool)
         if not isinstance(head, nn.Linear) or head.out_features != num_classes:
             head = nn.Linear(backbone.num_features, num_classes)
         return backbone, head, Path(name).stem
-    backbone = build_backbone(name, spec.get("pretrained", pretrained), **(spec.get("model_kwargs") or {}))
+    kwargs = dict(spec.get("model_kwargs") or {})
+    kept = _hub_with_head(name, spec.get("pretrained", pretrained), kwargs, num_classes)
+    if kept is not None:
+        return (*kept, name.rsplit("/", 1)[-1])
+    kwargs.pop("num_classes", None)  # the model's own class count: its head is replaced
+    backbone = build_backbone(name, spec.get("pretrained", pretrained), **kwargs)
     return backbone, nn.Linear(backbone.num_features, num_classes), name.rsplit("/", 1)[-1]
+
+
+def _hub_with_head(name: str, pretrained: bool, kwargs: dict[str, Any], num_classes: int) -> tuple[nn.Module, nn.Linear] | None:
+    """``(backbone, head)`` of a timm anchor whose own classifier has ``num_classes`` outputs (its pretrained head, kept
+    as the official SN-Net does); ``None`` when the class count differs (the caller makes a fresh head)."""
+    prefix, _, rest = name.partition("/")
+    if prefix != "timm" or kwargs.get("checkpoint_path") or kwargs.get("pooling"):
+        return None
+    import timm
+
+    if not timm.is_model(rest):
+        return None  # build_backbone names the error
+    cfg = timm.models.get_pretrained_cfg(rest)
+    if kwargs.get("num_classes", getattr(cfg, "num_classes", None) or 1000) != num_classes:
+        return None
+    model = timm.create_model(rest, pretrained=pretrained, **{**kwargs, "num_classes": num_classes})
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear) or head.out_features != num_classes:
+        return None
+    model.reset_classifier(0)  # the backbone returns features; the head module (and its weights) is kept apart
+    return model, head
 
 
 class Anchors(nn.Module):
