@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_zoo_module": "zoo.backbones",
     **dict.fromkeys(["ContinualClassifier", "DER", "DERpp", "ER", "FineTune", "Joint", "KFPF", "ReplayBuffer",
                      "ExperienceReplay", "DarkReplay", "ReplayTerm"], "zoo.continual"),
-    **dict.fromkeys(["AttentionDistill", "DecoupledKD", "DistillationModule", "DistillLoss", "FeatureHint", "HardCE",
+    **dict.fromkeys(["AttentionDistill", "DecoupledKD", "DistillationModule", "DistillLoss", "FeatureHint", "HardCE", "HardDistill",
                      "HiddenStateDistill", "SoftTargetKL"], "zoo.distillation"),
     **dict.fromkeys(["EMoEFFN", "EMoEModule", "Moefy", "BalanceLoss", "demoefy", "moefy"], "zoo.emoe"),
     "PruneStructured": "zoo.pruning",

@@ -52,6 +52,7 @@ from zoo.distillation.losses import (
     DistillLoss,
     FeatureHint,
     HardCE,
+    HardDistill,
     HiddenStateDistill,
     ModelOutputs,
     Request,
@@ -64,7 +65,7 @@ from zoo.distillation.taps import StudentTaps, Taps, find_layer, transformer_kin
 from zoo.distillation.teachers import HeadedBackbone, Teacher, TeacherPool, load_teacher, pool_of
 
 __all__ = [
-    "AttentionDistill", "DecoupledKD", "DistillLoss", "DistillationModule", "FeatureHint", "HardCE", "HeadedBackbone", "HiddenStateDistill",
+    "AttentionDistill", "DecoupledKD", "DistillLoss", "DistillationModule", "FeatureHint", "HardCE", "HardDistill", "HeadedBackbone", "HiddenStateDistill",
     "ModelOutputs", "Request", "SoftTargetKL", "StudentTaps", "Taps", "Teacher", "TeacherCache", "TeacherPool", "build_cache", "find_layer",
     "load_teacher", "make_projector", "pool_of", "projector_like", "transformer_kind",
 ]
