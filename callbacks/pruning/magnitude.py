@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -113,6 +114,11 @@ class LotteryTicket(MagnitudePruning):
     are pruned and all trainable weights are rewound to their saved values (optimizer state is reset),
     so round ``r`` trains the ticket of sparsity ``1 - (1 - rate)^r`` from step ``k``.
 
+    ``rewind_lr`` (default True, as in Frankle et al. 2020, where rewinding to iteration ``k`` also resets the
+    learning-rate schedule to step ``k``): the LR schedulers' states and the optimizers' param-group
+    hyperparameters (``lr``, momentum, ...) are saved with the weights and restored at every round.
+    False keeps the schedule running on (the weights alone are rewound).
+
     YAML::
 
         trainer:
@@ -122,7 +128,7 @@ class LotteryTicket(MagnitudePruning):
               init_args: {rounds: 3, rate: 0.2, round_steps: 100, rewind_step: 10, patterns: ["backbone.*"]}
     """
 
-    def __init__(self, rounds: int = 3, rate: float = 0.2, round_steps: int = 100, rewind_step: int = 0, patterns: list[str] | None = None, exclude: list[str] = (), global_pruning: bool = True, include_frozen: bool = False, make_permanent: bool = True):
+    def __init__(self, rounds: int = 3, rate: float = 0.2, round_steps: int = 100, rewind_step: int = 0, patterns: list[str] | None = None, exclude: list[str] = (), global_pruning: bool = True, include_frozen: bool = False, make_permanent: bool = True, rewind_lr: bool = True):
         if rounds < 1:
             raise ValueError(f"LotteryTicket: rounds={rounds} must be >= 1")
         if not 0.0 < rate < 1.0:
@@ -132,17 +138,40 @@ class LotteryTicket(MagnitudePruning):
         schedule = Exponential(final_sparsity=1.0 - (1.0 - rate) ** rounds, initial_sparsity=rate, start=round_steps, end=rounds * round_steps, frequency=round_steps)
         super().__init__(schedule, patterns, exclude, global_pruning, include_frozen, make_permanent)
         self.rounds, self.rate, self.round_steps, self.rewind_step = rounds, rate, round_steps, rewind_step
+        self.rewind_lr = rewind_lr
         self.rewind_weights: dict[str, torch.Tensor] | None = None
+        self.rewind_schedule: dict[str, list] | None = None  # scheduler state_dicts and param-group hyperparameters at step k
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.rewind_weights is None and trainer.global_step >= self.rewind_step:
             self.rewind_weights = {n: p.detach().clone() for n, p in plain_names(pl_module).items() if p.requires_grad}
+            if self.rewind_lr:
+                self.rewind_schedule = self.schedule_state(trainer)
         rounds_done = len(self.history)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if len(self.history) > rounds_done:
             self.rewind(pl_module)
             for optimizer in trainer.optimizers:
                 optimizer.state.clear()
+            if self.rewind_lr and self.rewind_schedule is not None:
+                self.restore_schedule(trainer, self.rewind_schedule)
+
+    @staticmethod
+    def schedule_state(trainer: Trainer) -> dict[str, list]:
+        """The LR schedulers' state_dicts and the optimizers' param-group hyperparameters (all but ``params``)."""
+        return {"schedulers": [copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs],
+                "param_groups": [[copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in o.param_groups] for o in trainer.optimizers]}
+
+    @staticmethod
+    def restore_schedule(trainer: Trainer, state: dict[str, list]) -> None:
+        """Put the schedulers and the optimizers' ``lr`` (etc.) back as :meth:`schedule_state` saved them."""
+        if len(state["schedulers"]) != len(trainer.lr_scheduler_configs) or len(state["param_groups"]) != len(trainer.optimizers):
+            raise RuntimeError("LotteryTicket: the optimizers/LR schedulers differ from those saved at rewind_step; set rewind_lr: false")
+        for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
+            config.scheduler.load_state_dict(copy.deepcopy(saved))
+        for optimizer, groups in zip(trainer.optimizers, state["param_groups"]):
+            for group, saved in zip(optimizer.param_groups, groups):
+                group.update(copy.deepcopy(saved))
 
     @torch.no_grad()
     def rewind(self, pl_module: nn.Module) -> None:
@@ -153,8 +182,9 @@ class LotteryTicket(MagnitudePruning):
         self.refresh(pl_module)  # the masked weights the hooks expose
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rewind_weights": self.rewind_weights}
+        return {**super().state_dict(), "rewind_weights": self.rewind_weights, "rewind_schedule": self.rewind_schedule}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.rewind_weights = state_dict["rewind_weights"]
+        self.rewind_schedule = state_dict.get("rewind_schedule")  # absent in checkpoints older than rewind_lr
