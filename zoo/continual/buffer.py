@@ -9,7 +9,8 @@ Policies:
   ``c`` replaces a random sample of ``c`` with probability ``m_c / n_c`` (kept / seen of that class).
 
 Inputs are stored as given (pass raw ``uint8`` images to store them compactly), with labels, task ids and the
-logits at insertion time (for DER). ``add`` and ``sample`` cost O(batch), never O(buffer). Under DDP every rank
+logits at insertion time (for DER). ``add`` costs O(batch), never O(buffer); ``sample`` one
+random permutation of the stored rows (without replacement) or O(batch) (with). Under DDP every rank
 keeps its own share (:meth:`set_share`), seeded by rank.
 """
 
@@ -118,11 +119,17 @@ class ReplayBuffer:
             writes[slot] = i
         return list(writes), list(writes.values())
 
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` samples drawn uniformly with replacement: ``(x, y, task, logits)``."""
+    def sample(self, n: int, replace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A uniform draw ``(x, y, task, logits)``: by default ``min(n, len(self))`` distinct samples, as Mammoth's
+        ``get_data`` (``np.random.choice(filled, size=min(n, filled), replace=False)``); ``replace=True``: ``n``
+        samples with replacement. Both come from the buffer's own generator (checkpointed: resume is bit-identical)."""
         if self.size == 0:
             raise RuntimeError("sampling from an empty replay buffer")
-        idx = torch.randint(self.size, (n,), generator=self.sample_rng).to(self.x.device)
+        if replace:
+            idx = torch.randint(self.size, (n,), generator=self.sample_rng)
+        else:
+            idx = torch.randperm(self.size, generator=self.sample_rng)[:min(n, self.size)]
+        idx = idx.to(self.x.device)
         return tuple(v.index_select(0, idx) for v in (self.x, self.y, self.t, self.logits))
 
     # -- checkpointing --------------------------------------------------------------------

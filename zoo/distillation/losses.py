@@ -169,16 +169,28 @@ class DecoupledKD(DistillLoss):
 
     TCKD is the KL between the binary (target, rest) probabilities of teacher and student; NCKD the KL between
     their distributions over the non-target classes only. Both are averaged over the batch.
+
+    ``warmup`` (official mdistiller DKD, 20 epochs in its configs): the term is scaled by ``min(epoch / warmup, 1)``
+    with mdistiller's 1-based epoch, i.e. ``(current_epoch + 1) / warmup`` in Lightning's 0-based count; 0 = off.
     """
 
     uses_logits = True
 
     def __init__(self, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, teacher: TeacherSpec = None,
-                 name: str | None = None):
+                 name: str | None = None, warmup: int = 20):
         super().__init__(weight=weight, teacher=teacher, name=name)
         if temperature <= 0 or alpha < 0 or beta < 0:
             raise ValueError(f"DecoupledKD: temperature={temperature} must be > 0, alpha={alpha} and beta={beta} >= 0")
-        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"DecoupledKD: warmup={warmup!r}: expected a number of epochs >= 0 (0 = no warm-up)")
+        self.alpha, self.beta, self.temperature, self.warmup = float(alpha), float(beta), float(temperature), warmup
+
+    def warmup_scale(self, current_epoch: int) -> float:
+        """``min(epoch / warmup, 1)`` with the official 1-based epoch (Lightning's ``current_epoch + 1``)."""
+        return 1.0 if not self.warmup else min((current_epoch + 1) / self.warmup, 1.0)
+
+    def forward(self, step: Step) -> torch.Tensor:
+        return super().forward(step) * self.warmup_scale(step.module.current_epoch)
 
     @staticmethod
     def _parts(logits: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
