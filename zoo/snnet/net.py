@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from zoo import families
 from zoo.snnet.layers import (
     FLOP_MAPPING,
     StitchPath,
@@ -72,7 +73,9 @@ class StitchableNet(nn.Module):
         self.heads = nn.ModuleList(heads[i] for i in order)
         self.names = [anchor_label(names[i], anchors[i]) for i in order]
         self.kernel_size, self.stride, self.two_way = kernel_size, stride, two_way
-        self.depths = [len(anchor_blocks(b)) for b in self.anchors]
+        # where each anchor's blocks are, asked of zoo.families once (the forward passes look them up by name)
+        self.block_names = [[n for n, _ in families.blocks(b)] for b in self.anchors]
+        self.depths = [len(names) for names in self.block_names]
 
         pairs = [(a, a + 1) for a in range(len(self.anchors) - 1)]
         directions = pairs + ([(e, f) for f, e in pairs] if two_way else [])
@@ -163,18 +166,23 @@ class StitchableNet(nn.Module):
     def layer(self, front: int, end: int, index: int) -> StitchingLayer:
         return self.stitch_layers[f"{front}-{end}"][index]
 
+    def blocks(self, anchor: int) -> list[nn.Module]:
+        """The blocks of anchor ``anchor`` in forward order (names found once, at construction)."""
+        root = families.root_of(self.anchors[anchor])
+        return [root.get_submodule(n) for n in self.block_names[anchor]]
+
     def forward(self, x: torch.Tensor, stitch: int | None = None) -> torch.Tensor:
         s = self.stitches[self.active if stitch is None else self._check(stitch)]
         h = embed(self.anchors[s.route[0]], x)
         start = 0
         for i, ((j, k), layer) in enumerate(zip(s.cuts, s.layers)):
-            blocks = anchor_blocks(self.anchors[s.route[i]])
+            blocks = self.blocks(s.route[i])
             for b in range(start, j + 1):
                 h = blocks[b](h)
             h = self.layer(s.route[i], s.route[i + 1], layer)(h)
             start = k
         end = s.route[-1]
-        blocks = anchor_blocks(self.anchors[end])
+        blocks = self.blocks(end)
         for b in range(start, self.depths[end]):
             h = blocks[b](h)
         return finish(self.anchors[end], self.heads[end], h)
@@ -209,7 +217,7 @@ class StitchableNet(nn.Module):
         """Run ``key``'s last anchor from block ``start``, branching into every child stitch at its cut."""
         route = key[0]
         anchor, branches = route[-1], children.get(key, {})
-        blocks = anchor_blocks(self.anchors[anchor])
+        blocks = self.blocks(anchor)
         for b in range(start, self.depths[anchor]):
             h = blocks[b](h)
             for child in branches.get(b, ()):
