@@ -21,7 +21,6 @@ from tests.helpers import ROOT
 from tests.standin import point_data_dirs, standin_args, write_mnist_like
 from zoo.batch import Batch
 from zoo.continual import ER, ExperienceReplay
-from zoo.losses import Step
 from zoo.subtuning import Freeze
 
 CONFIG = ROOT / "configs" / "compose" / "subtuning_er.yaml"
@@ -63,7 +62,8 @@ def test_only_the_chosen_layers_change_and_replay_ran(trained):
     assert changed and all(k.startswith(TRAINED) for k in changed), sorted(k for k in changed if not k.startswith(TRAINED))[:5]
     assert {k.split(".")[0] if k.startswith("head.") else ".".join(k.split(".")[:3]) for k in changed} == {"head", "backbone.blocks.5", "backbone.blocks.6"}
     assert any("running_mean" in k for k in after if not k.startswith(TRAINED))  # frozen BatchNorm statistics were compared too
-    assert trainer.logged_metrics["train/experience_replay"] > 0 and "train/cross_entropy" in trainer.logged_metrics
+    # ER's default combine: concat logs what replay adds to the batch's cross-entropy (signed; 0 only without replay)
+    assert trainer.logged_metrics["train/experience_replay"] != 0 and "train/cross_entropy" in trainer.logged_metrics
     stream = trainer.datamodule
     seen = sum(len(stream.task_set("train", t)) for t in range(2)) * 3  # 2 tasks x 3 epochs, every sample each epoch
     assert model.buffer.seen == seen and len(model.buffer) == min(seen, 200)
@@ -92,7 +92,7 @@ def test_replayed_samples_run_the_whole_network_not_the_cache(trained):
     model.chain.prefix = lambda x, s: (calls.append(len(x)), prefix(x, s))[1]
     try:
         state = model.buffer.sample_rng.get_state()
-        value = term(Step(model, Batch(torch.zeros(1), torch.zeros(1, dtype=torch.long)), torch.zeros(1, 10)))
+        value = term.replay_loss(model)  # the draw's cross-entropy (combine: concat then mixes it with the batch's)
         model.buffer.sample_rng.set_state(state)  # the same draw, by hand: a plain forward of the whole backbone
         x, y, t, _ = model.replay(8)
         with torch.no_grad():

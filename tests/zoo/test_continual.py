@@ -245,7 +245,8 @@ def test_er_is_the_base_class_plus_a_replay_term_logged_by_name(tmp_path):
     for model in (er, parts):
         model.buffer.add(batch.raw, batch.targets, batch.task, torch.zeros(8, 10))
     assert er.training_loss(batch)[0].item() == parts.training_loss(batch)[0].item()
-    assert parts.hparams.losses[1] == {"class_path": "zoo.continual.replay.ExperienceReplay", "init_args": {"weight": 1.0, "batch_size": 5, "name": "experience_replay"}}
+    assert parts.hparams.losses[1] == {"class_path": "zoo.continual.replay.ExperienceReplay", "init_args": {"weight": 1.0, "batch_size": 5, "replace": False,
+                                                                                                           "combine": "concat", "name": "experience_replay"}}
     trainer = Trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(ER(**MLP, buffer_size=20), ContinualDataModule(Digits(batch_size=16), classes_per_task=2))

@@ -146,15 +146,17 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             return logits
         return logits.masked_fill(~self.task_mask[task], torch.finfo(logits.dtype).min)
 
-    def replay(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``n`` buffer samples, transformed for training: ``(x, y, task, stored_logits)``."""
-        x, y, t, z = self.buffer.sample(n)
+    def replay(self, n: int, replace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` buffer samples (distinct, at most all the buffer holds; ``replace``: ``n`` with replacement),
+        transformed for training: ``(x, y, task, stored_logits)``."""
+        x, y, t, z = self.buffer.sample(n, replace=replace)
         return self.stream.buffer_transform(x), y, t, z
 
     def batch_logits(self, batch: Batch) -> torch.Tensor:
         logits = super().batch_logits(batch)
         if self.training and self.buffer is not None:
-            self.__dict__["_step_logits"] = logits  # unmasked: what the buffer stores (DER's targets)
+            # unmasked, all classes, train mode, before the optimizer step: Mammoth der.py stores ``outputs.data``
+            self.__dict__["_step_logits"] = logits
         return logits
 
     def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Replay as loss terms: each draws from the :class:`~zoo.continual.ContinualClassifier`'s buffer.
 
 - :class:`ExperienceReplay` (ER, Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019):
-  cross-entropy on a buffer draw.
+  cross-entropy on a buffer draw; by default (``combine: concat``, Mammoth's ``models/er.py``) one cross-entropy
+  over the current batch and the draw together, i.e. each replayed sample weighs as much as a current one.
 - :class:`DarkReplay` (DER / DER++, Buzzega et al., NeurIPS 2020): ``alpha`` x MSE between the current logits
   and those stored at insertion on one draw, plus (DER++, ``beta > 0``) ``beta`` x cross-entropy on a second.
 
@@ -26,20 +27,21 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from zoo.losses import LossTerm, Step
+from zoo.losses import CrossEntropy, LossTerm, Step
 
 if TYPE_CHECKING:
     from zoo.continual.module import ContinualClassifier
 
 
 class ReplayTerm(LossTerm):
-    """Base of the replay terms: ``batch_size`` samples per draw (None: the module's ``replay_batch_size``)."""
+    """Base of the replay terms: ``batch_size`` samples per draw (None: the module's ``replay_batch_size``);
+    ``replace``: draw with replacement (always ``batch_size`` samples) instead of Mammoth's distinct samples."""
 
-    def __init__(self, weight: float = 1.0, batch_size: int | None = None, name: str | None = None):
+    def __init__(self, weight: float = 1.0, batch_size: int | None = None, replace: bool = False, name: str | None = None):
         super().__init__(weight=weight, name=name)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"{type(self).__name__}: batch_size={batch_size}: expected a positive integer or null")
-        self.batch_size = batch_size
+        self.batch_size, self.replace = batch_size, bool(replace)
 
     def setup(self, module, stage: str) -> None:
         from zoo.continual.module import ContinualClassifier
@@ -50,7 +52,7 @@ class ReplayTerm(LossTerm):
 
     def draw(self, module: ContinualClassifier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(inputs, targets, task, stored logits)`` of one buffer draw, transformed for training."""
-        return module.replay(self.batch_size or module.hparams.replay_batch_size)
+        return module.replay(self.batch_size or module.hparams.replay_batch_size, replace=self.replace)
 
     def forward(self, step: Step) -> torch.Tensor:
         module = step.module
@@ -62,8 +64,41 @@ class ReplayTerm(LossTerm):
         raise NotImplementedError
 
 
+COMBINE = ("concat", "sum")
+
+
 class ExperienceReplay(ReplayTerm):
-    """ER: cross-entropy on a buffer draw (task-masked like the current batch)."""
+    """ER: cross-entropy on a buffer draw (task-masked like the current batch).
+
+    Args:
+        combine: ``concat`` (official, Mammoth ``models/er.py``: the draw joins the current batch and one
+            cross-entropy is averaged over both, ``(B·CE_batch + M·CE_draw) / (B + M)``; the term returns what it adds
+            to the module's :class:`~zoo.losses.CrossEntropy` term to make that total) or ``sum`` (``CE_batch + CE_draw``:
+            the draw weighs ``(B + M) / B`` times more, e.g. twice for ``B = M``).
+    """
+
+    def __init__(self, weight: float = 1.0, batch_size: int | None = None, replace: bool = False, combine: str = "concat",
+                 name: str | None = None):
+        super().__init__(weight=weight, batch_size=batch_size, replace=replace, name=name)
+        if combine not in COMBINE:
+            raise ValueError(f"ExperienceReplay: combine={combine!r}: expected one of {COMBINE}")
+        self.combine = combine
+
+    def setup(self, module, stage: str) -> None:
+        super().setup(module, stage)
+        if self.combine == "concat" and module.loss_term(CrossEntropy) is None:
+            raise ValueError(f"loss term {self.name!r}: combine: concat averages the draw with the current batch's "
+                             "zoo.losses.CrossEntropy term, which the module lacks; add it or set combine: sum")
+
+    def forward(self, step: Step) -> torch.Tensor:
+        if self.combine == "sum" or step.module.buffer is None or len(step.module.buffer) == 0:
+            return super().forward(step)
+        module = step.module
+        x, y, t, _ = self.draw(module)
+        ce = module.loss_term(CrossEntropy)
+        current = ce.weight * ce(step)  # the batch's term as the module adds it
+        b, m = len(step.targets), len(y)
+        return m / (b + m) * (module.criterion(module.mask_logits(module(x), t), y) - current)
 
     def replay_loss(self, module: ContinualClassifier) -> torch.Tensor:
         x, y, t, _ = self.draw(module)
@@ -78,8 +113,9 @@ class DarkReplay(ReplayTerm):
         beta: weight of the cross-entropy on a second draw (DER++); 0 is DER.
     """
 
-    def __init__(self, alpha: float = 0.3, beta: float = 0.0, weight: float = 1.0, batch_size: int | None = None, name: str | None = None):
-        super().__init__(weight=weight, batch_size=batch_size, name=name)
+    def __init__(self, alpha: float = 0.3, beta: float = 0.0, weight: float = 1.0, batch_size: int | None = None, replace: bool = False,
+                 name: str | None = None):
+        super().__init__(weight=weight, batch_size=batch_size, replace=replace, name=name)
         if alpha < 0 or beta < 0:
             raise ValueError(f"DarkReplay: alpha={alpha}, beta={beta}: expected numbers >= 0")
         self.alpha, self.beta = float(alpha), float(beta)
