@@ -1,6 +1,6 @@
 """Pruning callbacks that work on every zoo module.
 
-* :class:`MagnitudePruning`: unstructured magnitude pruning (global or per layer) following a
+* :class:`MagnitudePruning`: unstructured magnitude pruning (per layer by default, or global) following a
   schedule (Zhu & Gupta 2017, "To prune, or not to prune"), on every weight tensor by default (EMoE
   experts included) or on parameters chosen by name pattern.
 * :class:`StructuredPruning`: channels, attention heads, FFN and EMoE-expert neurons by L2 norm (Torch-Pruning,

@@ -19,8 +19,9 @@ class MagnitudePruning(MaskedPruning):
     """Unstructured magnitude pruning following a schedule, built on ``torch.nn.utils.prune``.
 
     Every pruning step removes the smallest-magnitude surviving weights until the scheduled sparsity is
-    reached: over all chosen parameters at once (``global_pruning``) or in each parameter separately.
-    Pruned weights stay pruned. Only the chosen weight matrices/kernels are touched, and only trainable
+    reached: in each parameter separately (default: Zhu & Gupta prune every layer to ``s_t``, as the official
+    ``tensorflow/contrib/model_pruning`` does with a threshold per weight tensor), or over all chosen parameters
+    at once (``global_pruning: true``, one threshold; layers end at different sparsities). Pruned weights stay pruned. Only the chosen weight matrices/kernels are touched, and only trainable
     ones unless ``include_frozen`` (SubTuning's frozen layers and a distillation teacher stay dense).
     The parameters are chosen at the start of fit (after the module's surgery, e.g. EMoE experts, is applied);
     a table of them by module type is logged, and a selection that leaves every attention or every FFN module
@@ -31,7 +32,9 @@ class MagnitudePruning(MaskedPruning):
         patterns: fnmatch patterns over parameter names, e.g. ``backbone.blocks.*.mlp.fc*``; None (default): every
             weight tensor named ``weight`` and the weights a module lists in ``pruning_weights`` (EMoE's experts).
         exclude: patterns of parameters never pruned.
-        global_pruning: one magnitude threshold over all chosen parameters (else the same sparsity per parameter).
+        global_pruning: one magnitude threshold over all chosen parameters; False (default, Zhu & Gupta 2017): every
+            parameter is pruned to the scheduled sparsity, ``round(s_t * numel)`` zeros each, as
+            ``torch.nn.utils.prune.l1_unstructured`` per parameter.
         include_frozen: also prune parameters with ``requires_grad=False``.
         make_permanent: at the end of fit, bake the zeros in and drop the masks (a plain model).
 
@@ -47,7 +50,7 @@ class MagnitudePruning(MaskedPruning):
                   init_args: {final_sparsity: 0.8, start: 0, end: 1000, frequency: 50}
     """
 
-    def __init__(self, schedule: PruningSchedule, patterns: list[str] | None = None, exclude: list[str] = (), global_pruning: bool = True, include_frozen: bool = False, make_permanent: bool = True):
+    def __init__(self, schedule: PruningSchedule, patterns: list[str] | None = None, exclude: list[str] = (), global_pruning: bool = False, include_frozen: bool = False, make_permanent: bool = True):
         super().__init__(schedule, make_permanent)
         if patterns is not None and (isinstance(patterns, str) or not patterns):
             raise ValueError(f"patterns={patterns!r}: expected a non-empty list of fnmatch patterns (or null: every weight tensor)")

@@ -153,15 +153,16 @@ def test_measured_equals_scheduled_and_figures(tmp_path):
     cb = MagnitudePruning(sched, patterns=["backbone.blocks.*"])
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(module, [cb], max_steps=12, logger=logger)
-    n = sum(module.get_parameter(t).numel() for t in cb.targets)
+    sizes = [module.get_parameter(t).numel() for t in cb.targets]
+    n = sum(sizes)
     assert [h[0] for h in cb.history] == [3, 5, 7, 9]  # step 1 is the start, at initial_sparsity=0
     for step, scheduled, measured in cb.history:
         assert scheduled == sched(step)
-        assert measured == round(scheduled * n) / n  # exact, up to one weight of rounding
+        assert measured == sum(round(scheduled * k) for k in sizes) / n  # per layer (the default), exact up to rounding
     # make_permanent: a plain model (no masks, no hooks) with the final sparsity baked in
     assert not cb.masks(module) and not any(n.endswith("_orig") for n, _ in module.named_parameters())
-    zeros = sum(int((module.get_parameter(t) == 0).sum()) for t in cb.targets)
-    assert zeros == round(0.8 * n)
+    for t, k in zip(cb.targets, sizes):
+        assert int((module.get_parameter(t) == 0).sum()) == round(0.8 * k), t
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
     assert {"pruning/sparsity_schedule", "pruning/final_layer_sparsity"} <= set(events.Tags()["images"])
     assert [e.value for e in events.Scalars("pruning/measured")] == pytest.approx([h[2] for h in cb.history])
@@ -350,8 +351,8 @@ def test_ddp_masks_identical_on_every_rank(case, tmp_path):
     if case == "magnitude":
         masks = {k: v for k, v in states[0]["state_dict"].items() if k.endswith("_mask")}
         assert len(masks) == 8
-        total = sum(m.numel() for m in masks.values())
-        assert sum(int((m == 0).sum()) for m in masks.values()) == round(0.7 * total)
+        for name, m in masks.items():  # every layer at 70 % (per-layer pruning, the default)
+            assert int((m == 0).sum()) == round(0.7 * m.numel()), name
     else:  # both ranks shrank the convnet to half its channels
         state = states[0]["state_dict"]
         assert state["backbone.stages.0.0.weight"].shape[0] == 4 and state["backbone.stages.1.0.weight"].shape[:2] == (8, 4)
