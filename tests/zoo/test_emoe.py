@@ -144,7 +144,8 @@ def test_sparse_dispatch_equals_masked_reference_at_k_below_n(family, gate):
 def test_balance_loss_and_noise():
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
-    layer = EMoEFFN(fc1.weight, fc1.bias, fc2.weight, fc2.bias, nn.ReLU(), num_experts=4, top_k=2, balance_loss=True).train()
+    # ours (GShard over all top-k choices; the official loss is tests/fidelity/test_emoe_balance_weight.py)
+    layer = EMoEFFN(fc1.weight, fc1.bias, fc2.weight, fc2.bias, nn.ReLU(), num_experts=4, top_k=2, balance_loss=True, aux_loss="gshard_topk").train()
     x = torch.randn(30, 8)
     layer(x)
     scores = x @ layer.mean_keys().t()
@@ -177,7 +178,7 @@ def test_layer_selection_and_paper_defaults():
     assert len(emoe_layers(moefy(vit, 4, 1, layers=["blocks.*"]))) == 4
     assert paper_defaults("bert", 12) == (64, 16, [10])
     assert paper_defaults("timm", 12) == (24, 4, [9, 11])
-    assert paper_defaults("llama", 30) == (64, 16, [15, 17, 19, 21, 23, 25, 27, 29])
+    assert paper_defaults("llama", 30) == (64, 16, [15, 18, 21, 24, 27])  # from L/2 every L/8 (official 7B: 16, 20, 24, 28)
 
 
 def test_bad_inputs_fail_with_clear_messages():
@@ -353,7 +354,7 @@ def test_balance_loss_is_logged_and_needs_layers_that_compute_it(tmp_path):
 
     trainer = fit(_module())
     assert {"train/balance_loss", "train/cross_entropy"} <= set(trainer.logged_metrics)
-    assert trainer.logged_metrics["train/balance_loss"] >= 1.0 - 1e-4  # GShard's term is >= 1, 1 when balanced
+    assert trainer.logged_metrics["train/balance_loss"] > 0  # tutel's load + importance loss: squared CVs, 0 only when balanced
     no_aux = Classifier(TINY_VIT, model_kwargs=TINY_VIT_KWARGS, surgery=[Moefy(8, 2, ["*"])], losses=[CrossEntropy(), BalanceLoss(0.01)])
     with pytest.raises(ValueError, match="balance_loss: true"):
         fit(no_aux)

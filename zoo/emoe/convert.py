@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from zoo import families
+from zoo.emoe.defaults import FAMILIES, expert_dropout as default_dropout, paper_defaults  # noqa: F401 (re-exported)
 from zoo.emoe.layers import EMoEFFN, _check_args
+from zoo.emoe.routing import check_routing
 
-FAMILIES = ("timm", "bert", "gpt2", "llama")
 SUPPORTED = (
     "timm Mlp (fc1/act/fc2, no inner norm), HF BERT-like layers (intermediate.dense + output.dense), "
     "HF GPT-2-like MLPs (c_fc/c_proj Conv1D), HF Llama-like MLPs (gate_proj/up_proj/down_proj)"
@@ -103,6 +104,7 @@ def _convert(module: nn.Module, family: str, **kw) -> tuple[EMoEFFN, dict[str, n
     # BERT: the EMoE layer replaces ``intermediate`` and ``output.dense`` (``output`` keeps its residual and LayerNorm)
     templates = {"intermediate": module.intermediate, "output.dense": module.output.dense} if family == "bert" else {"": module}
     ffn.family = family
+    ffn.train(module.training)  # the new layer's own dropout follows the model's mode
     return ffn, templates
 
 
@@ -230,15 +232,24 @@ def moefy(
     balance_loss: bool = False,
     dispatch: str = "sparse",
     seed: int = 0,
-    cluster_inits: int = 1,
+    cluster_inits: int = 10,
+    router: str = "cosine",
+    capacity_factor: float = 1.5,
+    batch_prioritized: bool = True,
+    fp32_gate: bool = True,
+    expert_dropout: float | None = None,
+    aux_loss: str = "load_importance",
 ) -> nn.Module:
     """Turn the chosen dense FFNs of ``model`` into :class:`EMoEFFN` layers (a copy unless ``inplace``).
 
     ``layers``: indices into :func:`find_ffns` (model order, negative allowed) or names/fnmatch
     patterns of the FFN blocks (for BERT-like models the layer, e.g. ``model.encoder.layer.4``); None: all.
     Returns the converted model (an :class:`EMoEFFN` when ``model`` is itself one FFN block). All arguments are checked (widths, ``top_k``, names) before any weight is touched.
+    The routing arguments are :class:`EMoEFFN`'s (official defaults); ``expert_dropout`` None: the family's official one
+    (:data:`zoo.emoe.defaults.EXPERT_DROPOUT`).
     """
     _check_args(num_experts, top_k, gate, dispatch, gate_noise, cluster_inits=cluster_inits)
+    check_routing(router, capacity_factor, aux_loss, expert_dropout or 0.0)
     found = find_ffns(model)
     if not found:
         already = " (it is already converted)" if emoe_layers(model) else ""
@@ -248,10 +259,13 @@ def moefy(
         _check_args(num_experts, top_k, gate, dispatch, gate_noise, ffn_width(model.get_submodule(name), family))
     if not inplace:
         model = copy.deepcopy(model)
-    kw = dict(num_experts=num_experts, top_k=top_k, gate=gate, gate_noise=gate_noise, balance_loss=balance_loss, dispatch=dispatch, seed=seed, cluster_inits=cluster_inits)
+    kw = dict(num_experts=num_experts, top_k=top_k, gate=gate, gate_noise=gate_noise, balance_loss=balance_loss, dispatch=dispatch, seed=seed,
+              cluster_inits=cluster_inits, router=router, capacity_factor=capacity_factor, batch_prioritized=batch_prioritized,
+              fp32_gate=fp32_gate, aux_loss=aux_loss)
     for name, family in targets:
         module = model.get_submodule(name)
-        ffn, templates = _convert(module, family, **kw)
+        drop = default_dropout(family) if expert_dropout is None else expert_dropout
+        ffn, templates = _convert(module, family, **kw, expert_dropout=drop)
         object.__setattr__(ffn, "_dense_templates", {k: _placeholder(v, ffn) for k, v in templates.items()})
         if family == "bert":
             module.intermediate = ffn
@@ -285,19 +299,3 @@ def demoefy(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 to_dense = demoefy
-
-
-def paper_defaults(family: str, num_layers: int) -> tuple[int, int, list[int]]:
-    """``(num_experts, top_k, layer indices)`` recommended by the paper for a model family.
-
-    BERT/GPT-2-like: the layer at depth 10/12 (index ``L - 2``), 64 experts, top-16.
-    ViT (timm): every other block of the last third counted from the last, 24 experts, top-4.
-    Llama-like: every second layer of the upper half, 64 experts, top-16 (1/4 of them).
-    """
-    if family in ("bert", "gpt2"):
-        return 64, 16, [max(num_layers - 2, 0)]
-    if family == "timm":
-        return 24, 4, sorted(range(num_layers - 1, num_layers - 1 - max(num_layers // 3, 1), -2))
-    if family == "llama":
-        return 64, 16, list(range(num_layers // 2, num_layers, 2))
-    raise ValueError(f"family={family!r}: expected one of {FAMILIES}")

@@ -15,17 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.emoe.routing import CosineRouter, aux_loss, capacity, check_routing, kept
+
 GATES = ("emergent", "learned")
 DISPATCH = ("sparse", "masked")
 
 
-def balanced_clusters(keys: torch.Tensor, num_experts: int, seed: int = 0, n_init: int = 1, max_iter: int = 300) -> torch.Tensor:
+def balanced_clusters(keys: torch.Tensor, num_experts: int, seed: int = 0, n_init: int = 10, max_iter: int = 1000) -> torch.Tensor:
     """Labels ``(H,)`` putting the ``H`` rows of ``keys`` into ``num_experts`` clusters of exactly ``H / num_experts``.
 
-    Balanced k-means (``k_means_constrained.KMeansConstrained``) on the L2-normalised rows, seeded,
-    so the same weights always give the same clusters. ``n_init`` restarts keep the best; one is the
-    default because more barely help (MiniLM layer 4, 64 experts: inertia 1356.6 with 1, 1352.4 with 10)
-    while each costs a full run (~1.5 s there).
+    Balanced k-means (``k_means_constrained.KMeansConstrained``) on the L2-normalised rows (float32, as the
+    official ``moe_utils.py``), seeded, so the same weights always give the same clusters. The defaults are the
+    official ones (``n_init=10`` restarts, the library's default, and ``max_iter=1000``); ``n_init=1`` is ~10x
+    faster and barely worse (MiniLM layer 4, 64 experts: inertia 1356.6 with 1, 1352.4 with 10).
     """
     width = keys.shape[0]
     if num_experts < 1 or width % num_experts:
@@ -35,7 +37,7 @@ def balanced_clusters(keys: torch.Tensor, num_experts: int, seed: int = 0, n_ini
     from k_means_constrained import KMeansConstrained
 
     size = width // num_experts
-    points = F.normalize(keys.detach().double().cpu(), dim=1).numpy()
+    points = F.normalize(keys.detach().float().cpu(), dim=1).numpy()
     km = KMeansConstrained(n_clusters=num_experts, size_min=size, size_max=size, random_state=seed, n_init=n_init, max_iter=max_iter)
     return torch.from_numpy(np.asarray(km.fit_predict(points), dtype=np.int64))
 
@@ -81,11 +83,21 @@ class EMoEFFN(nn.Module):
         num_experts, top_k: experts per FFN and experts per token.
         up_weight, up_bias: SwiGLU's ``up_proj`` ``(H, d)`` (clustering and gates use ``fc1``, i.e. ``gate_proj``).
         hidden_dropout, out_dropout: dropout after the activation and after the second weight.
-        gate: ``emergent`` (mean keys, not learned, weight 1) or ``learned`` (a trained linear
-            router initialised with the mean keys; outputs weighted by ``top_k * softmax`` over
-            the chosen scores, so a uniform router gives weight 1).
-        gate_noise: during training add ``N(0, (gate_noise / num_experts)^2)`` to the scores (as tutel).
-        balance_loss: compute the GShard load-balance loss in training; read it from ``aux_loss``.
+        gate: ``emergent`` (mean keys, not learned, weight 1: the official avg-k / ``one_score`` gate) or ``learned``.
+        router: the learned gate's router: ``cosine`` (official EMoE-learn, :class:`~zoo.emoe.routing.CosineRouter`,
+            outputs weighted by the chosen experts' probabilities renormalised to sum 1, as tutel) or ``linear``
+            (ours: initialised with the mean keys, weights ``top_k * softmax`` over the chosen scores, so a
+            uniform router gives weight 1 and the layer starts as the emergent one).
+        gate_noise: during training add ``N(0, (gate_noise / num_experts)^2)`` to the logits (as tutel).
+        capacity_factor: each expert takes at most ``top_k * int(factor * ceil(T / N))`` of a batch's ``T`` tokens
+            (tutel; official 1.5; train and eval); the others' assignments are dropped (see :func:`~zoo.emoe.routing.kept`).
+            0: no limit (ours before).
+        batch_prioritized: within one choice rank, tokens with the highest routing probability get slots first (official).
+        fp32_gate: routing logits computed in float32 with autocast off (official ``fp32_gate=True``).
+        expert_dropout: dropout on the experts' hidden pre-activations (official ``moe_drop``, ``gelu(dropout(x))``).
+        balance_loss: compute the auxiliary load-balance loss in training; read it from ``aux_loss``.
+        aux_loss: ``load_importance`` (official: tutel with ``is_gshard_loss=False``), ``gshard`` (tutel's GShard loss,
+            first choices) or ``gshard_topk`` (ours before: GShard over all ``top_k`` choices).
         dispatch: ``sparse`` (tokens gathered per expert) or ``masked`` (all experts computed, the
             unchosen ones zeroed: the slow reference).
         labels: cluster label of each neuron; by default from :func:`balanced_clusters` with ``seed``
@@ -113,12 +125,19 @@ class EMoEFFN(nn.Module):
         balance_loss: bool = False,
         dispatch: str = "sparse",
         seed: int = 0,
-        cluster_inits: int = 1,
+        cluster_inits: int = 10,
         labels: torch.Tensor | None = None,
+        router: str = "cosine",
+        capacity_factor: float = 1.5,
+        batch_prioritized: bool = True,
+        fp32_gate: bool = True,
+        expert_dropout: float = 0.0,
+        aux_loss: str = "load_importance",
     ):
         super().__init__()
         width, dim = fc1_weight.shape
         _check_args(num_experts, top_k, gate, dispatch, gate_noise, width, cluster_inits)
+        check_routing(router, capacity_factor, aux_loss, expert_dropout)
         if labels is None:
             labels = balanced_clusters(fc1_weight, num_experts, seed, cluster_inits)
         counts = torch.bincount(labels, minlength=num_experts)
@@ -127,6 +146,8 @@ class EMoEFFN(nn.Module):
         order = torch.argsort(labels, stable=True).to(fc1_weight.device)
         self.num_experts, self.top_k, self.expert_size = num_experts, top_k, width // num_experts
         self.gate, self.gate_noise, self.balance_loss, self.dispatch = gate, gate_noise, balance_loss, dispatch
+        self.capacity_factor, self.batch_prioritized, self.fp32_gate, self.aux_kind = capacity_factor, batch_prioritized, fp32_gate, aux_loss
+        self.router_kind = router if gate == "learned" else None
         self.family = "custom"
         self.register_buffer("neuron_order", order)
 
@@ -144,7 +165,12 @@ class EMoEFFN(nn.Module):
         self.act = act
         self.hidden_dropout = hidden_dropout or nn.Identity()
         self.out_dropout = out_dropout or nn.Identity()
-        self.router = nn.Parameter(self.mean_keys(), requires_grad=self.fc1_weight.requires_grad) if gate == "learned" else None
+        self.expert_dropout = nn.Dropout(expert_dropout) if expert_dropout > 0 else nn.Identity()
+        self.router: nn.Parameter | CosineRouter | None = None
+        if gate == "learned" and router == "linear":
+            self.router = nn.Parameter(self.mean_keys(), requires_grad=self.fc1_weight.requires_grad)
+        elif gate == "learned":
+            self.router = CosineRouter(dim, num_experts).to(fc1_weight.device).requires_grad_(self.fc1_weight.requires_grad)
         self.aux_loss: torch.Tensor | None = None
         self.routing_counts: torch.Tensor | None = None  # tokens per expert seen in training (not a buffer: DDP would overwrite it)
 
@@ -154,41 +180,59 @@ class EMoEFFN(nn.Module):
 
     def extra_repr(self) -> str:
         n, m, d = self.fc1_weight.shape
-        return f"{self.family}, dim={d}, experts={n}x{m}, top_k={self.top_k}, gate={self.gate}, dispatch={self.dispatch}, swiglu={self.up_weight is not None}"
+        gate = f"{self.gate}/{self.router_kind}" if self.router_kind else self.gate
+        return (f"{self.family}, dim={d}, experts={n}x{m}, top_k={self.top_k}, gate={gate}, capacity_factor={self.capacity_factor}, "
+                f"dispatch={self.dispatch}, swiglu={self.up_weight is not None}")
 
     def mean_keys(self) -> torch.Tensor:
         """The emergent gate ``(N, d)``: each expert's mean key vector, from the current weights."""
         return self.fc1_weight.detach().mean(1)
 
     def gate_weight(self) -> torch.Tensor:
+        """The linear gate ``(N, d)``: the mean keys, or the learned linear router (not for the cosine router)."""
+        if isinstance(self.router, CosineRouter):
+            raise AttributeError("the cosine router has no (N, d) gate weight; call logits(x)")
         return self.router if self.router is not None else self.mean_keys()
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing logits ``(T, N)`` of tokens ``x (T, d)``, without noise; float32 with autocast off when ``fp32_gate``."""
+        if not self.fp32_gate:
+            return self.router(x) if isinstance(self.router, CosineRouter) else x @ self.gate_weight().to(x.dtype).t()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            return self.router(x) if isinstance(self.router, CosineRouter) else x @ self.gate_weight().float().t()
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Routing scores ``(T, N)`` of tokens ``x (T, d)`` (noise added in training when ``gate_noise > 0``)."""
-        s = x @ self.gate_weight().to(x.dtype).t()
+        """Routing scores ``(T, N)``: the logits plus, in training, noise ``N(0, (gate_noise / N)^2)`` (tutel)."""
+        s = self.logits(x)
         if self.training and self.gate_noise > 0:
             s = s + torch.randn_like(s) * (self.gate_noise / self.num_experts)
         return s
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Chosen experts ``(T, k)`` and their output weights ``(T, k)`` (None: all weights are 1)."""
-        s = self.scores(x)
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Chosen experts ``(T, k)``, their output weights ``(T, k)`` (None: all 1) and which assignments fit in the
+        experts' capacity (bool ``(T, k)``; None: all)."""
+        logits = self.logits(x)
+        s = logits + torch.randn_like(logits) * (self.gate_noise / self.num_experts) if self.training and self.gate_noise > 0 else logits
         top, idx = s.topk(self.top_k, dim=-1)
-        weights = self.top_k * top.softmax(-1) if self.router is not None else None
+        weights = None
+        if self.router_kind == "linear":
+            weights = self.top_k * top.softmax(-1)
+        elif self.router_kind == "cosine":  # tutel's normalize_gate: the chosen probabilities over their sum
+            weights = top.softmax(-1)
+        keep = kept(s.softmax(-1), idx, capacity(len(x), self.num_experts, self.top_k, self.capacity_factor), self.batch_prioritized)
         if self.training:
-            counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
-            self._count(counts)
+            self._count(torch.bincount(idx.reshape(-1), minlength=self.num_experts))
             if self.balance_loss:
-                share = counts.to(s.dtype) / idx.numel()
-                self.aux_loss = self.num_experts * (share * s.float().softmax(-1).mean(0).to(s.dtype)).sum()
-        return idx, weights
+                self.aux_loss = aux_loss(self.aux_kind, logits, s, idx, self.gate_noise)
+        return idx, weights, keep
 
     def _count(self, counts: torch.Tensor) -> None:
         counts = counts.detach()
         self.routing_counts = counts.clone() if self.routing_counts is None else self.routing_counts.to(counts.device) + counts
 
     def _hidden(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, wu: torch.Tensor | None, bu: torch.Tensor | None) -> torch.Tensor:
-        h = self.act(F.linear(x, w1, b1))
+        h = self.act(self.expert_dropout(F.linear(x, w1, b1)))
         if wu is not None:
             h = h * F.linear(x, wu, bu)
         return self.hidden_dropout(h)
@@ -196,26 +240,39 @@ class EMoEFFN(nn.Module):
     def _flat(self, p: torch.Tensor | None) -> torch.Tensor | None:
         return None if p is None else p.reshape(-1, *p.shape[2:])
 
+    def _bias(self, x: torch.Tensor, weight_sum: torch.Tensor | None) -> torch.Tensor | None:
+        """The output bias per token ``(T, d_out)``: official experts each hold ``bias / top_k`` and their outputs are
+        weighted, so a token gets ``bias * (sum of its kept weights) / top_k`` (``bias`` when all ``k`` weights are 1)."""
+        if self.fc2_bias is None:
+            return None
+        b = self.fc2_bias.to(x.dtype).expand(len(x), -1)
+        return b if weight_sum is None else b * (weight_sum.to(x.dtype).unsqueeze(-1) / self.top_k)
+
     def _all_experts(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Every neuron computed; ``mask (T, N)`` scales each expert's hidden units (the masked reference)."""
         h = self._hidden(x, self._flat(self.fc1_weight), self._flat(self.fc1_bias), self._flat(self.up_weight), self._flat(self.up_bias))
         if mask is not None:
             h = (h.view(len(x), self.num_experts, self.expert_size) * mask.unsqueeze(-1).to(h.dtype)).view(len(x), -1)
         y = h @ self._flat(self.fc2_weight)
-        return y if self.fc2_bias is None else y + self.fc2_bias
+        b = self._bias(x, None if mask is None else mask.sum(1))
+        return y if b is None else y + b
 
-    def _sparse(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        """Each expert runs on the batch of its tokens (``index_select``); results are added back in place (``index_add_``)."""
+    def _sparse(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Each expert runs on the batch of its kept tokens (``index_select``); results are added back in place (``index_add_``)."""
         flat = idx.reshape(-1)
         slots = torch.argsort(flat, stable=True)
-        sizes = torch.bincount(flat, minlength=self.num_experts).tolist()
+        if keep is not None:
+            slots = slots[keep.reshape(-1)[slots]]
+            weights = keep.to(x.dtype) if weights is None else weights * keep
+        sizes = torch.bincount(flat[slots], minlength=self.num_experts).tolist()
         token_of_slot = slots // self.top_k
         tokens = token_of_slot.split(sizes)
         scale = None if weights is None else weights.reshape(-1)[slots].unsqueeze(-1).to(x.dtype).split(sizes)
         gathered = _GatherByExpert.apply(x, token_of_slot, sizes)
         per_expert = [p.unbind(0) if p is not None else [None] * self.num_experts for p in (self.fc1_weight, self.fc1_bias, self.up_weight, self.up_bias)]
         w2 = self.fc2_weight.unbind(0)
-        out = x.new_zeros(len(x), w2[0].shape[-1]) if self.fc2_bias is None else self.fc2_bias.to(x.dtype).expand(len(x), -1).clone()
+        b = self._bias(x, None if weights is None else weights.sum(1))
+        out = x.new_zeros(len(x), w2[0].shape[-1]) if b is None else b.clone()
         for e, size in enumerate(sizes):
             if not size:
                 continue
@@ -232,12 +289,13 @@ class EMoEFFN(nn.Module):
                 self._count(torch.full((self.num_experts,), len(x2), device=x.device, dtype=torch.long))
             y = self._all_experts(x2, None)
         else:
-            idx, weights = self.route(x2)
+            idx, weights, keep = self.route(x2)
             if self.dispatch == "sparse":
-                y = self._sparse(x2, idx, weights)
+                y = self._sparse(x2, idx, weights, keep)
             else:
+                w = torch.ones_like(idx, dtype=x.dtype) if weights is None else weights.to(x.dtype)
                 mask = torch.zeros(len(x2), self.num_experts, device=x.device, dtype=x.dtype)
-                mask.scatter_(1, idx, 1.0 if weights is None else weights.to(x.dtype))
+                mask.scatter_(1, idx, w if keep is None else w * keep)
                 y = self._all_experts(x2, mask)
         return self.out_dropout(y).reshape(*lead, -1)
 

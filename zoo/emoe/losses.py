@@ -14,10 +14,12 @@ if TYPE_CHECKING:
 
 
 class BalanceLoss(LossTerm):
-    """Mean over the EMoE layers of ``N * sum_e share_e * mean_prob_e`` (GShard; 1.0 when balanced), where
-    ``share_e`` is the fraction of routing assignments and ``mean_prob_e`` the mean softmax score of expert
-    ``e`` over the step's tokens. The layers compute it in their forward when built with ``balance_loss``
-    (``zoo.emoe.Moefy(balance_loss=true)``); a module whose surgery does not ask for it fails in ``setup``."""
+    """Mean over the EMoE layers of their auxiliary load-balance loss, computed by the layers in their forward when
+    built with ``balance_loss`` (``zoo.emoe.Moefy(balance_loss=true)``); which loss is the layers' ``aux_loss``
+    (official: tutel's load + importance loss; or GShard's, see :mod:`zoo.emoe.routing`). The official scripts add it
+    with weight 0.01 (BERT / GPT-2 ``--aux_loss_weight 0.01``, ViT ``aux_loss_weights = 0.01``) summed over layers;
+    here it is the mean over layers (the same with one layer, the official BERT / GPT-2 setting). A module whose
+    surgery does not ask for it fails in ``setup``."""
 
     def __init__(self, weight: float = 0.01, name: str | None = None):
         super().__init__(weight=weight, name=name or "balance_loss")

@@ -26,7 +26,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from zoo.classifier import Classifier
-from zoo.emoe.convert import emoe_layers
+from zoo.emoe.convert import emoe_layers, find_ffns
+from zoo.emoe.defaults import BALANCE_LOSS_WEIGHT
 from zoo.emoe.layers import EMoEFFN
 from zoo.emoe.losses import BalanceLoss
 from zoo.emoe.surgery import Moefy
@@ -46,8 +47,11 @@ class EMoEModule(Classifier):
             ViT: every other block of the last third; Llama-like: every second layer of the upper half).
         gate: ``emergent`` (mean keys, not trained: the paper's avg-k) or ``learned``.
         gate_noise: Gaussian noise on the routing scores in training (std ``gate_noise / num_experts``).
-        balance_loss_weight: weight of the load-balance loss added to the cross-entropy (0: off).
-        cluster_seed, cluster_inits: seed and number of restarts of the balanced k-means.
+        balance_loss_weight: weight of the auxiliary load-balance loss added to the cross-entropy (0: off); None: the
+            official 0.01 for BERT / GPT-2 / ViT, 0 for Llama-like models (whose official code has no router loss).
+        cluster_seed, cluster_inits: seed and number of restarts of the balanced k-means (official: 10).
+        router, capacity_factor, batch_prioritized, fp32_gate, expert_dropout, aux_loss: as :class:`~zoo.emoe.Moefy`
+            (official defaults).
 
     The same model from parts: ``zoo.Classifier`` with ``surgery: [zoo.emoe.Moefy]`` and
     ``losses: [zoo.losses.CrossEntropy, zoo.emoe.BalanceLoss]``.
@@ -64,19 +68,27 @@ class EMoEModule(Classifier):
         layers: list[int | str] | None = None,
         gate: str = "emergent",
         gate_noise: float = 1.0,
-        balance_loss_weight: float = 0.0,
+        balance_loss_weight: float | None = None,
         cluster_seed: int = 0,
-        cluster_inits: int = 1,
+        cluster_inits: int = 10,
+        router: str = "cosine",
+        capacity_factor: float = 1.5,
+        batch_prioritized: bool = True,
+        fp32_gate: bool = True,
+        expert_dropout: float | None = None,
+        aux_loss: str = "load_importance",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
         label_smoothing: float = 0.0,
     ):
-        if balance_loss_weight < 0:
+        if balance_loss_weight is not None and balance_loss_weight < 0:
             raise ValueError(f"balance_loss_weight={balance_loss_weight}: expected >= 0")
         moefy = Moefy(num_experts=num_experts, top_k=top_k, layers=layers, gate=gate, gate_noise=gate_noise,
-                      balance_loss=balance_loss_weight > 0, cluster_seed=cluster_seed, cluster_inits=cluster_inits)
-        losses = [CrossEntropy(label_smoothing=label_smoothing)] + ([BalanceLoss(weight=balance_loss_weight)] if balance_loss_weight > 0 else [])
+                      balance_loss=bool(balance_loss_weight), cluster_seed=cluster_seed, cluster_inits=cluster_inits, router=router,
+                      capacity_factor=capacity_factor, batch_prioritized=batch_prioritized, fp32_gate=fp32_gate,
+                      expert_dropout=expert_dropout, aux_loss=aux_loss)
+        losses = [CrossEntropy(label_smoothing=label_smoothing)] + ([BalanceLoss(weight=balance_loss_weight)] if balance_loss_weight else [])
         super().__init__(model=model, num_classes=num_classes, pretrained=pretrained, model_kwargs=model_kwargs, optimizer=optimizer,
                          lr_scheduler=lr_scheduler, scheduler_interval=scheduler_interval, surgery=[moefy], losses=losses)
         # the hyperparameters are this preset's own arguments (the parts above follow from them)
@@ -85,6 +97,13 @@ class EMoEModule(Classifier):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)  # the evaluation loss, as the training term
         # the paper's defaults filled in; every argument checked against the model now, not at fit time
         self.num_experts, self.top_k, self.moefied_layers = moefy.resolve(self.backbone)
+        if balance_loss_weight is None:  # the family's official weight (the surgery runs later, in configure_model)
+            self.balance_loss_weight = BALANCE_LOSS_WEIGHT.get(find_ffns(self.backbone)[0][1], 0.0)
+            if self.balance_loss_weight > 0:
+                moefy.balance_loss = True
+                self.add_loss(BalanceLoss(weight=self.balance_loss_weight))
+        else:
+            self.balance_loss_weight = balance_loss_weight
 
     def emoe_layers(self) -> list[tuple[str, EMoEFFN]]:
         """``(name, layer)`` of the backbone's EMoE layers (empty before ``configure_model``)."""

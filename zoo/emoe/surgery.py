@@ -20,6 +20,7 @@ from torch import nn
 
 from zoo.emoe.convert import SUPPORTED, demoefy, emoe_layers, ffn_width, find_ffns, moefy, paper_defaults, select_layers
 from zoo.emoe.layers import GATES, _check_args
+from zoo.emoe.routing import check_routing
 from zoo.surgery import Surgery
 
 
@@ -34,12 +35,19 @@ class Moefy(Surgery):
             is every FFN); None: the paper's choice for the family.
         gate: ``emergent`` (mean keys, not trained: the paper's avg-k) or ``learned``.
         gate_noise: Gaussian noise on the routing scores in training (std ``gate_noise / num_experts``).
-        balance_loss: the layers compute the GShard load-balance loss (read by :class:`~zoo.emoe.BalanceLoss`).
-        cluster_seed, cluster_inits: seed and number of restarts of the balanced k-means.
+        balance_loss: the layers compute the auxiliary load-balance loss (read by :class:`~zoo.emoe.BalanceLoss`).
+        cluster_seed, cluster_inits: seed and number of restarts of the balanced k-means (official: 10 restarts).
+        router, capacity_factor, batch_prioritized, fp32_gate, aux_loss: as :class:`~zoo.emoe.layers.EMoEFFN`, official
+            defaults (cosine router for ``gate: learned``, capacity factor 1.5, prioritised dropping, fp32 gate, tutel's
+            load + importance loss).
+        expert_dropout: dropout inside the experts; None: the family's official ``moe_drop`` (0.1 for BERT / GPT-2).
     """
 
     def __init__(self, num_experts: int | None = None, top_k: int | None = None, layers: list[int | str] | None = None,
-                 gate: str = "emergent", gate_noise: float = 1.0, balance_loss: bool = False, cluster_seed: int = 0, cluster_inits: int = 1):
+                 gate: str = "emergent", gate_noise: float = 1.0, balance_loss: bool = False, cluster_seed: int = 0, cluster_inits: int = 10,
+                 router: str = "cosine", capacity_factor: float = 1.5, batch_prioritized: bool = True, fp32_gate: bool = True,
+                 expert_dropout: float | None = None, aux_loss: str = "load_importance"):
+        check_routing(router, capacity_factor, aux_loss, expert_dropout or 0.0)
         if gate not in GATES:
             raise ValueError(f"Moefy: gate={gate!r}: expected one of {GATES}")
         if num_experts is not None:
@@ -50,6 +58,8 @@ class Moefy(Surgery):
         self.layers = None if layers is None else list(layers) if isinstance(layers, (list, tuple)) else [layers]
         self.gate, self.gate_noise, self.balance_loss = gate, float(gate_noise), bool(balance_loss)
         self.cluster_seed, self.cluster_inits = cluster_seed, cluster_inits
+        self.router, self.capacity_factor, self.batch_prioritized = router, float(capacity_factor), bool(batch_prioritized)
+        self.fp32_gate, self.expert_dropout, self.aux_loss = bool(fp32_gate), expert_dropout, aux_loss
 
     def resolve(self, model: nn.Module) -> tuple[int, int, list[str]]:
         """``(num_experts, top_k, FFN names)`` this surgery gives ``model`` (paper defaults filled in); checks
@@ -69,7 +79,9 @@ class Moefy(Surgery):
     def transform(self, model: nn.Module) -> nn.Module:
         num_experts, top_k, names = self.resolve(model)
         return moefy(model, num_experts, top_k, layers=names or None, inplace=True, gate=self.gate, gate_noise=self.gate_noise,
-                     balance_loss=self.balance_loss, seed=self.cluster_seed, cluster_inits=self.cluster_inits)
+                     balance_loss=self.balance_loss, seed=self.cluster_seed, cluster_inits=self.cluster_inits, router=self.router,
+                     capacity_factor=self.capacity_factor, batch_prioritized=self.batch_prioritized, fp32_gate=self.fp32_gate,
+                     expert_dropout=self.expert_dropout, aux_loss=self.aux_loss)
 
     def undo(self, model: nn.Module) -> nn.Module:
         """Every EMoE layer back to its dense block (original classes and neuron order, current weights): at
