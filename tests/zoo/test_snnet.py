@@ -49,8 +49,8 @@ def anchor_spec(width: int, depth: int = 2) -> dict:
 
 
 # -- enumeration ---------------------------------------------------------------------------
-def brute_force_positions(depth: int, kernel: int, stride: int) -> set:
-    return {(j, k) for s in range(0, depth - kernel + 1, stride) for j in range(s, s + kernel) for k in range(s, s + kernel)}
+def brute_force_positions(depth: int, kernel: int, stride: int) -> set:  # official: windows start until the last block, cut there
+    return {(j, k) for s in range(0, depth, stride) for j in range(s, min(s + kernel, depth)) for k in range(s, min(s + kernel, depth))}
 
 
 @pytest.mark.parametrize("depth,kernel,stride", [(12, 2, 1), (12, 3, 2), (6, 1, 1), (5, 4, 1)])
@@ -75,7 +75,7 @@ def test_paper_counts_71_stitches_and_11_layers_per_pair():
 
 
 def test_two_way_adds_reverse_and_chain_stitches():
-    net = make_net(widths=(16, 32, 24), depth=12, two_way=True)
+    net = make_net(widths=(16, 32, 24), depth=12, two_way=True, space="v1")  # our windowed two-way space (v2's: tests/fidelity)
     count = {k: sum(s.kind == k for s in net.stitches) for k in ("anchor", "sl", "ls", "sls", "lsl")}
     # chains use the 11 "aligned" positions (j -> j + 1) of each leg, with the middle anchor running >= 1 block
     assert count == {"anchor": 3, "sl": 68, "ls": 68, "sls": 2 * 55, "lsl": 2 * 55}
@@ -89,7 +89,7 @@ def test_two_way_adds_reverse_and_chain_stitches():
 
 def test_depth_interpolation_maps_blocks():
     anchors = [vit(16, 2), vit(32, 4)]
-    net = StitchableNet(anchors, [torch.nn.Linear(a.num_features, 10) for a in anchors], two_way=True).eval()
+    net = StitchableNet(anchors, [torch.nn.Linear(a.num_features, 10) for a in anchors], two_way=True, space="v1").eval()
     assert {(j, k) for j, k, _ in net.positions[(0, 1)]} == {(0, 0), (0, 2), (1, 0), (1, 2)}
     assert {(j, k) for j, k, _ in net.positions[(1, 0)]} == {(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (3, 1)}  # 4 -> 2 blocks: k // 2
     assert net.stitches[2 + 3].description == "A0(w16x2)[0:2] -> A1(w32x4)[2:4]"

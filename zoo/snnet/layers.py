@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import sdpa_flop_count
 
 from zoo import families
+from zoo.snnet.space import StitchPath, map_block, window_positions  # noqa: F401 (re-exported)
 
 SUPPORTED_FAMILIES = ("vit",)  # zoo.families families whose blocks SN-Net stitches
 VIT_PARTS = ("patch_embed", "norm", "forward_head", "_pos_embed")  # what a stitch uses besides the blocks
@@ -66,54 +65,6 @@ class StitchingLayer(nn.Module):
             linear.weight.copy_(self.merged_weight())
             linear.bias.copy_(self.bias)
         return linear
-
-
-@dataclass(frozen=True)
-class StitchPath:
-    """One path through the anchors.
-
-    ``route`` lists the anchors in data-flow order; leg ``i`` takes the output of block ``j`` of
-    ``route[i]`` into the input of block ``k`` of ``route[i + 1]`` (``cuts[i] == (j, k)``) through
-    stitching layer ``layers[i]`` of that direction. An anchor alone has one entry in ``route``.
-    """
-
-    id: int
-    kind: str
-    route: tuple[int, ...]
-    cuts: tuple[tuple[int, int], ...]
-    layers: tuple[int, ...]
-    description: str
-
-    @property
-    def key(self) -> tuple:
-        return self.route, self.cuts
-
-
-def map_block(k: int, front_depth: int, end_depth: int) -> int:
-    """Block id ``k`` of a ``front_depth``-block anchor mapped onto an ``end_depth``-block one (nearest interpolation)."""
-    return min(end_depth, (k * end_depth) // front_depth)
-
-
-def window_positions(front_depth: int, end_depth: int, kernel_size: int = 2, stride: int = 1) -> list[tuple[int, int, int]]:
-    """SN-Net's stitching positions between two anchors as ``(j, k, layer)``.
-
-    A window of ``kernel_size`` block ids slides by ``stride`` over the front anchor's blocks; every
-    pair ``(j, k)`` inside a window is a position (front output of block ``j`` -> end input of block
-    ``k``, ``k`` mapped to the end anchor's depth), and the positions first seen in a window share one
-    stitching layer. Depth 12, kernel 2, stride 1: 34 positions, 11 layers.
-    """
-    positions, seen, layer = [], set(), 0
-    for start in range(0, front_depth - kernel_size + 1, stride):
-        new = False
-        for j in range(start, start + kernel_size):
-            for k in range(start, start + kernel_size):
-                pos = (j, map_block(k, front_depth, end_depth))
-                if pos not in seen:
-                    seen.add(pos)
-                    positions.append((*pos, layer))
-                    new = True
-        layer += new
-    return positions
 
 
 def check_anchor(backbone: nn.Module, label: str) -> None:

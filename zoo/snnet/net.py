@@ -24,8 +24,8 @@ from zoo.snnet.layers import (
     finish,
     least_squares,
     map_block,
-    window_positions,
 )
+from zoo.snnet.space import SPACES, enumerate_stitches, pairs_of, v2_positions, window_positions
 
 class StitchableNet(nn.Module):
     """SN-Net / SN-Netv2 over a family of ViT anchors (sorted here from smallest to largest).
@@ -43,6 +43,11 @@ class StitchableNet(nn.Module):
             (``False``: anchors of different depth are an error).
         lora_rank: SN-Netv2's low-rank stitching-layer updates (0: plain linear stitching layers).
         lora_alpha: LoRA scaling numerator (update scaled by ``lora_alpha / lora_rank``).
+        space: stitching positions (:mod:`zoo.snnet.space`): ``v1`` (SN-Net's windows, layers shared per window),
+            ``v2`` (SN-Netv2's aligned positions, one layer each); default: the official space of the chosen version,
+            ``v2`` with ``two_way`` and ``v1`` without.
+        nearest: stitch only anchors of neighbouring size (official default); ``False``: every pair (e.g. Ti -> B) and
+            the three-anchor paths small -> medium -> large (official ``nearest_stitching: false``).
     """
 
     def __init__(
@@ -56,6 +61,8 @@ class StitchableNet(nn.Module):
         interpolate_depth: bool = True,
         lora_rank: int = 0,
         lora_alpha: float = 1.0,
+        space: str | None = None,
+        nearest: bool = True,
     ):
         super().__init__()
         if len(anchors) < 2:
@@ -68,27 +75,34 @@ class StitchableNet(nn.Module):
             raise ValueError(f"kernel_size={kernel_size}, stride={stride}: both must be positive integers")
         if lora_rank < 0:
             raise ValueError(f"lora_rank={lora_rank}: expected 0 (plain stitching layers) or a positive integer")
+        space = space if space is not None else ("v2" if two_way else "v1")
+        if space not in SPACES:
+            raise ValueError(f"space={space!r}: expected one of {SPACES} (or null: v2 with two_way, v1 without)")
         self._check_anchors(anchors, names, interpolate_depth, kernel_size)
         self.anchors = nn.ModuleList(anchors[i] for i in order)
         self.heads = nn.ModuleList(heads[i] for i in order)
         self.names = [anchor_label(names[i], anchors[i]) for i in order]
-        self.kernel_size, self.stride, self.two_way = kernel_size, stride, two_way
+        self.kernel_size, self.stride, self.two_way, self.space, self.nearest = kernel_size, stride, two_way, space, nearest
         # where each anchor's blocks are, asked of zoo.families once (the forward passes look them up by name)
         self.block_names = [[n for n, _ in families.blocks(b)] for b in self.anchors]
         self.depths = [len(names) for names in self.block_names]
 
-        pairs = [(a, a + 1) for a in range(len(self.anchors) - 1)]
+        pairs = pairs_of(len(self.anchors), nearest)
         directions = pairs + ([(e, f) for f, e in pairs] if two_way else [])
         self.positions: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         self.stitch_layers = nn.ModuleDict()
         for f, e in directions:
-            pos = window_positions(self.depths[f], self.depths[e], kernel_size, stride)
+            df, de = self.depths[f], self.depths[e]
+            pos = window_positions(df, de, kernel_size, stride) if space == "v1" else v2_positions(df, de)
+            if not pos:
+                raise ValueError(f"anchors {self.names[f]} and {self.names[e]} have no stitching position in space {space!r}")
             self.positions[(f, e)] = pos
             n_layers = max(p[2] for p in pos) + 1
             dims = (self.anchors[f].embed_dim, self.anchors[e].embed_dim)
             self.stitch_layers[f"{f}-{e}"] = nn.ModuleList(StitchingLayer(*dims, lora_rank, lora_alpha) for _ in range(n_layers))
         self._layer_index = {(f, e, j, k): layer for (f, e), pos in self.positions.items() for j, k, layer in pos}
-        self.stitches = self._enumerate(pairs)
+        self.stitches = enumerate_stitches(len(self.anchors), self.positions, {d: self._chain_positions(*d) for d in directions}, two_way,
+                                           nearest, self._describe)
         self.active = len(self.anchors) - 1
         self.register_buffer("ls_initialized", torch.tensor(False))
         self._flops: list[int] | None = None
@@ -124,24 +138,10 @@ class StitchableNet(nn.Module):
         parts.append(f"{self.names[route[-1]]}[{start}:{self.depths[route[-1]]}]")
         return " -> ".join(parts)
 
-    def _enumerate(self, pairs: list[tuple[int, int]]) -> list[StitchPath]:
-        specs: list[tuple[str, tuple, tuple, tuple]] = [("anchor", (a,), (), ()) for a in range(len(self.anchors))]
-        for f, e in pairs:
-            specs += [("sl", (f, e), ((j, k),), (layer,)) for j, k, layer in self.positions[(f, e)]]
-        if self.two_way:
-            for f, e in pairs:
-                specs += [("ls", (e, f), ((j, k),), (layer,)) for j, k, layer in self.positions[(e, f)]]
-            for kind, (a, b) in (("sls", (0, 1)), ("lsl", (1, 0))):
-                for f, e in pairs:
-                    first, second = (f, e)[a], (f, e)[b]
-                    for j1, k1, l1 in self._aligned(first, second):
-                        for j2, k2, l2 in self._aligned(second, first):
-                            if j2 >= k1:  # the middle anchor runs at least one block
-                                specs.append((kind, (first, second, first), ((j1, k1), (j2, k2)), (l1, l2)))
-        return [StitchPath(i, kind, route, cuts, layers, self._describe(route, cuts)) for i, (kind, route, cuts, layers) in enumerate(specs)]
-
-    def _aligned(self, f: int, e: int) -> list[tuple[int, int, int]]:
-        """Positions with no block skipped or repeated (front block j -> end block j+1), used for chains."""
+    def _chain_positions(self, f: int, e: int) -> list[tuple[int, int, int]]:
+        """The positions two-way chains use: v2's all; v1's with no block skipped or repeated (front block j -> end block j+1)."""
+        if self.space == "v2":
+            return self.positions[(f, e)]
         df, de = self.depths[f], self.depths[e]
         return [(j, k, layer) for j, k, layer in self.positions[(f, e)] if k == map_block(j + 1, df, de) and k < de]
 

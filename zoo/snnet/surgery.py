@@ -21,6 +21,7 @@ from torch import nn
 from zoo.backbones import build_backbone, load_zoo_module
 from zoo.snnet.layers import StitchedViT
 from zoo.snnet.net import StitchableNet
+from zoo.snnet.space import SPACES
 from zoo.surgery import Surgery
 
 ANCHOR_KEYS = ("model", "pretrained", "model_kwargs")
@@ -109,12 +110,15 @@ class Stitch(Surgery):
         interpolate_depth: map anchors of different depth by interpolation (``False``: require equal depth).
         lora_rank: SN-Netv2 low-rank updates of the stitching layers (0: plain linear stitching layers).
         lora_alpha: LoRA scaling numerator.
+        space: stitching positions, ``v1`` (SN-Net windows) or ``v2`` (SN-Netv2 aligned positions, one layer each);
+            default ``None``: the official one of the version, ``v2`` with ``two_way``, else ``v1``.
+        nearest: stitch only neighbouring anchors (official default); ``False``: every pair and small -> medium -> large.
         eval_stitch: the stitch selected after stitching (default: the largest anchor); :meth:`undo` extracts the
             stitch selected at that time (``StitchableNet.select``, e.g. StitchSweep's best).
     """
 
     def __init__(self, kernel_size: int = 2, stride: int = 1, two_way: bool = False, interpolate_depth: bool = True, lora_rank: int = 0,
-                 lora_alpha: float = 1.0, eval_stitch: int | None = None):
+                 lora_alpha: float = 1.0, eval_stitch: int | None = None, space: str | None = None, nearest: bool = True):
         if kernel_size < 1 or stride < 1:
             raise ValueError(f"kernel_size={kernel_size}, stride={stride}: both must be positive integers")
         if lora_rank < 0:
@@ -122,14 +126,17 @@ class Stitch(Surgery):
         if eval_stitch is not None and (isinstance(eval_stitch, bool) or not isinstance(eval_stitch, int) or eval_stitch < 0):
             raise ValueError(f"eval_stitch={eval_stitch!r}: expected null (the largest anchor) or a stitch id >= 0")
         self.kernel_size, self.stride, self.two_way, self.interpolate_depth = kernel_size, stride, two_way, interpolate_depth
-        self.lora_rank, self.lora_alpha, self.eval_stitch = lora_rank, lora_alpha, eval_stitch
+        if space is not None and space not in SPACES:
+            raise ValueError(f"space={space!r}: expected one of {SPACES} (or null: v2 with two_way, v1 without)")
+        self.lora_rank, self.lora_alpha, self.eval_stitch, self.space, self.nearest = lora_rank, lora_alpha, eval_stitch, space, nearest
 
     def transform(self, model: nn.Module) -> StitchableNet:
         if not isinstance(model, Anchors):
             raise TypeError(f"zoo.snnet.Stitch transforms zoo.snnet.Anchors (the models to stitch), got {type(model).__name__}"
                             + (" (already stitched)" if isinstance(model, StitchableNet) else ""))
         net = StitchableNet(list(model.backbones), list(model.heads), model.names, kernel_size=self.kernel_size, stride=self.stride,
-                            two_way=self.two_way, interpolate_depth=self.interpolate_depth, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+                            two_way=self.two_way, interpolate_depth=self.interpolate_depth, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                            space=self.space, nearest=self.nearest)
         net.select(net.anchor_ids[-1] if self.eval_stitch is None else self.eval_stitch)
         return net.train(model.training)
 
