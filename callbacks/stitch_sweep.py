@@ -1,16 +1,19 @@
-"""StitchSweep: evaluate every stitch of an SN-Net, chart accuracy against FLOPs, pick one under a budget.
+"""StitchSweep: evaluate every stitch of an SN-Net, chart accuracy against MACs, pick one under a budget.
 
 Evaluates all stitches of a :class:`~zoo.snnet.StitchableNet` (``pl_module.net`` of an
 :class:`~zoo.snnet.SNNetModule`) on the validation set when fitting ends, with :meth:`~zoo.snnet.StitchableNet.forward_all`: each shared prefix is computed
 once, so the sweep costs far less than running every stitch from scratch. It writes a CSV (id, kind,
-description, FLOPs, params, latency, accuracy, Pareto), logs a TensorBoard figure of accuracy vs FLOPs
+description, MACs, FLOPs, params, latency, accuracy, Pareto), logs a TensorBoard figure of accuracy vs MACs
 (Pareto front marked, anchors highlighted) and selects the most accurate stitch within the budget
 (``pl_module.select_stitch``)::
 
     trainer:
       callbacks:
         - class_path: callbacks.stitch_sweep.StitchSweep
-          init_args: {max_flops: 2.0e8, max_latency_ms: null, csv_path: null}
+          init_args: {max_macs: 1.0e8, max_latency_ms: null, csv_path: null}
+
+Units: ``macs`` are multiply-adds, what the SN-Net papers and their fvcore budgets call "FLOPs" (DeiT-S: 4.6 G);
+``flops`` count 2 per multiply-add (``torch.utils.flop_counter``), twice as many.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from zoo.batch import as_batch
 from zoo.snnet import StitchableNet
 
-FIELDS = ("id", "kind", "description", "flops", "params", "latency_ms", "acc", "pareto")
+FIELDS = ("id", "kind", "description", "macs", "flops", "params", "latency_ms", "acc", "pareto")
 
 
 @torch.no_grad()
@@ -88,10 +91,15 @@ def pareto_front(flops: list[float], acc: list[float]) -> list[bool]:
     return front
 
 
-def best_under_budget(rows: list[dict], max_flops: float | None = None, max_latency_ms: float | None = None) -> dict | None:
-    """The most accurate row within the budget (ties: fewer FLOPs); ``None`` if nothing fits."""
-    fits = [r for r in rows if (max_flops is None or r["flops"] <= max_flops) and (max_latency_ms is None or (r["latency_ms"] is not None and r["latency_ms"] <= max_latency_ms))]
-    return max(fits, key=lambda r: (r["acc"], -r["flops"])) if fits else None
+def best_under_budget(rows: list[dict], max_flops: float | None = None, max_latency_ms: float | None = None,
+                      max_macs: float | None = None) -> dict | None:
+    """The most accurate row within every given budget (ties: cheaper); ``None`` if nothing fits."""
+    def fits(r: dict) -> bool:
+        return ((max_macs is None or r["macs"] <= max_macs) and (max_flops is None or r["flops"] <= max_flops)
+                and (max_latency_ms is None or (r["latency_ms"] is not None and r["latency_ms"] <= max_latency_ms)))
+
+    ok = [r for r in rows if fits(r)]
+    return max(ok, key=lambda r: (r["acc"], -r["flops"])) if ok else None
 
 
 def sweep(net: StitchableNet, batches: Any, device: torch.device | str = "cpu", latency_input: torch.Tensor | None = None,
@@ -102,12 +110,12 @@ def sweep(net: StitchableNet, batches: Any, device: torch.device | str = "cpu", 
 
 
 def table_rows(net: StitchableNet, acc: list[float], latency: list[float] | None = None) -> list[dict]:
-    """``net.table()`` completed with each stitch's accuracy, latency (or ``None``) and Pareto flag."""
-    rows = net.table()
+    """``net.table()`` completed with each stitch's MACs, accuracy, latency (or ``None``) and Pareto flag."""
+    rows, macs = net.table(), net.macs()
     latency = latency or [None] * len(rows)
-    front = pareto_front([r["flops"] for r in rows], acc)
-    for r, a, t, p in zip(rows, acc, latency, front):
-        r.update(acc=a, latency_ms=t, pareto=p)
+    front = pareto_front(macs, acc)
+    for r, m, a, t, p in zip(rows, macs, acc, latency, front):
+        r.update(macs=m, acc=a, latency_ms=t, pareto=p)
     return rows
 
 
@@ -122,7 +130,7 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 
 def plot_sweep(rows: list[dict], best: dict | None = None, title: str = "SN-Net stitches"):
-    """Matplotlib figure: accuracy vs FLOPs of every stitch, Pareto front as a line, anchors as stars."""
+    """Matplotlib figure: accuracy vs MACs (multiply-adds) of every stitch, Pareto front as a line, anchors as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,16 +140,16 @@ def plot_sweep(rows: list[dict], best: dict | None = None, title: str = "SN-Net 
     kinds = sorted({r["kind"] for r in rows if r["kind"] != "anchor"})
     for kind in kinds:
         sel = [r for r in rows if r["kind"] == kind]
-        ax.scatter([r["flops"] / 1e6 for r in sel], [100 * r["acc"] for r in sel], s=14, alpha=0.6, label=f"stitches ({kind})")
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["flops"])
-    ax.plot([r["flops"] / 1e6 for r in front], [100 * r["acc"] for r in front], "k-", lw=1.2, label="Pareto front")
+        ax.scatter([r["macs"] / 1e6 for r in sel], [100 * r["acc"] for r in sel], s=14, alpha=0.6, label=f"stitches ({kind})")
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["macs"])
+    ax.plot([r["macs"] / 1e6 for r in front], [100 * r["acc"] for r in front], "k-", lw=1.2, label="Pareto front")
     anchors = [r for r in rows if r["kind"] == "anchor"]
-    ax.scatter([r["flops"] / 1e6 for r in anchors], [100 * r["acc"] for r in anchors], marker="*", s=220, c="red", edgecolors="k", zorder=5, label="anchors")
+    ax.scatter([r["macs"] / 1e6 for r in anchors], [100 * r["acc"] for r in anchors], marker="*", s=220, c="red", edgecolors="k", zorder=5, label="anchors")
     for r in anchors:
-        ax.annotate(r["description"].split("[")[0], (r["flops"] / 1e6, 100 * r["acc"]), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        ax.annotate(r["description"].split("[")[0], (r["macs"] / 1e6, 100 * r["acc"]), textcoords="offset points", xytext=(5, -12), fontsize=8)
     if best is not None:
-        ax.scatter([best["flops"] / 1e6], [100 * best["acc"]], marker="o", s=120, facecolors="none", edgecolors="g", lw=2, zorder=6, label=f"best in budget (id {best['id']})")
-    ax.set_xlabel("MFLOPs per image")
+        ax.scatter([best["macs"] / 1e6], [100 * best["acc"]], marker="o", s=120, facecolors="none", edgecolors="g", lw=2, zorder=6, label=f"best in budget (id {best['id']})")
+    ax.set_xlabel("MMACs per image (multiply-adds, the papers' FLOPs)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -157,7 +165,8 @@ class StitchSweep(Callback):
     ``select_stitch(id)`` method); the callback reads the net and selects the best stitch through these.
 
     Args:
-        max_flops: FLOPs budget (per image) for the selected stitch.
+        max_macs: budget in multiply-adds per image (the papers' "FLOPs": DeiT-S is 4.6e9) for the selected stitch.
+        max_flops: budget in FLOPs per image (2 per multiply-add, ``torch.utils.flop_counter``).
         max_latency_ms: latency budget (ms per ``latency_batch_size`` images) for the selected stitch.
         csv_path: where to write the table (default: ``<log_dir>/stitch_sweep.csv``).
         measure_latency: time every stitch (needed for ``max_latency_ms``).
@@ -169,14 +178,15 @@ class StitchSweep(Callback):
     After the sweep, ``rows`` holds the table and ``best`` the selected row.
     """
 
-    def __init__(self, max_flops: float | None = None, max_latency_ms: float | None = None, csv_path: str | None = None, measure_latency: bool = True,
-                 latency_batch_size: int = 1, latency_repeats: int = 5, limit_batches: int | None = None, select_best: bool = True):
+    def __init__(self, max_macs: float | None = None, max_flops: float | None = None, max_latency_ms: float | None = None, csv_path: str | None = None,
+                 measure_latency: bool = True, latency_batch_size: int = 1, latency_repeats: int = 5, limit_batches: int | None = None,
+                 select_best: bool = True):
         if max_latency_ms is not None and not measure_latency:
             raise ValueError("max_latency_ms needs measure_latency=true")
         for name, value in (("latency_batch_size", latency_batch_size), ("latency_repeats", latency_repeats)):
             if value < 1:
                 raise ValueError(f"{name}={value}: expected a positive integer")
-        self.max_flops, self.max_latency_ms, self.csv_path = max_flops, max_latency_ms, csv_path
+        self.max_macs, self.max_flops, self.max_latency_ms, self.csv_path = max_macs, max_flops, max_latency_ms, csv_path
         self.measure_latency, self.latency_batch_size, self.latency_repeats = measure_latency, latency_batch_size, latency_repeats
         self.limit_batches, self.select_best = limit_batches, select_best
         self.rows: list[dict] = []
@@ -205,16 +215,16 @@ class StitchSweep(Callback):
                 latency = stitch_latency(net, net.example_input(self.latency_batch_size).normal_(), self.latency_repeats)
             latency = trainer.strategy.broadcast(latency, src=0)
         self.rows = table_rows(net, accuracy_from_counts(counts), latency)
-        self.best = best_under_budget(self.rows, self.max_flops, self.max_latency_ms)
+        self.best = best_under_budget(self.rows, self.max_flops, self.max_latency_ms, self.max_macs)
         if self.best is not None and self.select_best:
             pl_module.select_stitch(self.best["id"])
         if not trainer.is_global_zero:
             return
         path = write_csv(self.rows, self.csv_path or out_dir / "stitch_sweep.csv")
         if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_figure("snnet/acc_vs_flops", plot_sweep(self.rows, self.best), trainer.global_step)
+            trainer.logger.experiment.add_figure("snnet/acc_vs_macs", plot_sweep(self.rows, self.best), trainer.global_step)
         if self.best is None:
-            rank_zero_info(f"StitchSweep: {len(self.rows)} stitches -> {path}; no stitch fits max_flops={self.max_flops}, max_latency_ms={self.max_latency_ms}")
+            rank_zero_info(f"StitchSweep: {len(self.rows)} stitches -> {path}; no stitch fits max_macs={self.max_macs}, max_flops={self.max_flops}, max_latency_ms={self.max_latency_ms}")
             return
         rank_zero_info(f"StitchSweep: {len(self.rows)} stitches -> {path}; best within budget: id {self.best['id']} "
-                       f"({self.best['description']}, {self.best['flops'] / 1e6:.1f} MFLOPs, acc {self.best['acc']:.4f})")
+                       f"({self.best['description']}, {self.best['macs'] / 1e6:.1f} MMACs, acc {self.best['acc']:.4f})")

@@ -1,4 +1,4 @@
-"""Reproduce SN-Net's claim at small scale: stitches fill the accuracy/FLOPs range between the anchors.
+"""Reproduce SN-Net's claim at small scale: stitches fill the accuracy/MACs range between the anchors (MACs: the papers' FLOPs).
 
 Pan et al. (CVPR 2023), Fig. 1/4: stitching a pretrained family (DeiT-Ti/S/B) and training a few epochs gives
 many networks whose accuracy and FLOPs interpolate between the anchors, with a close-to-monotone Pareto front.
@@ -85,18 +85,18 @@ def main() -> None:
     rows = sweep(snnet.net, torch.utils.data.DataLoader(test, batch_size=250, collate_fn=dm.collate_fn))
     print(f"sweep of {len(rows)} stitches on {len(test)} test images: {time.time() - t:.0f} s\n")
 
-    print(f"{'id':>3} {'kind':6} {'MFLOPs':>7} {'params':>8} {'acc %':>6} pareto  description")
-    for r in sorted(rows, key=lambda r: r["flops"]):
-        print(f"{r['id']:>3} {r['kind']:6} {r['flops'] / 1e6:>7.2f} {r['params']:>8} {100 * r['acc']:>6.2f} {'  *' if r['pareto'] else '   ':6}  {r['description']}")
+    print(f"{'id':>3} {'kind':6} {'MMACs':>7} {'params':>8} {'acc %':>6} pareto  description")  # multiply-adds: the papers' FLOPs
+    for r in sorted(rows, key=lambda r: r["macs"]):
+        print(f"{r['id']:>3} {r['kind']:6} {r['macs'] / 1e6:>7.2f} {r['params']:>8} {100 * r['acc']:>6.2f} {'  *' if r['pareto'] else '   ':6}  {r['description']}")
     anchor_rows = [r for r in rows if r["kind"] == "anchor"]
-    lo, hi = min(r["flops"] for r in anchor_rows), max(r["flops"] for r in anchor_rows)
-    inside = sum(lo <= r["flops"] <= hi for r in rows) / len(rows)
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["flops"])
-    print("\nanchors: " + ", ".join(f"{r['description'].split('[')[0]} {100 * r['acc']:.2f}% @ {r['flops'] / 1e6:.2f} MFLOPs" for r in anchor_rows))
-    print(f"stitches with FLOPs between the smallest and largest anchor: {100 * inside:.0f}%")
+    lo, hi = min(r["macs"] for r in anchor_rows), max(r["macs"] for r in anchor_rows)
+    inside = sum(lo <= r["macs"] <= hi for r in rows) / len(rows)
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["macs"])
+    print("\nanchors: " + ", ".join(f"{r['description'].split('[')[0]} {100 * r['acc']:.2f}% @ {r['macs'] / 1e6:.2f} MMACs" for r in anchor_rows))
+    print(f"stitches with MACs between the smallest and largest anchor: {100 * inside:.0f}%")
     print(f"stitch accuracy range: {100 * min(r['acc'] for r in rows):.2f}% .. {100 * max(r['acc'] for r in rows):.2f}%")
-    print(f"Spearman(FLOPs, accuracy) over all stitches: {spearman([r['flops'] for r in rows], [r['acc'] for r in rows]):.3f}")
-    print(f"Pareto front: {len(front)} stitches from {front[0]['flops'] / 1e6:.2f} to {front[-1]['flops'] / 1e6:.2f} MFLOPs")
+    print(f"Spearman(MACs, accuracy) over all stitches: {spearman([r['macs'] for r in rows], [r['acc'] for r in rows]):.3f}")
+    print(f"Pareto front: {len(front)} stitches from {front[0]['macs'] / 1e6:.2f} to {front[-1]['macs'] / 1e6:.2f} MMACs")
     write_csv(rows, out / "stitch_sweep.csv")
     fig = plot_sweep(rows, title="SN-Net on Fashion-MNIST: ViT w32/w64/w128 anchors")
     fig.savefig(out / "snnet_pareto.png", dpi=120)

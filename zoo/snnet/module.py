@@ -10,7 +10,10 @@ kwargs, or checkpoints of zoo classifiers trained here (their heads are reused):
           - checkpoints/snnet/anchor_w48.ckpt
           - {model: timm/vit_tiny_patch16_224, model_kwargs: {embed_dim: 96, depth: 12, num_heads: 3}}
         two_way: false          # SN-Netv2: large->small and chains too
-        sampling: uniform       # or flops (SN-Netv2 resource-constrained)
+        sampling: uniform       # or flops (SN-Netv2 resource-constrained, groups flops_gap GMACs wide)
+        sample_per_rank: true   # official: each DDP rank trains its own stitch (seed + rank)
+        init_batch_size: 100    # official least-squares init: 100 augmented training images,
+        init_mode: train        # anchors in train mode (dropout / drop path on)
         lora_rank: 0            # SN-Netv2 low-rank stitching-layer updates
         fulltune: true          # false: train only stitching layers, cls tokens and heads
         teacher: null           # "largest" or a zoo .ckpt: distill into every stitch
@@ -18,10 +21,13 @@ kwargs, or checkpoints of zoo classifiers trained here (their heads are reused):
 The anchors are the module's backbone (:class:`~zoo.snnet.Anchors`) until ``configure_model`` applies the
 :class:`~zoo.snnet.Stitch` surgery (built from ``kernel_size`` ... ``eval_stitch``): then the backbone, also
 ``module.net``, is the :class:`StitchableNet`, and ``unload_surgery()`` returns the selected stitch as a plain module.
-The stitching layers are initialised by least squares on the first training batch (broadcast from
-rank 0 under DDP). Every rank draws the same stitch each step, and the sampler's state is saved in
-checkpoints. Each step leaves the other stitches' parameters without gradient, so DDP needs
-``trainer.strategy: ddp_find_unused_parameters_true`` (checked before training). Validation runs the
+The stitching layers are initialised by least squares when training starts (not after a resume), on
+``init_batch_size`` images drawn afresh from the training loader (its augmentation applied), anchors in
+``init_mode`` (official: 100 images, train mode), and broadcast from rank 0 under DDP. With ``sample_per_rank``
+each DDP rank draws its own stitch each step (official: seed + rank), so N processes train N stitches per step;
+otherwise every rank draws the same one. The draw count is saved in checkpoints and each rank's stream is
+derived from (``sample_seed``, rank, draw count). Each step leaves the other stitches' parameters without gradient,
+so DDP needs ``trainer.strategy: ddp_find_unused_parameters_true`` (checked before training). Validation runs the
 selected stitch (``eval_stitch``, default the largest anchor); the :class:`~callbacks.stitch_sweep.StitchSweep`
 callback evaluates all of them. Distillation is :class:`zoo.distillation.SoftTargetKL` (``distill_type: soft`` or
 ``soft_numel``) or :class:`zoo.distillation.losses.HardDistill` (``hard``) (``teacher: largest`` is a
@@ -31,6 +37,7 @@ frozen copy of the largest anchor), so ``losses`` can list any terms instead of 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -72,9 +79,15 @@ class SNNetModule(Classifier):
         lora_rank: SN-Netv2 low-rank updates of the stitching layers (0: train them fully).
         lora_alpha: LoRA scaling numerator.
         sampling: ``uniform`` over stitches, or ``flops`` (resource-constrained, SN-Netv2).
-        flops_gap: ``flops`` sampling: group width as a fraction of the largest stitch's FLOPs.
+        flops_gap: ``flops`` sampling: group width, in GMACs (official: 1.0) or a fraction of the largest stitch's MACs.
+        flops_gap_unit: ``gmacs`` (official ``group_subnets_by_flops``) or ``fraction`` (scale-free, for small anchors).
         group_weights: ``flops`` sampling: ``uniform``, ``size`` or one weight per group.
-        sample_seed: seed of the stitch sequence (same on every rank).
+        sample_seed: seed of the stitch sequence.
+        sample_per_rank: each DDP rank draws its own stitch (stream ``sample_seed + rank``, official); ``False``: all
+            ranks train the same stitch each step.
+        init_batch_size: images of the least-squares init, drawn from a fresh pass of the training loader (official
+            ``stitch_init_bs``: 100); ``None``: the first training batch itself.
+        init_mode: ``train`` (official: dropout / drop path active while the features are taken) or ``eval``.
         fulltune: train all weights; ``False`` trains only the stitching layers, the anchors' ``cls_token`` (as the official
             code does) and the heads.
         eval_stitch: stitch used by validation/test/predict (default: the largest anchor).
@@ -104,9 +117,13 @@ class SNNetModule(Classifier):
         lora_rank: int = 0,
         lora_alpha: float = 1.0,
         sampling: str = "uniform",
-        flops_gap: float = 0.05,
+        flops_gap: float = 1.0,
+        flops_gap_unit: str = "gmacs",
         group_weights: str | list[float] = "uniform",
         sample_seed: int = 0,
+        sample_per_rank: bool = True,
+        init_batch_size: int | None = 100,
+        init_mode: str = "train",
         fulltune: bool = True,
         eval_stitch: int | None = None,
         teacher: str | None = None,
@@ -121,6 +138,12 @@ class SNNetModule(Classifier):
     ):
         if sampling not in StitchSampler.MODES:
             raise ValueError(f"sampling={sampling!r}: expected one of {StitchSampler.MODES}")
+        if flops_gap_unit not in StitchSampler.GAP_UNITS:
+            raise ValueError(f"flops_gap_unit={flops_gap_unit!r}: expected one of {StitchSampler.GAP_UNITS}")
+        if init_mode not in ("train", "eval"):
+            raise ValueError(f"init_mode={init_mode!r}: expected 'train' (official) or 'eval'")
+        if init_batch_size is not None and init_batch_size < 1:
+            raise ValueError(f"init_batch_size={init_batch_size}: expected a positive number of images, or null (the first training batch)")
         if not 0.0 <= distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha={distill_alpha}: expected a value in [0, 1]")
         if distill_temperature <= 0:
@@ -158,7 +181,8 @@ class SNNetModule(Classifier):
         if any(getattr(t, "teacher", None) == "largest" for t in self.losses):  # before training: a frozen copy, outside the checkpoint
             i = self.backbone.largest()
             pool_of(self).add("largest", copy.deepcopy(HeadedBackbone(self.backbone.backbones[i], self.backbone.heads[i])), label="largest")
-        self.sampler_args = (sampling, flops_gap, group_weights, sample_seed)
+        self.sampler_args = (sampling, flops_gap, group_weights, sample_seed, flops_gap_unit)
+        self.sample_per_rank, self.init_batch_size, self.init_mode = sample_per_rank, init_batch_size, init_mode
         self.sampler: StitchSampler | None = None  # made with the stitchable network (configure_model)
         self.last_stitch: int | None = None  # stitch of the latest training step
 
@@ -167,9 +191,9 @@ class SNNetModule(Classifier):
         """Stitch the anchors (:class:`~zoo.snnet.Stitch`, first of ``surgery``) and make the stitch sampler, once."""
         super().configure_model()
         if self.sampler is None and isinstance(self.backbone, StitchableNet):
-            sampling, flops_gap, group_weights, seed = self.sampler_args
-            self.sampler = StitchSampler(self.backbone.flops() if sampling == "flops" else [0] * len(self.backbone), sampling, flops_gap,
-                                         group_weights, seed)
+            sampling, flops_gap, group_weights, seed, unit = self.sampler_args
+            self.sampler = StitchSampler(self.backbone.macs() if sampling == "flops" else [0] * len(self.backbone), sampling, flops_gap,
+                                         group_weights, seed, unit)
 
     @property
     def net(self) -> StitchableNet:
@@ -197,11 +221,31 @@ class SNNetModule(Classifier):
     def on_fit_start(self) -> None:
         check_find_unused(self.trainer.strategy)  # the first hook after DDP wrapped the model, before any step
 
+    def on_train_start(self) -> None:
+        if self.init_batch_size is not None and not bool(self.net.ls_initialized):  # a resume brings the solved layers
+            self.init_stitching(self.init_images(self.init_batch_size))
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if bool(self.net.ls_initialized):
-            return
-        self.net.init_stitching_layers(as_batch(batch).inputs)
-        if self.trainer.world_size > 1:  # every rank takes rank 0's solution
+        if not bool(self.net.ls_initialized):  # init_batch_size: null, the first training batch
+            self.init_stitching(as_batch(batch).inputs)
+
+    def init_images(self, n: int) -> torch.Tensor:
+        """The first ``n`` images of a fresh pass over the training loader (its augmentation applied; fewer if it has fewer)."""
+        loader, images, count = self.trainer.train_dataloader, [], 0
+        if not isinstance(loader, Iterable) or isinstance(loader, (dict, list, tuple)):
+            raise TypeError(f"SNNetModule(init_batch_size={n}) draws its least-squares images from one training DataLoader, got "
+                            f"{type(loader).__name__}: set `init_batch_size: null` to use the first training batch instead")
+        for batch in loader:
+            images.append(as_batch(batch).inputs)
+            count += len(images[-1])
+            if count >= n:
+                break
+        return torch.cat(images)[:n].to(self.device)
+
+    def init_stitching(self, images: torch.Tensor) -> None:
+        """Least-squares init of the stitching layers on ``images`` (anchors in ``init_mode``), rank 0's solution on every rank."""
+        self.net.init_stitching_layers(images, train=self.init_mode == "train")
+        if self.trainer.world_size > 1:
             state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in self.net.stitch_layers.state_dict().items()}, src=0)
             self.net.stitch_layers.load_state_dict(state)
 
@@ -212,7 +256,7 @@ class SNNetModule(Classifier):
     def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.sampler is None:  # built without a Trainer: stitch now
             self.configure_model()
-        self.last_stitch = self.sampler.sample()
+        self.last_stitch = self.sampler.sample(rank=self.global_rank if self.sample_per_rank else 0)
         out = super().training_loss(batch)
         self.log("train/stitch", float(self.last_stitch), on_step=True, on_epoch=False, batch_size=len(batch))
         return out

@@ -241,15 +241,16 @@ class StitchableNet(nn.Module):
         return feats
 
     @torch.no_grad()
-    def init_stitching_layers(self, x: torch.Tensor) -> None:
+    def init_stitching_layers(self, x: torch.Tensor, train: bool = False) -> None:
         """Least-squares init of every stitching layer from one batch of inputs ``x``.
 
         For position ``(j, k)`` solve ``[X 1] W = Y`` with ``X`` the front anchor's output of block ``j``
         and ``Y`` the end anchor's input of block ``k`` (tokens flattened); a layer shared by several
-        positions takes the mean of their solutions.
+        positions takes the mean of their solutions. ``train``: the anchors run in train mode (dropout, drop
+        path), as the official code takes the features (SN-Net ``main.py``); default eval mode.
         """
         was_training = self.training
-        self.eval()
+        self.train(train)
         feats = self.block_inputs(x)
         for (f, e), positions in self.positions.items():
             solutions = defaultdict(list)
@@ -305,11 +306,23 @@ class StitchableNet(nn.Module):
         return parts + [("finish", s.route[-1])]
 
     def flops(self, stitch: int | None = None) -> int | list[int]:
-        """FLOPs of one image through ``stitch`` (``torch.utils.flop_counter``); all stitches if ``None``."""
+        """FLOPs of one image through ``stitch`` (``torch.utils.flop_counter``: 2 per multiply-add); all stitches if ``None``.
+
+        The papers' "FLOPs" are multiply-adds (fvcore): see :meth:`macs`, half of these."""
         if self._flops is None:
             part = self.part_flops()
             self._flops = [sum(part[p] for p in self.stitch_parts(s)) for s in self.stitches]
         return list(self._flops) if stitch is None else self._flops[self._check(stitch)]
+
+    def macs(self, stitch: int | None = None) -> int | list[int]:
+        """Multiply-adds of one image through ``stitch`` (all stitches if ``None``): the unit of the SN-Net papers' "FLOPs".
+
+        Exactly ``flops // 2`` (every op the counter sees -- linear, conv, attention matmuls -- costs 2 FLOPs per
+        multiply-add). The official code counts with fvcore, which also adds 5 per LayerNorm element:
+        ``macs + 5 * tokens * width * (2 * depth + 1)`` is fvcore's figure for a plain ViT (+0.2% on DeiT-S).
+        """
+        flops = self.flops(stitch)
+        return [f // 2 for f in flops] if stitch is None else flops // 2
 
     def _modules_of(self, s: StitchPath) -> list[nn.Module]:
         mods, blocks = [], [anchor_blocks(b) for b in self.anchors]
