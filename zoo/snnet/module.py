@@ -75,6 +75,9 @@ class SNNetModule(Classifier):
         kernel_size: sliding-window size over block ids (SN-Net: 2).
         stride: sliding-window stride (SN-Net: 1).
         two_way: SN-Netv2 two-way stitching (large->small, small->large->small, large->small->large).
+        space: the stitch space (:class:`~zoo.snnet.Stitch`): ``v1`` windows, ``v2`` SN-Netv2's aligned positions, or
+            ``None`` (v2 with ``two_way``, v1 without).
+        nearest: stitch only neighbouring anchors (official ``nearest_stitching``); ``False``: every pair and small -> medium -> large.
         interpolate_depth: map anchors of different depth by interpolation (``False``: require equal depth).
         lora_rank: SN-Netv2 low-rank updates of the stitching layers (0: train them fully).
         lora_alpha: LoRA scaling numerator.
@@ -113,6 +116,8 @@ class SNNetModule(Classifier):
         kernel_size: int = 2,
         stride: int = 1,
         two_way: bool = False,
+        space: str | None = None,
+        nearest: bool = True,
         interpolate_depth: bool = True,
         lora_rank: int = 0,
         lora_alpha: float = 1.0,
@@ -164,7 +169,7 @@ class SNNetModule(Classifier):
                                reduction="numel" if distill_type == "soft_numel" else "batchmean"))
             terms = [L.CrossEntropy(weight=1 - distill_alpha, label_smoothing=label_smoothing), kd]
         stitch = Stitch(kernel_size=kernel_size, stride=stride, two_way=two_way, interpolate_depth=interpolate_depth, lora_rank=lora_rank,
-                        lora_alpha=lora_alpha, eval_stitch=eval_stitch)
+                        lora_alpha=lora_alpha, eval_stitch=eval_stitch, space=space, nearest=nearest)
         super().__init__(model=None, num_classes=num_classes, pretrained=pretrained, optimizer=optimizer, lr_scheduler=lr_scheduler,
                          scheduler_interval=scheduler_interval, label_smoothing=label_smoothing if teacher is None else 0.0, losses=terms,
                          surgery=[stitch])
