@@ -136,7 +136,8 @@ def test_sparse_dispatch_equals_masked_reference_at_k_below_n(family, gate):
     for n in grad_s:
         torch.testing.assert_close(grad_s[n], grad_m[n], atol=1e-5, rtol=1e-4)
     if gate == "learned":
-        assert all(grad_s[n].abs().sum() > 0 for n in grad_s if n.endswith("router"))
+        router = [n for n in grad_s if ".router." in n]  # the cosine router's parameters (the official default)
+        assert router and all(grad_s[n].abs().sum() > 0 for n in router)
     dense = tiny(family).eval()
     assert (out_s - dense(x)).abs().max() > 1e-3  # k < N really drops experts
 

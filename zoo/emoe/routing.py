@@ -50,7 +50,7 @@ def kept(probs: torch.Tensor, idx: torch.Tensor, cap: int | None, prioritized: b
     tokens go in order of their highest routing probability (``batch_prioritized_routing``), else in token order.
     An assignment whose slot ``>= cap`` is dropped: its expert output (and its share of the bias) is zero.
     """
-    if cap is None:
+    if cap is None or cap >= len(idx):  # an expert gets at most one assignment per token: nothing can overflow
         return None
     num_experts = probs.shape[1]
     order = torch.argsort(-probs.max(1).values, stable=True) if prioritized else torch.arange(len(idx), device=idx.device)
