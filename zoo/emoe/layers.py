@@ -277,7 +277,7 @@ class EMoEFFN(nn.Module):
             if not size:
                 continue
             ye = self._hidden(gathered[e], *(p[e] for p in per_expert)) @ w2[e]
-            out.index_add_(0, tokens[e], ye if scale is None else ye * scale[e])
+            out.index_add_(0, tokens[e], (ye if scale is None else ye * scale[e]).to(out.dtype))  # autocast: ye may be bf16
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
