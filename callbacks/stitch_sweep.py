@@ -222,7 +222,7 @@ class StitchSweep(Callback):
             return
         path = write_csv(self.rows, self.csv_path or out_dir / "stitch_sweep.csv")
         if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_figure("snnet/acc_vs_macs", plot_sweep(self.rows, self.best), trainer.global_step)
+            trainer.logger.experiment.add_figure("snnet/acc_vs_flops", plot_sweep(self.rows, self.best), trainer.global_step)
         if self.best is None:
             rank_zero_info(f"StitchSweep: {len(self.rows)} stitches -> {path}; no stitch fits max_macs={self.max_macs}, max_flops={self.max_flops}, max_latency_ms={self.max_latency_ms}")
             return

@@ -67,7 +67,7 @@ def test_callback_writes_csv_figure_and_selects_best_in_budget(tmp_path):
 
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
     events.Reload()
-    assert "snnet/acc_vs_macs" in events.Tags()["images"]
+    assert "snnet/acc_vs_flops" in events.Tags()["images"]
 
 
 def test_callback_rejects_modules_without_a_stitchable_net(tmp_path):
