@@ -23,13 +23,16 @@ the Llama code; for timm ViTs the FFN's own dropouts are kept and no extra one i
 from __future__ import annotations
 
 FAMILIES = ("timm", "bert", "gpt2", "llama")
+KIND = {"vit": "timm"}  # zoo.families name -> FFN kind, where they differ
 EXPERT_DROPOUT = {"bert": 0.1, "gpt2": 0.1, "llama": 0.0, "timm": 0.0}
 # families whose official scripts add the auxiliary load-balance loss (weight 0.01); the Llama code has no router loss
 BALANCE_LOSS_WEIGHT = {"bert": 0.01, "gpt2": 0.01, "timm": 0.01, "llama": 0.0}
 
 
 def paper_defaults(family: str, num_layers: int) -> tuple[int, int, list[int]]:
-    """``(num_experts, top_k, layer indices)`` of the official scripts for a model family, scaled to ``num_layers``."""
+    """``(num_experts, top_k, layer indices)`` of the official scripts for a model family (an FFN kind or a
+    :mod:`zoo.families` name: ``vit`` is ``timm``), scaled to ``num_layers``."""
+    family = KIND.get(family, family)
     if family == "bert":
         return 64, 16, [max(num_layers - 2, 0)]
     if family == "gpt2":
@@ -43,4 +46,4 @@ def paper_defaults(family: str, num_layers: int) -> tuple[int, int, list[int]]:
 
 def expert_dropout(family: str) -> float:
     """The official ``moe_drop`` for a family (0.1 for BERT / GPT-2)."""
-    return EXPERT_DROPOUT.get(family, 0.0)
+    return EXPERT_DROPOUT.get(KIND.get(family, family), 0.0)

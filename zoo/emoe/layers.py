@@ -3,9 +3,10 @@
 The neurons of a pretrained FFN already specialise (Qiu et al., EMoE): its key vectors (rows of the first
 weight, L2-normalised) are clustered into ``num_experts`` equal clusters (balanced k-means, seeded); expert
 ``e`` holds its neurons' rows of the first weight/bias (and of ``up_proj`` for SwiGLU) and the matching
-columns of the second weight; the output bias is shared. The gate is not learned ("avg-k" gating): expert
-``e``'s gate vector is the mean of its key vectors, recomputed from the current weights at every forward.
-Each token runs only its ``top_k`` experts. With ``top_k == num_experts`` the layer equals the dense FFN.
+columns of the second weight; the output bias is shared (each expert holds ``bias / top_k`` in the official
+code). The gate is not learned ("avg-k" gating): expert ``e``'s gate vector is the mean of its key vectors,
+recomputed from the current weights at every forward. Each token runs only its ``top_k`` experts, within the
+experts' capacity (tutel's, :mod:`zoo.emoe.routing`). With ``top_k == num_experts`` the layer equals the dense FFN.
 """
 
 from __future__ import annotations

@@ -39,12 +39,12 @@ class EMoEModule(Classifier):
 
     Args:
         model, num_classes, pretrained, model_kwargs: as for :class:`Classifier` (the backbone to convert).
-        num_experts, top_k: experts per FFN and experts per token; None takes the paper's setting
-            for the model family (BERT/GPT-2-like: 64 / 16; ViT: 24 / 4; Llama-like: 64 / 16), or
+        num_experts, top_k: experts per FFN and experts per token; None takes the official setting
+            for the model family (:mod:`zoo.emoe.defaults`: BERT 64 / 16, GPT-2 64 / 32, Llama 64 / 16, ViT 24 / 4), or
             ``top_k = num_experts // 4`` when only ``num_experts`` is given.
         layers: FFNs to convert, by index among the model's FFNs or by name (fnmatch patterns work,
-            ``["*"]`` is every FFN); None: the paper's choice (BERT-like: layer 10 of 12, i.e. ``L-2``;
-            ViT: every other block of the last third; Llama-like: every second layer of the upper half).
+            ``["*"]`` is every FFN); None: the official choice scaled by depth (:mod:`zoo.emoe.defaults`: BERT ``L-2``;
+            GPT-2 ``floor(44 L / 48)``; Llama from ``L/2`` every ``L/8``; ViT every other block of the last third).
         gate: ``emergent`` (mean keys, not trained: the paper's avg-k) or ``learned``.
         gate_noise: Gaussian noise on the routing scores in training (std ``gate_noise / num_experts``).
         balance_loss_weight: weight of the auxiliary load-balance loss added to the cross-entropy (0: off); None: the

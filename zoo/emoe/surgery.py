@@ -28,11 +28,11 @@ class Moefy(Surgery):
     """Turn the chosen dense FFNs of the backbone into :class:`~zoo.emoe.layers.EMoEFFN` layers.
 
     Args:
-        num_experts, top_k: experts per FFN and experts per token; None takes the paper's setting for the
-            model family (BERT/GPT-2-like: 64 / 16; ViT: 24 / 4; Llama-like: 64 / 16), or
+        num_experts, top_k: experts per FFN and experts per token; None takes the official setting for the
+            model family (:mod:`zoo.emoe.defaults`: BERT 64 / 16, GPT-2 64 / 32, Llama 64 / 16, ViT 24 / 4), or
             ``top_k = num_experts // 4`` when only ``num_experts`` is given.
         layers: FFNs to convert, by index among the model's FFNs or by name (fnmatch patterns work, ``["*"]``
-            is every FFN); None: the paper's choice for the family.
+            is every FFN); None: the official choice for the family, scaled by depth (:mod:`zoo.emoe.defaults`).
         gate: ``emergent`` (mean keys, not trained: the paper's avg-k) or ``learned``.
         gate_noise: Gaussian noise on the routing scores in training (std ``gate_noise / num_experts``).
         balance_loss: the layers compute the auxiliary load-balance loss (read by :class:`~zoo.emoe.BalanceLoss`).
