@@ -38,7 +38,8 @@ class ER(ContinualClassifier):
     """Experience Replay (Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019).
 
     Cross-entropy on the current batch plus cross-entropy on a reservoir-sampled buffer draw
-    (:class:`~zoo.continual.ExperienceReplay`).
+    (:class:`~zoo.continual.ExperienceReplay`); by default one cross-entropy over both together, as Mammoth's
+    ``models/er.py``. Mammoth's best arguments: ``configs/continual/er_seq_{mnist,cifar10}.yaml``.
     """
 
     replays = True
@@ -49,7 +50,8 @@ class ER(ContinualClassifier):
 
 class DER(ContinualClassifier):
     """Dark Experience Replay (Buzzega et al., NeurIPS 2020): match the logits stored at insertion time
-    (:class:`~zoo.continual.DarkReplay` with ``beta = 0``).
+    (:class:`~zoo.continual.DarkReplay` with ``beta = 0``). The paper's alpha depends on the benchmark (Mammoth
+    ``utils/best_args.py``: 1.0 on seq-mnist, 0.3 on seq-cifar10; presets ``configs/continual/der_seq_*.yaml``).
 
     Args:
         alpha: weight of the MSE between current and stored logits on a buffer draw.

@@ -3,8 +3,10 @@
 - :class:`ExperienceReplay` (ER, Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019):
   cross-entropy on a buffer draw; by default (``combine: concat``, Mammoth's ``models/er.py``) one cross-entropy
   over the current batch and the draw together, i.e. each replayed sample weighs as much as a current one.
-- :class:`DarkReplay` (DER / DER++, Buzzega et al., NeurIPS 2020): ``alpha`` x MSE between the current logits
-  and those stored at insertion on one draw, plus (DER++, ``beta > 0``) ``beta`` x cross-entropy on a second.
+- :class:`DarkReplay` (DER / DER++, Buzzega et al., NeurIPS 2020; Mammoth ``models/der.py``, ``derpp.py``):
+  ``alpha`` x MSE (mean over samples and all classes, unmasked) between the current logits and those stored at
+  insertion (the batch's train-mode output before the optimizer step) on one draw, plus (DER++, ``beta > 0``)
+  ``beta`` x cross-entropy on a second.
 
 Replayed samples have no dataset ``index``: the terms run the module's ``forward`` (the whole backbone), never
 the per-sample caches a module keeps for its own batches (SubTuning's frozen features). The buffer itself
