@@ -11,6 +11,8 @@ family          blocks (stage)          attention        FFN (its dense layers) 
 ``vit``         ``blocks.i``            ``attn``         ``mlp`` (``mlp.fc1``,         timm VisionTransformer
                                                          ``mlp.fc2``)
 ``resnet``      ``layerS.j`` (layerS)   --               --                            timm ResNet
+``swin``        ``layers.S.blocks.j``   ``attn``         ``mlp`` (``mlp.fc1``,         timm SwinTransformer
+                (``layers.S``)                           ``mlp.fc2``)
 ``efficientnet`` ``blocks.i.j`` (i)     --               --                            timm EfficientNet
 ``bert``        ``encoder.layer.i``     ``attention``    ``intermediate``, ``output``  HF BERT-like
                                                          (``intermediate.dense``,
@@ -27,7 +29,8 @@ first, the output projection last. GPT-2's are ``Conv1D``: weights stored transp
 submodules of the block; ``output`` also holds the dropout, the residual and the LayerNorm after ``output.dense``,
 so the FFN as *one* module (:func:`ffns`, what EMoE converts) is the whole block there.
 
-A new family is one :class:`Family` entry in :data:`FAMILIES`.
+A new family is one :class:`Family` entry in :data:`FAMILIES`. SN-Net also reads ``stem``, ``tail``, ``layout`` and
+``stage_entry`` (how to run an anchor piece by piece); families without a ``layout`` cannot be stitched.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class Family:
     ffn: tuple[str, ...] = ()  # submodules of a block that are the FFN
     ffn_layers: tuple[str, ...] = ()  # the FFN's dense layers (relative to a block), input projection(s) first, output last
     ffn_transposed: bool = False  # those layers are HF Conv1D: weights stored transposed (in x out)
+    stem: tuple[str, ...] = ()  # attributes of the root called in turn on the input to get block 0's input (SN-Net)
+    tail: tuple[str, ...] = ()  # attributes called on the last block's output before the root's ``forward_head`` (SN-Net)
+    layout: str = ""  # the features between blocks: "NLC" (tokens), "NCHW" or "NHWC"; "" unknown
+    stage_entry: str = ""  # submodule of a stage run before its first block (Swin's ``downsample``)
 
     @property
     def ffn_module(self) -> str:
@@ -83,9 +90,13 @@ def _has(path: str) -> Callable[[nn.Module, bool], bool]:
 
 FAMILIES: tuple[Family, ...] = (
     Family("vit", _timm("timm.models.vision_transformer.VisionTransformer"), _indexed("blocks"), ("attn",), ("mlp",),
-           ("mlp.fc1", "mlp.fc2")),
+           ("mlp.fc1", "mlp.fc2"), stem=("patch_embed", "_pos_embed", "patch_drop", "norm_pre"), tail=("norm",), layout="NLC"),
     Family("resnet", _timm("timm.models.resnet.ResNet"),
-           lambda r: [(f"layer{s}.{j}", f"layer{s}") for s in range(1, 5) for j in range(len(getattr(r, f"layer{s}")))]),
+           lambda r: [(f"layer{s}.{j}", f"layer{s}") for s in range(1, 5) for j in range(len(getattr(r, f"layer{s}")))],
+           stem=("conv1", "bn1", "act1", "maxpool"), layout="NCHW"),
+    Family("swin", _timm("timm.models.swin_transformer.SwinTransformer"),
+           lambda r: [(f"layers.{s}.blocks.{j}", f"layers.{s}") for s, stage in enumerate(r.layers) for j in range(len(stage.blocks))],
+           ("attn",), ("mlp",), ("mlp.fc1", "mlp.fc2"), stem=("patch_embed",), tail=("norm",), layout="NHWC", stage_entry="downsample"),
     Family("efficientnet", _timm("timm.models.efficientnet.EfficientNet"),
            lambda r: [(f"blocks.{i}.{j}", f"blocks.{i}") for i, stage in enumerate(r.blocks) for j in range(len(stage))]),
     Family("bert", _has("encoder.layer"), _indexed("encoder.layer"), ("attention",), ("intermediate", "output"),

@@ -341,9 +341,10 @@ def test_distillation_from_largest_anchor_matches_formula():
     assert SNNetModule(**saved).loss_term(SoftTargetKL).temperature == 2.0
 
 
-def test_ddp_ranks_use_the_same_stitch_every_step(tmp_path):
+def test_ddp_ranks_use_the_same_stitch_every_step(tmp_path):  # sample_per_rank=false (official per-rank: tests/fidelity)
     anchors = json.dumps([anchor_spec(32), anchor_spec(16)])
-    run_cli(["fit", "--model=zoo.snnet.SNNetModule", f"--model.anchors={anchors}", "--model.two_way=true", "--data=datamodules.Digits",
+    run_cli(["fit", "--model=zoo.snnet.SNNetModule", f"--model.anchors={anchors}", "--model.two_way=true", "--model.sample_per_rank=false",
+             "--data=datamodules.Digits",
              "--data.batch_size=16", "--trainer.max_steps=5", "--trainer.limit_val_batches=1", "--trainer.logger=false",
              "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy=ddp_find_unused_parameters_true",
              "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.num_nodes=1",
@@ -376,7 +377,7 @@ def test_ddp_without_find_unused_parameters_fails_saying_what_to_set():
 # -- bad inputs ----------------------------------------------------------------------------
 def test_bad_inputs_fail_at_construction_with_clear_messages():
     heads = [torch.nn.Linear(32, 10), torch.nn.Linear(16, 10)]
-    with pytest.raises(ValueError, match=r"anchor 1 \('cnn'.*not a ViT-like block sequence"):
+    with pytest.raises(ValueError, match=r"anchor 1 \('cnn'.*not a stitchable block sequence"):
         StitchableNet([vit(32), build_backbone("zoo/convnet", in_chans=1)], heads, ["vit", "cnn"])
     with pytest.raises(ValueError, match=r"anchor 1 \('p4'\).*patch_size \(4, 4\).*same image size, patch size"):
         StitchableNet([vit(32), vit(16, patch_size=4)], heads, ["p2", "p4"])

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from zoo import families
+from zoo.snnet import parts
 from zoo.snnet.layers import (
     FLOP_MAPPING,
     StitchPath,
@@ -25,12 +26,15 @@ from zoo.snnet.layers import (
     least_squares,
     map_block,
 )
-from zoo.snnet.space import SPACES, enumerate_stitches, pairs_of, v2_positions, window_positions
+from zoo.snnet.parts import channels_last, input_shape, probe, same_size_stages, stage_depths, unit_entries, units_of
+from zoo.snnet.space import SPACES, enumerate_stitches, pairs_of, stage_positions, v2_positions, window_positions
 
 class StitchableNet(nn.Module):
-    """SN-Net / SN-Netv2 over a family of ViT anchors (sorted here from smallest to largest).
+    """SN-Net / SN-Netv2 over a family of anchors (sorted here from smallest to largest): ViTs, or ResNets / Swins.
 
-    The anchors' blocks are read where :mod:`zoo.families` says they are; anchors of another family fail.
+    The anchors' blocks are read where :mod:`zoo.families` says they are; anchors of another family fail. ViTs stitch
+    at the positions of ``space``; ResNet / Swin anchors (several stages) at the official stage-wise positions
+    (:func:`~zoo.snnet.space.stage_positions`, one way only; ``kernel_size``, ``stride``, ``space`` unused).
 
     Args:
         anchors: timm ViT-like backbones (``num_classes=0``), in any order.
@@ -78,7 +82,7 @@ class StitchableNet(nn.Module):
         space = space if space is not None else ("v2" if two_way else "v1")
         if space not in SPACES:
             raise ValueError(f"space={space!r}: expected one of {SPACES} (or null: v2 with two_way, v1 without)")
-        self._check_anchors(anchors, names, interpolate_depth, kernel_size)
+        input_shape = self._check_anchors(anchors, names, interpolate_depth, kernel_size)
         self.anchors = nn.ModuleList(anchors[i] for i in order)
         self.heads = nn.ModuleList(heads[i] for i in order)
         self.names = [anchor_label(names[i], anchors[i]) for i in order]
@@ -86,6 +90,13 @@ class StitchableNet(nn.Module):
         # where each anchor's blocks are, asked of zoo.families once (the forward passes look them up by name)
         self.block_names = [[n for n, _ in families.blocks(b)] for b in self.anchors]
         self.depths = [len(names) for names in self.block_names]
+        self.entries = [unit_entries(b) for b in self.anchors]  # Swin: each stage's downsample runs with its first block
+        self.layouts = [parts.family(b).layout for b in self.anchors]
+        self.input_shape = input_shape
+        staged = any(layout != "NLC" for layout in self.layouts)  # ResNet / Swin: the official stage-wise positions
+        if staged and two_way:
+            raise ValueError("two_way stitching needs ViT anchors: ResNet / Swin anchors stitch one way, inside a stage (official)")
+        shapes = [probe(b, torch.zeros(1, *input_shape)) for b in self.anchors]
 
         pairs = pairs_of(len(self.anchors), nearest)
         directions = pairs + ([(e, f) for f, e in pairs] if two_way else [])
@@ -93,13 +104,18 @@ class StitchableNet(nn.Module):
         self.stitch_layers = nn.ModuleDict()
         for f, e in directions:
             df, de = self.depths[f], self.depths[e]
-            pos = window_positions(df, de, kernel_size, stride) if space == "v1" else v2_positions(df, de)
+            if staged:
+                same = same_size_stages(self.anchors[f], self.anchors[e], shapes[f], shapes[e])
+                pos = stage_positions(stage_depths(self.anchors[f]), stage_depths(self.anchors[e]), same)
+            else:
+                pos = window_positions(df, de, kernel_size, stride) if space == "v1" else v2_positions(df, de)
             if not pos:
-                raise ValueError(f"anchors {self.names[f]} and {self.names[e]} have no stitching position in space {space!r}")
+                raise ValueError(f"anchors {self.names[f]} and {self.names[e]} have no stitching position "
+                                 + ("(stages 1..n-2 with feature maps of one size in both)" if staged else f"in space {space!r}"))
             self.positions[(f, e)] = pos
-            n_layers = max(p[2] for p in pos) + 1
-            dims = (self.anchors[f].embed_dim, self.anchors[e].embed_dim)
-            self.stitch_layers[f"{f}-{e}"] = nn.ModuleList(StitchingLayer(*dims, lora_rank, lora_alpha) for _ in range(n_layers))
+            dims = {layer: (shapes[f][j + 1][-1], shapes[e][k][-1]) for j, k, layer in reversed(pos)}  # from a layer's first position
+            self.stitch_layers[f"{f}-{e}"] = nn.ModuleList(StitchingLayer(*dims[i], lora_rank, lora_alpha, self.layouts[f], self.layouts[e])
+                                                           for i in range(max(dims) + 1))
         self._layer_index = {(f, e, j, k): layer for (f, e), pos in self.positions.items() for j, k, layer in pos}
         self.stitches = enumerate_stitches(len(self.anchors), self.positions, {d: self._chain_positions(*d) for d in directions}, two_way,
                                            nearest, self._describe)
@@ -109,14 +125,17 @@ class StitchableNet(nn.Module):
 
     # -- construction -------------------------------------------------------------------
     @staticmethod
-    def _check_anchors(anchors: list[nn.Module], names: list[str], interpolate_depth: bool, kernel_size: int) -> None:
+    def _check_anchors(anchors: list[nn.Module], names: list[str], interpolate_depth: bool, kernel_size: int) -> tuple[int, ...]:
+        """Fail on anchors that cannot be stitched; the input shape ``(C, H, W)`` the stitches take."""
         for i, (b, name) in enumerate(zip(anchors, names)):
             check_anchor(b, f"anchor {i} ({name!r}, {type(b).__name__})")
             if len(anchor_blocks(b)) < kernel_size:
                 raise ValueError(f"anchor {i} ({name!r}) has {len(anchor_blocks(b))} blocks, fewer than kernel_size={kernel_size}")
-        ref = shape_info(anchors[0])
+        vits = all(parts.family(b).name == "vit" for b in anchors)
+        fixed = [input_shape(b) for b in anchors if getattr(getattr(b, "patch_embed", None), "img_size", None) is not None]
+        ref = shape_info(anchors[0]) if vits else None
         for i, (b, name) in enumerate(zip(anchors, names)):
-            info = shape_info(b)
+            info = shape_info(b) if vits else None
             if info != ref:
                 raise ValueError(
                     f"anchor {i} ({name!r}) has img_size {info[0]}, patch_size {info[1]}, in_chans {info[2]}, {info[3]} prefix tokens, "
@@ -129,6 +148,9 @@ class StitchableNet(nn.Module):
                     f"anchor {i} ({name!r}) has {depth} blocks but anchor 0 ({names[0]!r}) has {depth0}: "
                     "with interpolate_depth=false all anchors need the same depth (set interpolate_depth=true to map blocks by interpolation)"
                 )
+        if len(set(fixed)) > 1:
+            raise ValueError(f"anchors with fixed input sizes disagree: {fixed} (C, H, W); stitching needs one input size")
+        return fixed[0] if fixed else input_shape(anchors[0])
 
     def _describe(self, route: tuple[int, ...], cuts: tuple[tuple[int, int], ...]) -> str:
         parts, start = [], 0
@@ -168,8 +190,7 @@ class StitchableNet(nn.Module):
 
     def blocks(self, anchor: int) -> list[nn.Module]:
         """The blocks of anchor ``anchor`` in forward order (names found once, at construction)."""
-        root = families.root_of(self.anchors[anchor])
-        return [root.get_submodule(n) for n in self.block_names[anchor]]
+        return units_of(self.anchors[anchor], self.block_names[anchor], self.entries[anchor])
 
     def forward(self, x: torch.Tensor, stitch: int | None = None) -> torch.Tensor:
         s = self.stitches[self.active if stitch is None else self._check(stitch)]
@@ -229,14 +250,14 @@ class StitchableNet(nn.Module):
     # -- least-squares init -------------------------------------------------------------
     @torch.no_grad()
     def block_inputs(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Per anchor, the tokens entering each block and, last, leaving the last block."""
+        """Per anchor, the tokens / feature maps (channels last) entering each block and, last, leaving the last block."""
         feats = []
-        for b in self.anchors:
+        for a, b in enumerate(self.anchors):
             h = embed(b, x)
-            hs = [h]
-            for blk in anchor_blocks(b):
+            hs = [channels_last(h, self.layouts[a])]
+            for blk in self.blocks(a):
                 h = blk(h)
-                hs.append(h)
+                hs.append(channels_last(h, self.layouts[a]))
             feats.append(hs)
         return feats
 
@@ -267,9 +288,8 @@ class StitchableNet(nn.Module):
 
     # -- cost ---------------------------------------------------------------------------
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        img_size, _, in_chans, _ = shape_info(self.anchors[0])
         p = next(self.parameters())
-        return torch.zeros(batch, in_chans, *img_size, device=p.device, dtype=p.dtype)
+        return torch.zeros(batch, *self.input_shape, device=p.device, dtype=p.dtype)
 
     @torch.no_grad()
     def part_flops(self) -> dict:
@@ -325,7 +345,7 @@ class StitchableNet(nn.Module):
         return [f // 2 for f in flops] if stitch is None else flops // 2
 
     def _modules_of(self, s: StitchPath) -> list[nn.Module]:
-        mods, blocks = [], [anchor_blocks(b) for b in self.anchors]
+        mods, blocks = [], [self.blocks(a) for a in range(len(self.anchors))]
         for p in self.stitch_parts(s):
             if p[0] == "block":
                 mods.append(blocks[p[1]][p[2]])

@@ -94,7 +94,8 @@ def stage_positions(front_stages: list[int], end_stages: list[int], same_size: l
             local = [(j, k, j) for j in range(df) for k in range(1, de) if mapped[k] == j and j < k]
         positions += [(offsets_f[s] + j, offsets_e[s] + k, layer + lj) for j, k, lj in local]
         layer += df
-    return positions
+    ids = {}  # numbered from 0 without gaps (a front block with no position has no layer)
+    return [(j, k, ids.setdefault(lj, len(ids))) for j, k, lj in positions]
 
 
 def pairs_of(n_anchors: int, nearest: bool) -> list[tuple[int, int]]:
