@@ -5,10 +5,11 @@ Three experiments (Qiu et al., EMoE), each dense vs EMoE with the same seed, dat
 1. MiniLM (all-MiniLM-L6-v2, real weights) finetuned on the Jane Austen task (which of the six novels a
    passage is from); accuracy on held-out passages of the training chapters (in-domain) and on each
    novel's last chapters (shifted domain). EMoE: the paper's BERT setting scaled to 6 layers
-   (layer 4, 64 experts of 24 neurons, top-16).
+   (layer 4, 64 experts of 24 neurons, top-16), with the official routing (capacity factor 1.5, expert dropout
+   0.1, gate noise 1.0, load-balance loss 0.01) and k-means (10 restarts).
 2. A small ViT trained here on Fashion-MNIST classes 0-4 (no ViT weights exist offline), then finetuned
    on classes 5-9 with few images per class; EMoE: the paper's ViT setting (last block, 24 experts, top-4).
-3. SmolLM2-135M (real Llama weights): converted on every second layer of its upper half (64 experts,
+3. SmolLM2-135M (real Llama weights): converted on the official Llama layers scaled by depth (64 experts,
    top-k), checked for exactness at k = N and scored for perplexity on Jane Austen text at k < N,
    against a random balanced split of the same neurons (no clustering) at the same k.
 
@@ -103,7 +104,8 @@ def minilm(args) -> None:
     for name in ("dense", "EMoE"):
         torch.manual_seed(0)
         common = dict(model="pypi/all-MiniLM-L6-v2", num_classes=6, pretrained=True, optimizer=optimizer)
-        module = Classifier(**common) if name == "dense" else EMoEModule(**common, num_experts=64, top_k=16, layers=[4], gate_noise=0.0)
+        # EMoE with the official routing defaults: gate noise 1.0, capacity factor 1.5, expert dropout 0.1, aux loss 0.01
+        module = Classifier(**common) if name == "dense" else EMoEModule(**common, num_experts=64, top_k=16, layers=[4])
         seconds = train(module, train_loader, args.steps, seed=0)
         acc_in, acc_shift = accuracy(module, tests["in"]), accuracy(module, tests["shifted"])
         extra = f"  (max/mean expert load {load_balance(module)})" if name == "EMoE" else ""
@@ -187,13 +189,13 @@ def smollm(args) -> None:
     with torch.no_grad():
         ref = dense(input_ids=batches[0]).last_hidden_state
         diff, scale = (full(input_ids=batches[0]).last_hidden_state - ref).abs().max().item(), ref.abs().max().item()
-    report("SmolLM2-135M / Persuasion text", f"EMoE k=N={experts}, layers {layers[0]}..{layers[-1]}:2", f"max abs hidden diff {diff:.1e} (rel {diff / scale:.1e}), ppl {perplexity(full, embed, batches):.3f}  [convert {convert:.1f} s]")
+    report("SmolLM2-135M / Persuasion text", f"EMoE k=N={experts}, layers {layers}", f"max abs hidden diff {diff:.1e} (rel {diff / scale:.1e}), ppl {perplexity(full, embed, batches):.3f}  [convert {convert:.1f} s]")
     for k in (32, 16):
         for _, layer in emoe_layers(full):
             layer.top_k = k
         report("SmolLM2-135M / Persuasion text", f"EMoE top-{k} of {experts} (clustered)", f"ppl {perplexity(full, embed, batches):.3f}")
     gen = torch.Generator().manual_seed(0)
-    rand = moefy(dense, experts, 16, layers=layers)
+    rand = moefy(dense, experts, 16, layers=layers, cluster_inits=1)  # its clustering is replaced below
     for _, layer in emoe_layers(rand):  # same layers, neurons split at random into equal experts
         w = layer.dense_weights()
         fresh = type(layer)(w["fc1_weight"], w["fc1_bias"], w["fc2_weight"], w["fc2_bias"], layer.act, experts, 16,
