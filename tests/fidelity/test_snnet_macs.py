@@ -101,3 +101,23 @@ def test_sweep_and_sampler_use_macs():
     default.configure_model()
     assert default.hparams.flops_gap == 1.0 and default.hparams.flops_gap_unit == "gmacs"  # official gap 1 GMAC: one group at this size
     assert default.sampler.groups == [sorted(range(len(default.net)), key=lambda i: (default.net.macs(i), i))]
+
+
+def test_checkpoints_saved_before_gmacs_keep_their_fraction_groups(tmp_path):
+    """``flops_gap`` was a fraction of the largest stitch's cost before it meant GMACs: old checkpoints resume with their groups."""
+    import lightning as L
+
+    from datamodules import Digits
+
+    module = SNNetModule([{"model": TINY_VIT, "model_kwargs": {**KW, "embed_dim": w}} for w in (32, 16)], sampling="flops", flops_gap=0.05,
+                         flops_gap_unit="fraction", init_batch_size=None)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, Digits(batch_size=8))
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    for key in ("flops_gap_unit", "sample_per_rank", "init_batch_size", "init_mode"):  # the hyperparameters of before
+        del ckpt["hyper_parameters"][key]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    old = SNNetModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert len(module.sampler.groups) > 1 and old.sampler.groups == module.sampler.groups and old.sampler.draws == 2

@@ -280,4 +280,7 @@ class SNNetModule(Classifier):
         state = checkpoint.get("snnet")
         if state is not None:
             self.net.select(state["active"])
+            if "flops_gap_unit" not in checkpoint.get("hyper_parameters", {"flops_gap_unit": None}) and self.sampler.mode == "flops":
+                sampling, flops_gap, group_weights, seed, _ = self.sampler_args  # saved before issue 16: flops_gap was a fraction
+                self.sampler = StitchSampler(self.net.macs(), sampling, flops_gap, group_weights, seed, "fraction")
             self.sampler.load_state_dict(state["sampler"])
