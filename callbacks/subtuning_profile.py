@@ -12,6 +12,7 @@ It writes ``profile.csv``, ``greedy.csv``, ``profile.png`` (also in TensorBoard 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from lightning.pytorch import Callback
 
 from zoo.subtuning.module import SubTuningModule
 from zoo.subtuning.profile import STARTS, ProfileRunner, profile_figure, stack_dataset, write_outputs
+from zoo.subtuning.recipe import ScoringRecipe
 
 
 class SubTuningProfile(Callback):
@@ -31,35 +33,50 @@ class SubTuningProfile(Callback):
     TensorBoard figure, then sets the module's ``trainable_layers`` to the chosen ones. The runs
     use a copy of the backbone on the trainer's root device. ``start: both`` is the official
     greedy start (see :func:`zoo.subtuning.profile.greedy_select`).
-    Under ``fast_dev_run`` each run trains for one step on a few samples.
+    Under ``fast_dev_run`` each run trains for one step on a few samples, scored on the validation split.
+
+    Args:
+        recipe: how each candidate is trained and scored (:class:`zoo.subtuning.recipe.ScoringRecipe`):
+            ``official`` (default; 10 epochs, AdamW lr 1e-4, wd 5e-5, per-epoch cosine, batch 256, 5-fold
+            cross-validation on the training set), ``fast`` (100 AdamW steps, lr 1e-3, batch 32, constant LR,
+            scored on the validation set) or a mapping of fields.
+        steps, epochs, batch_size, lr, weight_decay, folds: override that field of ``recipe`` when set
+            (``steps`` replaces the epochs).
+        k: the largest number of layers chosen (the smallest with ``start: all``); default 3, this zoo's cap:
+            the official search has none (``k: null``) and stops only by ``epsilon``.
+        epsilon, start: see :func:`zoo.subtuning.profile.greedy_select`.
 
     YAML::
 
         trainer:
           callbacks:
             - class_path: callbacks.subtuning_profile.SubTuningProfile
-              init_args: {steps: 100, batch_size: 32, lr: 0.001, k: 3, epsilon: 0.01, start: head}
+              init_args: {recipe: official, k: 3, epsilon: 0.01, start: head}
+              # recipe: fast, or recipe: {epochs: 5, lr: 0.0003, schedule: cosine, folds: 1}
     """
 
     def __init__(
         self,
-        steps: int = 100,
-        batch_size: int = 32,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        recipe: ScoringRecipe | str = "official",
+        steps: int | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
         k: int | None = 3,
         epsilon: float = 0.01,
         start: str = "head",
-        folds: int = 1,
+        folds: int | None = None,
         max_val_samples: int | None = 1000,
         seed: int = 0,
         out_dir: str | None = None,
     ):
         if start not in STARTS:
             raise ValueError(f"start={start!r}: expected one of {', '.join(map(repr, STARTS))}")
-        if steps < 1 or batch_size < 1 or folds < 1 or (k is not None and k < 1) or epsilon < 0:
-            raise ValueError(f"steps={steps}, batch_size={batch_size}, folds={folds}, k={k}, epsilon={epsilon}: expected positive steps/batch_size/folds/k and epsilon >= 0")
-        self.kwargs = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "folds": folds, "seed": seed}
+        if (k is not None and k < 1) or epsilon < 0:
+            raise ValueError(f"k={k}, epsilon={epsilon}: expected a positive k (or null) and epsilon >= 0")
+        self.recipe = ScoringRecipe.of(recipe, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, folds=folds)
+        self.seed = seed
         self.k, self.epsilon, self.start = k, epsilon, start
         self.max_val_samples, self.out_dir = max_val_samples, out_dir
         self.chosen: list[str] | None = None
@@ -85,16 +102,16 @@ class SubTuningProfile(Callback):
         pl_module.set_trainable_layers(self.chosen)
 
     def run(self, trainer, pl_module: SubTuningModule, dm) -> list[str]:
-        kwargs, max_val = dict(self.kwargs), self.max_val_samples
+        recipe, max_val = self.recipe, self.max_val_samples
         limit = None
         if trainer.fast_dev_run:
-            kwargs["steps"], limit, max_val = 1, 4 * dm.num_classes, 16
-        train = stack_dataset(dm.train_set, limit, kwargs["seed"])
+            recipe, limit, max_val = dataclasses.replace(recipe, steps=1, folds=1), 4 * dm.num_classes, 16
+        train = stack_dataset(dm.train_set, limit, self.seed)
         # A smoke test (fast_dev_run) on a tiny stand-in dataset may have no validation images.
-        val = stack_dataset(dm.val_set if len(dm.val_set) or not trainer.fast_dev_run else dm.train_set, max_val, kwargs["seed"])
+        val = stack_dataset(dm.val_set if len(dm.val_set) or not trainer.fast_dev_run else dm.train_set, max_val, self.seed)
         # On the trainer's device (in ``setup`` the module itself is not moved there yet).
         backbone = copy.deepcopy(pl_module.backbone).to(trainer.strategy.root_device)
-        runner = ProfileRunner(backbone, pl_module.num_classes, train, val, granularity=pl_module.hparams.granularity, **kwargs)
+        runner = ProfileRunner(backbone, pl_module.num_classes, train, val, granularity=pl_module.hparams.granularity, recipe=recipe, seed=self.seed)
         chosen, best, history = runner.select(self.k, self.epsilon, self.start)
         profile = runner.profile()
         out_dir = self.out_dir or (trainer.logger.log_dir if trainer.logger is not None and trainer.logger.log_dir else trainer.default_root_dir)

@@ -251,7 +251,7 @@ def test_profile_runner_shares_prefix_per_start_layer():
     dm = Digits(samples_per_class=6)
     dm.setup()
     torch.manual_seed(0)
-    runner = ProfileRunner(build_backbone(TINY_VIT, **VIT4), 10, stack_dataset(dm.train_set), stack_dataset(dm.val_set, 60), steps=2, batch_size=16)
+    runner = ProfileRunner(build_backbone(TINY_VIT, **VIT4), 10, stack_dataset(dm.train_set), stack_dataset(dm.val_set, 60), recipe="fast", steps=2, batch_size=16)
     calls = []
     prefix = runner.chain.prefix
     runner.chain.prefix = lambda x, s: (calls.append(s), prefix(x, s))[1]

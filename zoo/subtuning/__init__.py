@@ -14,6 +14,7 @@ inference (:class:`MultiTaskSubTuned`).
 ``module``      :class:`SubTuningModule`: a :class:`zoo.Classifier` preset with ``surgery: [Freeze]``
 ``multitask``   :class:`MultiTaskSubTuned`: several SubTuned models sharing one frozen trunk
 ``profile``     :class:`ProfileRunner`, :func:`greedy_select` (the callback: ``callbacks.subtuning_profile``)
+``recipe``      :class:`ScoringRecipe`: how each candidate is trained and scored (``official``, ``fast``)
 ==============  ===========================================================================================
 
 YAML: ``zoo.subtuning.SubTuningModule`` (see its docstring), or the surgery on any zoo module::
@@ -30,9 +31,10 @@ from zoo.subtuning.module import SubTuningModule
 from zoo.subtuning.multitask import MultiTaskSubTuned
 from zoo.subtuning.prefix import FrozenPrefix
 from zoo.subtuning.profile import FULL, ProfileRunner, greedy_select, profile_figure, stack_dataset, write_outputs
+from zoo.subtuning.recipe import ScoringRecipe, fold_indices
 
 __all__ = [
-    "FULL", "GRANULARITIES", "FeatureCache", "Freeze", "FrozenPrefix", "LayerChain", "MultiTaskSubTuned", "ProfileRunner", "SubTuningModule",
-    "candidate_layers", "covered", "freeze_except", "frozen_eval", "greedy_select", "index_space", "profile_figure", "resolve_layers",
+    "FULL", "GRANULARITIES", "FeatureCache", "Freeze", "FrozenPrefix", "LayerChain", "MultiTaskSubTuned", "ProfileRunner", "ScoringRecipe",
+    "SubTuningModule", "candidate_layers", "covered", "fold_indices", "freeze_except", "frozen_eval", "greedy_select", "index_space", "profile_figure", "resolve_layers",
     "stack_dataset", "write_outputs",
 ]

@@ -1,7 +1,7 @@
 """SubTuning's finetuning profile and greedy layer selection (Kaplun et al., 2023, Sec. 2-3).
 
-The profile finetunes each candidate layer alone (with a new head) for a fixed budget of steps and records
-validation accuracy; :func:`greedy_select` then grows (or shrinks) the set of finetuned layers one layer at a
+The profile finetunes each candidate layer alone (with a new head) with a :class:`~zoo.subtuning.recipe.ScoringRecipe`
+(default: the official one, 10 epochs and 5-fold cross-validation; ``fast``: 100 steps) and records its accuracy; :func:`greedy_select` then grows (or shrinks) the set of finetuned layers one layer at a
 time. Every run that starts at the same layer shares one pass of the frozen prefix: its outputs are computed
 once per start layer and reused.
 
@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from zoo.batch import as_batch
 from zoo.subtuning.chain import LayerChain
 from zoo.subtuning.layers import candidate_layers, freeze_except, frozen_eval
+from zoo.subtuning.recipe import ScoringRecipe, fold_indices
 
 STARTS = ("head", "best", "all", "both")  # "both": the official start (see greedy_select)
 
@@ -120,9 +121,11 @@ def stack_dataset(dataset: Any, limit: int | None = None, seed: int = 0) -> tupl
 class ProfileRunner:
     """Trains and scores SubTuned copies of one pretrained backbone on in-memory data.
 
-    ``score(layers)`` trains ``layers`` (plus a new head) for ``steps`` AdamW steps on the training
-    data and returns validation accuracy, or with ``folds > 1`` the mean held-out accuracy of a
-    k-fold cross-validation on the training data (for tiny datasets). Scores are memoized, and the
+    ``score(layers)`` trains ``layers`` (plus a new head) with ``recipe`` (a :class:`ScoringRecipe` or a preset
+    name; default ``official``: 10 epochs, AdamW lr 1e-4, cosine, batch 256, 5 folds; ``fast``: 100 AdamW steps
+    at lr 1e-3, batch 32) and returns validation accuracy, or with ``folds > 1`` the mean held-out accuracy of a
+    k-fold cross-validation on the training data. ``steps``, ``batch_size``, ``lr``, ``weight_decay`` and
+    ``folds`` override the recipe's fields when given (``steps`` replaces its epochs). Scores are memoized, and the
     frozen prefix's outputs are computed once per start layer and split and shared by all runs.
     ``layers=FULL`` finetunes every parameter from the raw inputs (the full-finetuning baseline).
     Everything runs on the backbone's device (its first parameter's); the data stay where they are
@@ -136,17 +139,18 @@ class ProfileRunner:
         train: tuple[torch.Tensor, torch.Tensor],
         val: tuple[torch.Tensor, torch.Tensor] | None = None,
         granularity: str = "block",
-        steps: int = 100,
-        batch_size: int = 32,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        folds: int = 1,
+        recipe: ScoringRecipe | str = "official",
+        steps: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        folds: int | None = None,
         seed: int = 0,
         eval_batch_size: int = 256,
     ):
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"steps={steps}, batch_size={batch_size}: expected positive integers")
-        if folds < 1 or folds > len(train[1]):
+        self.recipe = ScoringRecipe.of(recipe, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, folds=folds)
+        folds = self.recipe.folds
+        if folds > len(train[1]):
             raise ValueError(f"folds={folds}: expected 1 (use the validation set) up to the {len(train[1])} training samples")
         if folds == 1 and val is None:
             raise ValueError("folds=1 scores on the validation set: pass val, or set folds >= 2 for cross-validation")
@@ -156,7 +160,6 @@ class ProfileRunner:
         self.layers = candidate_layers(backbone, granularity)
         self.num_classes = num_classes
         self.data = {"train": train, "val": val}
-        self.steps, self.batch_size, self.lr, self.weight_decay = steps, batch_size, lr, weight_decay
         self.folds, self.seed, self.eval_batch_size = folds, seed, eval_batch_size
         self.scores: dict[tuple[str, ...] | str, float] = {}
         self._features: dict[tuple[str, int], torch.Tensor] = {}
@@ -190,20 +193,17 @@ class ProfileRunner:
         feats = x if start is None else self.features("train", start)
         if train_idx is not None:
             feats, y = feats[train_idx.to(feats.device)], y[train_idx.to(y.device)]
-        params = [p for p in [*net.parameters(), *head.parameters()] if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        gen = torch.Generator().manual_seed(self.seed)
-        order = torch.empty(0, dtype=torch.long)
-        for _ in range(self.steps):
-            if len(order) < min(self.batch_size, len(y)):
-                order = torch.cat([order, torch.randperm(len(y), generator=gen)])
-            idx, order = order[: self.batch_size], order[self.batch_size :]
-            h = feats[idx.to(feats.device)].to(self.device)
-            out = net(h) if start is None else chain.suffix(h, ((), {}), h, start)
-            loss = F.cross_entropy(head(out), y[idx.to(y.device)].to(self.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        opt, schedule = self.recipe.build(p for p in [*net.parameters(), *head.parameters()] if p.requires_grad)
+        for unit in self.recipe.units(len(y), torch.Generator().manual_seed(self.seed)):  # one epoch, or one step
+            for idx in unit:
+                h = feats[idx.to(feats.device)].to(self.device)
+                out = net(h) if start is None else chain.suffix(h, ((), {}), h, start)
+                loss = F.cross_entropy(head(out), y[idx.to(y.device)].to(self.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if schedule is not None:
+                schedule.step()
         return net.eval(), head.eval(), start
 
     @torch.no_grad()
@@ -229,11 +229,10 @@ class ProfileRunner:
                 self.scores[key] = self.accuracy(*self.fit(layers), "val")
             else:
                 n = len(self.data["train"][1])
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 7))
                 accs = []
-                for fold in perm.chunk(self.folds):
-                    keep = perm[~torch.isin(perm, fold)]
-                    accs.append(self.accuracy(*self.fit(layers, keep), "train", fold))
+                folds = fold_indices(n, self.folds, self.seed + 7)
+                for i, fold in enumerate(folds):  # train on the other folds, concatenated (as the official split)
+                    accs.append(self.accuracy(*self.fit(layers, torch.cat(folds[:i] + folds[i + 1 :])), "train", fold))
                 self.scores[key] = sum(accs) / len(accs)
         return self.scores[key]
 
