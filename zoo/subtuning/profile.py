@@ -1,9 +1,10 @@
 """SubTuning's finetuning profile and greedy layer selection (Kaplun et al., 2023, Sec. 2-3).
 
 The profile finetunes each candidate layer alone (with a new head) with a :class:`~zoo.subtuning.recipe.ScoringRecipe`
-(default: the official one, 10 epochs and 5-fold cross-validation; ``fast``: 100 steps) and records its accuracy; :func:`greedy_select` then grows (or shrinks) the set of finetuned layers one layer at a
-time. Every run that starts at the same layer shares one pass of the frozen prefix: its outputs are computed
-once per start layer and reused.
+(default: the official one, 10 epochs and 5-fold cross-validation; ``fast``: 100 steps) and records its
+accuracy; :func:`greedy_select` then grows (or shrinks) the set of finetuned layers one layer at a time.
+Every run that starts at the same layer shares one pass of the frozen prefix: its outputs are computed once
+per start layer and reused.
 
 From YAML, the callback :class:`callbacks.subtuning_profile.SubTuningProfile` profiles and selects before
 ``zoo fit`` trains (``configs/subtuning/profile.yaml``). From Python: :class:`ProfileRunner`
@@ -124,8 +125,8 @@ class ProfileRunner:
     ``score(layers)`` trains ``layers`` (plus a new head) with ``recipe`` (a :class:`ScoringRecipe` or a preset
     name; default ``official``: 10 epochs, AdamW lr 1e-4, cosine, batch 256, 5 folds; ``fast``: 100 AdamW steps
     at lr 1e-3, batch 32) and returns validation accuracy, or with ``folds > 1`` the mean held-out accuracy of a
-    k-fold cross-validation on the training data. ``steps``, ``batch_size``, ``lr``, ``weight_decay`` and
-    ``folds`` override the recipe's fields when given (``steps`` replaces its epochs). Scores are memoized, and the
+    k-fold cross-validation on the training data. ``steps``, ``epochs``, ``batch_size``, ``lr``, ``weight_decay``
+    and ``folds`` override the recipe's fields when given (``steps`` replaces its epochs). Scores are memoized, and the
     frozen prefix's outputs are computed once per start layer and split and shared by all runs.
     ``layers=FULL`` finetunes every parameter from the raw inputs (the full-finetuning baseline).
     Everything runs on the backbone's device (its first parameter's); the data stay where they are
@@ -147,8 +148,9 @@ class ProfileRunner:
         folds: int | None = None,
         seed: int = 0,
         eval_batch_size: int = 256,
+        epochs: int | None = None,
     ):
-        self.recipe = ScoringRecipe.of(recipe, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, folds=folds)
+        self.recipe = ScoringRecipe.of(recipe, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, folds=folds)
         folds = self.recipe.folds
         if folds > len(train[1]):
             raise ValueError(f"folds={folds}: expected 1 (use the validation set) up to the {len(train[1])} training samples")
