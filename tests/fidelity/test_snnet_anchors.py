@@ -58,6 +58,7 @@ def test_stitches_are_the_official_ones(pair, count):
     for (f, e), positions in net.positions.items():
         for j, k, layer in positions:  # a 1x1 map from the front's channels at block j to the end's at block k
             assert net.layer(f, e, layer).in_layout == "NCHW" and net.layer(f, e, layer).out_layout == ("NCHW" if pair == "r18-r50" else "NHWC")
+            assert net.layer_input(f, e, layer).shape[1] == net.layer(f, e, layer).weight.shape[1]  # what part_flops can count
 
 
 @pytest.mark.parametrize("pair", ["r-r", "r-swin"])

@@ -26,7 +26,7 @@ from zoo.snnet.layers import (
     least_squares,
     map_block,
 )
-from zoo.snnet.parts import channels_last, input_shape, probe, same_size_stages, stage_depths, unit_entries, units_of
+from zoo.snnet.parts import channels_last, from_channels_last, input_shape, probe, same_size_stages, stage_depths, unit_entries, units_of
 from zoo.snnet.space import SPACES, enumerate_stitches, pairs_of, stage_positions, v2_positions, window_positions
 
 class StitchableNet(nn.Module):
@@ -102,6 +102,7 @@ class StitchableNet(nn.Module):
         directions = pairs + ([(e, f) for f, e in pairs] if two_way else [])
         self.positions: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         self.stitch_layers = nn.ModuleDict()
+        self._layer_shapes: dict[tuple[int, int, int], tuple[int, ...]] = {}  # channels-last input shape of each layer
         for f, e in directions:
             df, de = self.depths[f], self.depths[e]
             if staged:
@@ -114,6 +115,7 @@ class StitchableNet(nn.Module):
                                  + ("(stages 1..n-2 with feature maps of one size in both)" if staged else f"in space {space!r}"))
             self.positions[(f, e)] = pos
             dims = {layer: (shapes[f][j + 1][-1], shapes[e][k][-1]) for j, k, layer in reversed(pos)}  # from a layer's first position
+            self._layer_shapes.update({(f, e, layer): shapes[f][j + 1] for j, k, layer in reversed(pos)})
             self.stitch_layers[f"{f}-{e}"] = nn.ModuleList(StitchingLayer(*dims[i], lora_rank, lora_alpha, self.layouts[f], self.layouts[e])
                                                            for i in range(max(dims) + 1))
         self._layer_index = {(f, e, j, k): layer for (f, e), pos in self.positions.items() for j, k, layer in pos}
@@ -290,6 +292,12 @@ class StitchableNet(nn.Module):
     def example_input(self, batch: int = 1) -> torch.Tensor:
         p = next(self.parameters())
         return torch.zeros(batch, *self.input_shape, device=p.device, dtype=p.dtype)
+
+    def layer_input(self, front: int, end: int, index: int, batch: int = 1) -> torch.Tensor:
+        """Zeros shaped as what stitching layer ``index`` of ``front -> end`` takes for one image (tokens or feature maps)."""
+        p = next(self.parameters())
+        x = torch.zeros(batch, *self._layer_shapes[(front, end, index)], device=p.device, dtype=p.dtype)
+        return from_channels_last(x, self.layouts[front])
 
     @torch.no_grad()
     def part_flops(self) -> dict:
