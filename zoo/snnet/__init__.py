@@ -37,6 +37,6 @@ from zoo.snnet.sampler import StitchSampler
 from zoo.snnet.surgery import Anchors, Stitch, build_anchor
 
 __all__ = [
-    "FLOP_MAPPING", "Anchors", "ChannelLinear", "SNNetModule", "Stitch", "StitchPath", "StitchSampler", "StitchableNet", "StitchedViT", "StitchingLayer", "build_anchor",
-    "check_find_unused", "embed", "finish", "least_squares", "map_block", "window_positions",
+    "FLOP_MAPPING", "Anchors", "ChannelLinear", "SNNetModule", "Stitch", "StitchPath", "StitchSampler", "StitchableNet", "StitchedViT",
+    "StitchingLayer", "build_anchor", "check_find_unused", "embed", "finish", "least_squares", "map_block", "window_positions",
 ]
