@@ -130,3 +130,16 @@ def test_unsupported_combinations_fail_clearly():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="two_way stitching needs ViT anchors"):
         StitchableNet([resnet((1, 1, 1, 1), 8), resnet((1, 2, 2, 1), 16)], [torch.nn.Linear(32, 10), torch.nn.Linear(64, 10)], two_way=True)
+
+
+@pytest.mark.parametrize("pair", ["r-r", "r-swin"])
+def test_stitch_costs_equal_the_counter_on_the_extracted_network(pair):
+    """``flops``/``macs`` add up per-part counts; each must equal the whole extracted stitch counted at once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    net = net_of([resnet((1, 1, 1, 1), 8), resnet((1, 2, 3, 1), 16) if pair == "r-r" else swin((1, 2, 3, 1), 16)]).eval()
+    for s in net.stitches:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net.extract(s.id)(net.example_input())
+        assert net.flops(s.id) == counter.get_total_flops() and net.macs(s.id) == counter.get_total_flops() // 2

@@ -23,6 +23,8 @@ TEXT = {"input_ids": torch.randint(0, 100, (2, 5)), "attention_mask": torch.ones
 TINY = {
     "vit": lambda: (build_backbone(TINY_VIT, **{**TINY_VIT_KWARGS, "depth": 3}), 3, 64, SMALL_IMAGE),  # mlp_ratio 2 x width 32
     "resnet": lambda: (build_backbone("timm/test_resnet", in_chans=1, layers=(1, 2, 1, 1)), 5, None, IMAGE),
+    "swin": lambda: (build_backbone("timm/swin_tiny_patch4_window7_224", img_size=32, in_chans=1, embed_dim=8, depths=(3,), num_heads=(1,),
+                                    window_size=2, mlp_ratio=2.0), 3, 16, IMAGE),
     "efficientnet": lambda: (build_backbone("timm/test_efficientnet", in_chans=1, depth_multiplier=2.0), 5 * 2, None, IMAGE),
     "bert": lambda: (build_backbone("hf/bert", num_hidden_layers=3, **HF), 3, 48, TEXT),
     "llama": lambda: (build_backbone("hf/llama", num_hidden_layers=3, num_key_value_heads=1, **HF), 3, 48, TEXT),
@@ -92,8 +94,8 @@ def test_every_family_has_its_parts_where_the_registry_says_and_the_techniques_a
     else:
         assert find_ffns(backbone) == [] and by_type == []
 
-    # SN-Net stitches the vit family's blocks, and names any other family when it refuses it
-    if name == "vit":
+    # SN-Net stitches the blocks of the vit, resnet and swin families, and names any other family when it refuses it
+    if name in ("vit", "resnet", "swin"):
         check_anchor(backbone, "anchor")
         assert anchor_blocks(backbone) == [modules[b] for b in blocks]
     else:

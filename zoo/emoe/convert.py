@@ -32,6 +32,7 @@ SUPPORTED = (
 # FFN kind -> the zoo.families family whose FFN layout (dense layers, Conv1D or not) it is
 LAYOUTS = {"timm": "vit", "bert": "bert", "gpt2": "gpt2", "llama": "llama"}
 KIND_OF = {family: kind for kind, family in LAYOUTS.items()}
+KIND_OF["swin"] = "timm"  # Swin's FFNs are timm Mlp blocks (EMoE's layer reshapes any leading dimensions)
 # what EMoE carries over beyond the dense layers: the activation, and the dropouts (EMoEFFN argument -> attribute)
 ACT = {"timm": "act", "bert": "intermediate.intermediate_act_fn", "gpt2": "act", "llama": "act_fn"}
 DROPOUTS = {"timm": {"hidden_dropout": "drop1", "out_dropout": "drop2"}, "gpt2": {"out_dropout": "dropout"}}

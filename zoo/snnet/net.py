@@ -312,14 +312,13 @@ class StitchableNet(nn.Module):
         parts, x = {}, self.example_input()
         for a, b in enumerate(self.anchors):
             parts[("embed", a)], h = count(embed, b, x)
-            for i, blk in enumerate(anchor_blocks(b)):
+            for i, blk in enumerate(self.blocks(a)):
                 parts[("block", a, i)], h = count(blk, h)
             parts[("finish", a)], _ = count(finish, b, self.heads[a], h)
         for key, layers in self.stitch_layers.items():
             f, e = map(int, key.split("-"))
-            tokens = torch.zeros(1, h.shape[1], self.anchors[f].embed_dim, device=x.device, dtype=x.dtype)
             for i, layer in enumerate(layers):  # as deployed: one linear map, LoRA merged
-                parts[("layer", f, e, i)], _ = count(layer.to_linear(), tokens)
+                parts[("layer", f, e, i)], _ = count(layer.to_linear(), self.layer_input(f, e, i))
         self.train(was_training)
         return parts
 
