@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from datamodules.resumable import EpochItems, EpochShuffle, eval_loader, eval_order, sample_seed, seeded, train_loader
-from zoo.batch import Batch, as_batch, collate
+from datamodules.tensor import BatchTransform, TensorPairs, collate, sample_keys
+from zoo.batch import Batch, as_batch
 
 __all__ = ["ClassificationDataModule", "EpochShuffle", "LabeledSubset", "Splits", "per_class_subset", "split_indices"]
 
@@ -61,10 +62,54 @@ class LabeledSubset(EpochItems, Dataset):
         raw, y = sample.inputs, int(sample.targets)
         if self.transform is None:
             return Batch(inputs=raw, targets=y, raw=raw)
+        if isinstance(self.transform, BatchTransform) and self.transform.random:
+            keys = None if self.augment_seed is None else sample_keys(self.augment_seed, epoch, torch.tensor([i]))
+            return Batch(inputs=self.transform(raw, keys=keys), targets=y, raw=raw)
         if self.augment_seed is None:
             return Batch(inputs=self.transform(raw), targets=y, raw=raw)
         with seeded(sample_seed(self.augment_seed, epoch, i)):
             return Batch(inputs=self.transform(raw), targets=y, raw=raw)
+
+    def gatherable(self) -> bool:
+        """True when batches are gathered at once (tensor-backed data, a batch transform or none)."""
+        return isinstance(self.dataset, TensorPairs) and (self.transform is None or isinstance(self.transform, BatchTransform))
+
+    def rows(self) -> torch.Tensor:
+        """``indices`` as a tensor (rebuilt when ``indices`` is replaced)."""
+        if self.__dict__.get("_rows_of") is not self.indices:
+            self._rows_of, self._rows = self.indices, torch.as_tensor(self.indices, dtype=torch.long)
+        return self._rows
+
+    def load_batch(self, positions: torch.Tensor, epoch: int | None = None, skip: bool = False) -> Batch:
+        """Items ``positions`` at once: ``Batch(inputs, targets, raw)`` as :meth:`load` gives them, collated (one
+        indexing of the data, one transform call); with ``skip`` the cached items get the placeholder instead."""
+        rows = self.rows()[positions]
+        raw, targets = self.dataset.images[rows], self.dataset.targets_tensor[rows]
+        transform = self.transform
+        if transform is None:
+            return Batch(inputs=raw, targets=targets, raw=raw)
+        keys = None
+        if transform.random and self.augment_seed is not None:
+            keys = sample_keys(self.augment_seed, epoch, positions)
+        cached = self.cached if skip and self.placeholder is not None else None
+        if cached is not None:
+            inside = positions < len(cached)
+            hit = torch.zeros(len(positions), dtype=torch.bool)
+            hit[inside] = cached[positions[inside]]
+            if hit.any():
+                load = ~hit
+                inputs = self.placeholder.expand(len(positions), *self.placeholder.shape).clone()
+                if load.any():
+                    inputs[load] = transform(raw[load], keys=None if keys is None else keys[load]).to(inputs.dtype)
+                targets = targets.clone()
+                targets[hit] = torch.as_tensor([self.targets[p] for p in positions[hit].tolist()])
+                return Batch(inputs=inputs, targets=targets, raw=raw)
+        return Batch(inputs=transform(raw, keys=keys), targets=targets, raw=raw)
+
+    def gather_items(self, positions: torch.Tensor, epoch: int | None = None) -> Batch:
+        """The collated ``[item(i, epoch) for i in positions]``, gathered at once."""
+        batch = self.load_batch(positions, epoch, skip=True)
+        return batch.replace(raw=None, index=positions if self.with_index else None)
 
     def item(self, i: int, epoch: int | None = None) -> Batch:
         if self.cached is not None and i < len(self.cached) and self.cached[i]:
@@ -145,6 +190,9 @@ class ClassificationDataModule(Splits, LightningDataModule):
         download: download the data when it is absent.
         with_index: training and validation batches carry ``index`` (the sample's position in its
             split), for techniques that key per-sample state (e.g. cached teacher outputs).
+        fast: in-memory data (:class:`~datamodules.tensor.TensorPairs`) is gathered and transformed a batch at a
+            time (:class:`~datamodules.tensor.BatchTransform`); ``false`` keeps the per-sample path (torchvision
+            transforms item by item): the same samples in the same order, and the same inputs without ``augment``.
     """
 
     num_classes: int = 0
@@ -166,6 +214,7 @@ class ClassificationDataModule(Splits, LightningDataModule):
         augment: bool = False,
         download: bool = True,
         with_index: bool = False,
+        fast: bool = True,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -179,6 +228,7 @@ class ClassificationDataModule(Splits, LightningDataModule):
         self.save_hyperparameters(dict(
             data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
             samples_per_class=samples_per_class, image_size=image_size, augment=augment, download=download, with_index=with_index,
+            fast=fast,
         ))
         self.data_dir = data_dir
         self.batch_size = batch_size
@@ -187,6 +237,7 @@ class ClassificationDataModule(Splits, LightningDataModule):
         self.augment = augment
         self.download = download
         self.with_index = with_index
+        self.fast = fast
         self.train_set: LabeledSubset | None = None
         self.val_set: LabeledSubset | None = None
         self.test_set: LabeledSubset | None = None
@@ -201,7 +252,16 @@ class ClassificationDataModule(Splits, LightningDataModule):
         """True when the training transform has no randomness (so per-sample outputs can be cached)."""
         return not self.augment
 
+    def batch_transform(self, train: bool) -> BatchTransform:
+        """The fast path's transform: the same resize and normalisation, and with ``augment`` (training) the same
+        distribution of crops (zero padding ``max(1, image_size // 8)``) and flips (where ``flip``)."""
+        augment = train and self.augment
+        return BatchTransform(self.mean, self.std, self.image_size, self.native_size,
+                              padding=max(1, self.image_size // 8) if augment else 0, flip=augment and self.flip)
+
     def eval_transform(self) -> Callable:
+        if self.fast:
+            return self.batch_transform(train=False)
         ops: list[Any] = [T.ToImage()]
         if self.image_size != self.native_size:
             ops.append(T.Resize(self.image_size, antialias=True))
@@ -210,6 +270,8 @@ class ClassificationDataModule(Splits, LightningDataModule):
     def train_transform(self) -> Callable:
         if not self.augment:
             return self.eval_transform()
+        if self.fast:
+            return self.batch_transform(train=True)
         ops: list[Any] = [T.ToImage()]
         if self.image_size != self.native_size:
             ops.append(T.Resize(self.image_size, antialias=True))

@@ -35,11 +35,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules.base import ClassificationDataModule, LabeledSubset
 from datamodules.resumable import EpochConcat, EpochItems, eval_loader, eval_order, train_loader
-from zoo.batch import Batch, collate
+from datamodules.tensor import BatchTransform, collate
+from zoo.batch import Batch
 
 SCENARIOS = ("class", "task", "domain")
 
@@ -53,6 +54,8 @@ class TaskSet(EpochItems, Dataset):
     def __init__(self, subset: LabeledSubset, positions: list[int], label_map: list[int], task: int, with_raw: bool):
         self.subset, self.positions, self.label_map, self.task, self.with_raw = subset, positions, label_map, task, with_raw
         self.targets = [label_map[subset.targets[p]] for p in positions]
+        self.position_tensor = torch.as_tensor(positions, dtype=torch.long)
+        self.target_tensor = torch.as_tensor(self.targets, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -65,6 +68,19 @@ class TaskSet(EpochItems, Dataset):
             compact = isinstance(sample.raw, torch.Tensor) and sample.raw.dtype == torch.uint8
             raw = sample.raw if compact else sample.inputs
         return Batch(inputs=sample.inputs, targets=self.targets[i], task=self.task, raw=raw, index=p if self.subset.with_index else None)
+
+    def gatherable(self) -> bool:
+        return self.subset.gatherable()
+
+    def gather_items(self, indices: torch.Tensor, epoch: int | None = None) -> Batch:
+        """The collated ``[item(i, epoch) for i in indices]``, gathered at once from the subset."""
+        p = self.position_tensor[indices]
+        sample = self.subset.load_batch(p, epoch)
+        raw = None
+        if self.with_raw:
+            raw = sample.raw if sample.raw.dtype == torch.uint8 else sample.inputs
+        return Batch(inputs=sample.inputs, targets=self.target_tensor[indices], task=torch.full((len(p),), self.task, dtype=torch.long),
+                     raw=raw, index=p if self.subset.with_index else None)
 
 
 class ContinualDataModule(LightningDataModule):
@@ -152,6 +168,8 @@ class ContinualDataModule(LightningDataModule):
         if raw.dtype != torch.uint8:  # the buffer already holds transformed inputs
             return raw
         transform = self.data.train_set.transform
+        if isinstance(transform, BatchTransform):  # the whole batch at once; a random one draws from the global RNG
+            return transform(raw)
         if self.data.deterministic_train_transform:
             return transform(raw)
         return torch.stack([transform(r) for r in raw])
@@ -207,11 +225,11 @@ class ContinualDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         t = self.current_task
         tasks = range(t + 1) if self.cumulative else [t]
-        return self._loader(ConcatDataset([self._tasks["val"][i] for i in tasks]), shuffle=False)
+        return self._loader(EpochConcat([self._tasks["val"][i] for i in tasks]), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         """Test data of every task seen so far (all tasks once the stream is over)."""
-        return self._loader(ConcatDataset(self._tasks["test"][:self.current_task + 1]), shuffle=False)
+        return self._loader(EpochConcat(self._tasks["test"][:self.current_task + 1]), shuffle=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"class_order": self.class_order}

@@ -8,25 +8,12 @@ import shutil
 from pathlib import Path
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from datamodules.base import ClassificationDataModule, per_class_subset, split_indices
-from zoo.batch import Batch
+from datamodules.tensor import TensorPairs
 
-
-class TensorPairs(Dataset):
-    """Untransformed samples held in memory: ``Batch(inputs=uint8 image tensor [C, H, W], targets=label)``."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor | list[int]):
-        self.images = images
-        self.targets = [int(t) for t in targets]
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> Batch:
-        return Batch(inputs=self.images[i], targets=self.targets[i])
+__all__ = ["CIFAR10", "CIFAR100", "MNIST", "Digits", "FashionMNIST", "ImageFolder", "TensorPairs"]
 
 
 def missing_data(name: str, tried: list[Path | str], how: str) -> FileNotFoundError:
@@ -159,7 +146,8 @@ class ImageFolder(ClassificationDataModule):
     """Images in ``<data_dir>/train/<class>/*`` (and optionally ``val/`` and ``test/`` alike).
 
     Without a ``val`` folder, ``val_fraction`` of ``train`` is held out; without ``test``, val is
-    used for testing. Images are resized and center-cropped to ``image_size``.
+    used for testing. Images are resized and center-cropped to ``image_size``, one by one (per-sample
+    torchvision transforms: files on disk do not take the fast path, ``fast`` changes nothing here).
     """
 
     in_chans = 3
@@ -180,10 +168,12 @@ class ImageFolder(ClassificationDataModule):
         augment: bool = False,
         download: bool = True,
         with_index: bool = False,
+        fast: bool = True,
     ):
         super().__init__(
             data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
             samples_per_class=samples_per_class, image_size=image_size, augment=augment, download=download, with_index=with_index,
+            fast=fast,
         )
         train = Path(data_dir) / "train"
         if not train.is_dir():

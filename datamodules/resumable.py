@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler
 
-from zoo.batch import collate
+from datamodules.tensor import Gathered, collate, merge
 
 
 class EpochShuffle(RandomSampler):
@@ -156,21 +156,43 @@ def seeded(seed: int):
 
 class EpochItems:
     """Mixin of datasets whose ``item(i, epoch)`` seeds augmentation by epoch: a batch of indices from
-    :class:`EpochBatchSampler` carries its epoch (``DataLoader`` calls ``__getitems__``); ``dataset[i]`` is epoch 0."""
+    :class:`EpochBatchSampler` carries its epoch (``DataLoader`` calls ``__getitems__``); ``dataset[i]`` is epoch 0.
+    A dataset that can gather a whole batch at once (``gatherable()``) returns ``gather_items(indices, epoch)``,
+    the collated items, as :class:`~datamodules.tensor.Gathered`."""
 
     def item(self, i: int, epoch: int | None = None) -> Any:
+        raise NotImplementedError
+
+    def gatherable(self) -> bool:
+        return False
+
+    def gather_items(self, indices: torch.Tensor, epoch: int | None = None) -> Any:
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> Any:
         return self.item(i)
 
-    def __getitems__(self, indices: list[int]) -> list[Any]:
+    def __getitems__(self, indices: list[int]) -> list[Any] | Gathered:
         epoch = getattr(indices, "epoch", None)
+        if self.gatherable():
+            return Gathered(self.gather_items(torch.as_tensor(list(indices), dtype=torch.long), epoch))
         return [self.item(i, epoch) for i in indices]
 
 
 class EpochConcat(EpochItems, ConcatDataset):
-    """``ConcatDataset`` that passes a batch's epoch on to datasets with ``item(i, epoch)``."""
+    """``ConcatDataset`` that passes a batch's epoch on to datasets with ``item(i, epoch)``; when every dataset
+    gathers whole batches, a batch is gathered from each and merged in the batch's order."""
+
+    def gatherable(self) -> bool:
+        return all(isinstance(d, EpochItems) and d.gatherable() for d in self.datasets)
+
+    def gather_items(self, indices: torch.Tensor, epoch: int | None = None) -> Any:
+        which = torch.bucketize(indices, torch.as_tensor(self.cumulative_sizes), right=True)
+        parts = []
+        for d in which.unique().tolist():
+            where = (which == d).nonzero().flatten()
+            parts.append((where, self.datasets[d].gather_items(indices[where] - (self.cumulative_sizes[d - 1] if d else 0), epoch)))
+        return parts[0][1] if len(parts) == 1 else merge(parts, len(indices))
 
     def item(self, i: int, epoch: int | None = None) -> Any:
         d = bisect.bisect_right(self.cumulative_sizes, i)

@@ -1,0 +1,155 @@
+"""The fast data path: in-memory datasets held as one uint8 tensor, batches gathered and transformed whole.
+
+- :class:`TensorPairs` holds a dataset's images as one ``uint8`` tensor ``[N, C, H, W]`` and its labels.
+- A split over it (``LabeledSubset``, a continual ``TaskSet``) answers ``DataLoader``'s ``__getitems__`` with
+  one indexing operation and one :class:`BatchTransform` call; it returns :class:`Gathered`, the collated
+  batch, which :func:`collate` passes through (and which any other collate can still read sample by sample).
+- :class:`BatchTransform` resizes, randomly crops (zero padding ``max(1, size // 8)``, offsets uniform in
+  ``[0, 2 * padding]``, as torchvision's ``RandomCrop``) and flips (probability 1/2) and normalises a whole
+  batch. Each sample's crop and flip come from a 32-bit key, a hash of ``(seed, epoch, position of the sample
+  in its split)`` (:func:`sample_keys`): the augmentation of a sample depends on nothing else (not on the
+  batch it lands in, workers, ranks or a resume), and the same integer hash gives the same draws on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as F
+
+from zoo.batch import FIELDS, Batch
+from zoo.batch import collate as collate_samples
+
+__all__ = ["BatchTransform", "Gathered", "TensorPairs", "collate", "merge", "mix32", "sample_keys"]
+
+MASK32 = 0xFFFFFFFF
+
+
+class TensorPairs(Dataset):
+    """Untransformed samples held in memory: ``Batch(inputs=uint8 image tensor [C, H, W], targets=label)``;
+    ``images`` is one ``[N, C, H, W]`` tensor and ``targets_tensor`` the labels, for gathering whole batches."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor | list[int]):
+        self.images = images.contiguous()
+        self.targets = [int(t) for t in targets]
+        self.targets_tensor = torch.tensor(self.targets, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> Batch:
+        return Batch(inputs=self.images[i], targets=self.targets[i])
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (xorshift-multiply) of an int64 tensor of values in ``[0, 2**32)``;
+    products stay below ``2**59``, so it is exact on every device."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    return (x >> 16) ^ x
+
+
+def sample_keys(seed: int, epoch: int | None, positions: torch.Tensor) -> torch.Tensor:
+    """The augmentation key of each sample ``positions`` (its position in its split) in ``epoch`` under ``seed``."""
+    base = ((seed * 1_000_003 + (epoch or 0)) * 10_000_019) % 2**64
+    return mix32(mix32((positions.long() + (base & MASK32)) & MASK32) ^ (base >> 32))
+
+
+def crop_flip(images: torch.Tensor, keys: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
+    """Each image zero-padded by ``padding``, cropped back to its size at offsets drawn from its key, and
+    flipped horizontally when its key says so (with ``flip``); one ``gather`` for the whole batch."""
+    n, c, h, w = images.shape
+    k1 = mix32(keys ^ 0x68E31DA4)
+    k2 = mix32(k1 ^ 0xB5297A4D)
+    top, left = k1 % (2 * padding + 1), k2 % (2 * padding + 1)
+    padded = nnf.pad(images, [padding] * 4) if padding else images
+    wp = w + 2 * padding
+    cols = torch.arange(w, device=images.device).expand(n, w)
+    if flip:
+        flipped = (mix32(k2 ^ 0x1B56C4E9) & 1).bool()
+        cols = torch.where(flipped[:, None], w - 1 - cols, cols)
+    rows = top[:, None] + torch.arange(h, device=images.device)
+    index = (rows[:, :, None] * wp + (left[:, None] + cols)[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    return padded.reshape(n, c, -1).gather(2, index).reshape(n, c, h, w)
+
+
+class BatchTransform:
+    """Resize (when ``size != native_size``), random crop with ``padding`` and horizontal flip (``flip``), then
+    scale to ``[0, 1]`` and normalise: on one image ``[C, H, W]`` or a batch ``[B, C, H, W]`` (``uint8`` tensors,
+    or anything torchvision's ``to_image`` reads), on any device.
+
+    Without ``keys`` a random transform draws one key per sample from the global RNG (as per-sample
+    torchvision transforms do); with ``keys`` (:func:`sample_keys`) it is reproducible. Deterministic (no crop,
+    no flip), it gives the same values as ``Compose([ToImage(), Resize, ToDtype(float32, scale=True), Normalize])``.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size: int, native_size: int, padding: int = 0, flip: bool = False):
+        self.mean, self.std, self.size, self.native_size = list(mean), list(std), size, native_size
+        self.padding, self.flip = padding, flip
+
+    @property
+    def random(self) -> bool:
+        return self.padding > 0 or self.flip
+
+    def __call__(self, images: Any, keys: torch.Tensor | None = None) -> torch.Tensor:
+        x = images if isinstance(images, torch.Tensor) else F.to_image(images)
+        x = x.as_subclass(torch.Tensor)
+        single = x.ndim == 3
+        x = x[None] if single else x
+        if self.size != self.native_size:
+            x = F.resize(x, [self.size], antialias=True)
+        if self.random:
+            keys = torch.randint(0, 2**32, (len(x),)) if keys is None else keys
+            x = crop_flip(x, keys.to(x.device), self.padding, self.flip)
+        x = F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
+        return x[0] if single else x
+
+    def __repr__(self) -> str:
+        return f"BatchTransform(size={self.size}, padding={self.padding}, flip={self.flip}, mean={self.mean}, std={self.std})"
+
+
+class Gathered(Sequence):
+    """A batch gathered at once (a collated :class:`~zoo.batch.Batch`), returned by ``__getitems__``.
+
+    :func:`collate` returns ``batch`` as it is; read as a sequence it yields one ``Batch`` per sample, so a
+    ``DataLoader`` with any other collate function still works (slower)."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch.targets)
+
+    def __getitem__(self, k: int) -> Batch:  # type: ignore[override]
+        if not isinstance(k, int):
+            raise TypeError("Gathered samples are read one at a time")
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        return Batch(**{f: None if getattr(self.batch, f) is None else getattr(self.batch, f)[k] for f in FIELDS})
+
+
+def collate(samples: Any) -> Batch:
+    """The zoo's collate: a :class:`Gathered` batch as it is, else :class:`~zoo.batch.Batch` samples field by field."""
+    if isinstance(samples, Gathered):
+        return samples.batch
+    return collate_samples(samples)
+
+
+def merge(parts: list[tuple[torch.Tensor, Batch]], n: int) -> Batch:
+    """One batch of ``n`` samples from ``(where, part)`` pairs: ``part``'s samples go to positions ``where``."""
+    out = {}
+    for f in FIELDS:
+        values = [getattr(b, f) for _, b in parts]
+        if values[0] is None:
+            out[f] = None
+            continue
+        first = values[0]
+        merged = first.new_empty((n, *first.shape[1:]))
+        for (where, _), v in zip(parts, values):
+            merged[where] = v
+        out[f] = merged
+    return Batch(**out)
