@@ -6,7 +6,7 @@ minibatch 128 alpha 1.0; DER++ lr 0.03 minibatch 10 alpha 1.0 beta 0.5) with Mam
 ``mnistmlp`` 784-100-100-10 with Xavier-uniform weights and zero biases, pixels in [0, 1] (ToTensor only).
 ``--setting issue`` is issue 16 item 22's run (MLP 784-256-256-10, SGD lr 0.05 momentum 0.9, batch 64, 64
 replayed, normalized inputs; ER ``combine: sum``, DER alpha 0.1, DER++ alpha 0.1 beta 0.5), and ``--variant``
-changes one thing of it at a time to find what put DER below ER. Class-incremental, 5 tasks x 2 classes.
+(for either setting) changes one thing at a time to find what put DER below ER. Class-incremental, 5 tasks x 2 classes.
 MNIST itself cannot be downloaded on the project's machines; ``--data fmnist`` (default) runs Fashion-MNIST.
 
     OMP_NUM_THREADS=1 python reproduce/continual_seq_mnist.py [--setting mammoth] [--methods er der derpp] [--seeds 0 1 2 3 4]
@@ -64,12 +64,27 @@ def issue_setting(method: str) -> dict:
     return {"cls": cls, "args": {**common, **args}, "lr": 0.05, "momentum": 0.9, "batch_size": 64, "xavier": False, "raw": False}
 
 
-# one change at a time to the issue's setting
+def _er_combine(spec: dict, method: str, combine: str) -> dict:
+    if method != "er":
+        return spec
+    from zoo.continual.replay import ExperienceReplay
+    from zoo.losses import CrossEntropy
+
+    return {**spec, "args": {**spec["args"], "losses": [CrossEntropy(), ExperienceReplay(combine=combine)]}}
+
+
+def _alpha(spec: dict, method: str, alpha: float) -> dict:
+    return {**spec, "args": {**spec["args"], "alpha": alpha}} if method != "er" else spec
+
+
+# one change at a time to a setting
 VARIANTS = {
     "none": lambda s, m: s,
-    "alpha1": lambda s, m: {**s, "args": {**s["args"], "alpha": 1.0}} if m != "er" else s,  # Mammoth's seq-mnist alpha
+    "alpha1": lambda s, m: _alpha(s, m, 1.0),  # Mammoth's seq-mnist alpha
+    "alpha01": lambda s, m: _alpha(s, m, 0.1),  # the issue's alpha
     "no_momentum": lambda s, m: {**s, "momentum": 0.0},
-    "er_concat": lambda s, m: {**s, "args": {k: v for k, v in s["args"].items() if k != "losses"}} if m == "er" else s,
+    "er_concat": lambda s, m: _er_combine(s, m, "concat"),  # Mammoth er.py (the default now)
+    "er_sum": lambda s, m: _er_combine(s, m, "sum"),  # the former ER: the draw weighs (B + M) / B times more
 }
 
 
@@ -82,7 +97,7 @@ def xavier_(module: torch.nn.Module) -> None:
 
 
 def run(method: str, seed: int, setting: str, variant: str, data: str, data_dir: str, limit: int | None) -> dict:
-    spec = preset(method) if setting == "mammoth" else VARIANTS[variant](issue_setting(method), method)
+    spec = VARIANTS[variant](preset(method) if setting == "mammoth" else issue_setting(method), method)
     seed_everything(seed, verbose=False)
     module = spec["cls"](**spec["args"], seed=seed)
     module.configure_model()
@@ -106,7 +121,7 @@ def run(method: str, seed: int, setting: str, variant: str, data: str, data_dir:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=["mammoth", "issue"], default="mammoth")
-    parser.add_argument("--variant", choices=list(VARIANTS), default="none", help="with --setting issue: one change")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="none", help="one change to the setting")
     parser.add_argument("--methods", nargs="+", default=["er", "der", "derpp"], choices=["er", "der", "derpp"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--data", choices=["fmnist", "mnist"], default="fmnist")
