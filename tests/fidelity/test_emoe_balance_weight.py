@@ -8,10 +8,12 @@ The official scripts build every tutel MoE layer with ``is_gshard_loss=False``: 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions.normal import Normal
 
 from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
+from zoo.batch import Batch
 from zoo.emoe import BalanceLoss, EMoEFFN, EMoEModule, Moefy
 
 N, K, T, NOISE = 4, 2, 10, 1.0
@@ -60,9 +62,15 @@ def test_default_weight_is_official_per_family():
     assert Moefy().aux_loss == "load_importance" and Moefy().capacity_factor == 1.5
     vit = EMoEModule(TINY_VIT, pretrained=False, model_kwargs=TINY_VIT_KWARGS, num_experts=8, top_k=2, layers=["*"])
     terms = [t for t in vit.losses if isinstance(t, BalanceLoss)]
-    assert vit.balance_loss_weight == 0.01 and len(terms) == 1 and terms[0].weight == 0.01
+    assert vit.balance_loss_weight == 0.01 and len(terms) == 1 and terms[0].weight == 0.01 and terms[0].reduction == "sum"
     vit.configure_model()
     assert all(layer.balance_loss and layer.aux_kind == "load_importance" for _, layer in vit.emoe_layers())
+    # the official scripts add weight * l_aux for every MoE layer: the sum over layers
+    batch = Batch(torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,)))
+    loss, logits, _ = vit.train().training_loss(batch)
+    aux = [layer.aux_loss for _, layer in vit.emoe_layers()]
+    assert len(aux) == 2
+    torch.testing.assert_close(loss, F.cross_entropy(logits, batch.targets) + 0.01 * (aux[0] + aux[1]))
     llama = EMoEModule("hf/llama", pretrained=False, num_experts=4, top_k=2, layers=[0],
                        model_kwargs=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                          intermediate_size=32, vocab_size=50))

@@ -339,7 +339,7 @@ def test_module_is_a_classifier_with_moefy_and_balance_loss():
         assert torch.equal(v, parts.state_dict()[k]), k
     batch = Batch(torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,)))
     loss, logits, _ = preset.train().training_loss(batch)
-    aux = torch.stack([m.aux_loss for _, m in preset.emoe_layers()]).mean()
+    aux = torch.stack([m.aux_loss for _, m in preset.emoe_layers()]).sum()  # summed over layers, as the official scripts
     torch.testing.assert_close(loss, nn.functional.cross_entropy(logits, batch.targets) + 0.01 * aux)
     torch.testing.assert_close(parts.train().training_loss(batch)[0], loss)
 

@@ -14,15 +14,18 @@ if TYPE_CHECKING:
 
 
 class BalanceLoss(LossTerm):
-    """Mean over the EMoE layers of their auxiliary load-balance loss, computed by the layers in their forward when
+    """Sum (official) or mean over the EMoE layers of their auxiliary load-balance loss, computed by the layers in their forward when
     built with ``balance_loss`` (``zoo.emoe.Moefy(balance_loss=true)``); which loss is the layers' ``aux_loss``
     (official: tutel's load + importance loss; or GShard's, see :mod:`zoo.emoe.routing`). The official scripts add it
-    with weight 0.01 (BERT / GPT-2 ``--aux_loss_weight 0.01``, ViT ``aux_loss_weights = 0.01``) summed over layers;
-    here it is the mean over layers (the same with one layer, the official BERT / GPT-2 setting). A module whose
-    surgery does not ask for it fails in ``setup``."""
+    with weight 0.01 (BERT / GPT-2 ``--aux_loss_weight 0.01``, ViT ``aux_loss_weights = 0.01``) summed over layers:
+    ``reduction="sum"``, the default; ``"mean"`` (ours before) divides by the number of layers (the same with one layer).
+    A module whose surgery does not ask for it fails in ``setup``."""
 
-    def __init__(self, weight: float = 0.01, name: str | None = None):
+    def __init__(self, weight: float = 0.01, name: str | None = None, reduction: str = "sum"):
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"BalanceLoss: reduction={reduction!r}: expected 'sum' (official) or 'mean'")
         super().__init__(weight=weight, name=name or "balance_loss")
+        self.reduction = reduction
 
     def setup(self, module: Classifier, stage: str) -> None:
         from zoo.emoe.surgery import Moefy
@@ -36,4 +39,6 @@ class BalanceLoss(LossTerm):
 
     def forward(self, step: Step) -> torch.Tensor:
         aux = [m.aux_loss for _, m in emoe_layers(step.module.backbone) if m.aux_loss is not None]
-        return torch.stack(aux).mean() if aux else step.logits.new_zeros(())
+        if not aux:
+            return step.logits.new_zeros(())
+        return torch.stack(aux).sum() if self.reduction == "sum" else torch.stack(aux).mean()
