@@ -11,6 +11,7 @@ Affordable on 2 CPU cores (a subset of the training set, few epochs; the Efficie
 quiet 2-core machine, the ViT half about 25 on a heavily loaded one):
 
     OMP_NUM_THREADS=2 python reproduce/pruning_fmnist.py [--parts vit effnet] [--samples-per-class 300 --vit-epochs 6] [--vit-global]
+        [--vit-sparsities 0 0.5 0.8]
         [--effnet-samples-per-class 300 --effnet-epochs 6 --effnet-test-batches 0]
 """
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--effnet-samples-per-class", type=int, default=300)
     parser.add_argument("--effnet-test-batches", type=int, default=0, help="test on the first N batches only (0: all 10k)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--vit-sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.8], help="ViT rows to run (0: dense)")
     parser.add_argument("--vit-global", action="store_true", help="global magnitude threshold over all blocks (default: per layer)")
     parser.add_argument("--parts", nargs="+", default=["vit", "effnet"], choices=["vit", "effnet"])
     args = parser.parse_args()
@@ -75,7 +77,7 @@ def main() -> None:
     vit_data = FashionMNIST(data_dir=args.data_dir, batch_size=args.batch_size, samples_per_class=args.samples_per_class, val_fraction=0.0)
     vit_data.setup("fit")
     steps = args.vit_epochs * len(vit_data.train_dataloader())
-    for sparsity in (0.0, 0.5, 0.8) if "vit" in args.parts else ():
+    for sparsity in args.vit_sparsities if "vit" in args.parts else ():
         seed_everything(0, verbose=False)
         module = Classifier("timm/vit_tiny_patch16_224", num_classes=10, model_kwargs=VIT_KWARGS,
                             optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.05))
