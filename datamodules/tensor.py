@@ -7,7 +7,7 @@
 - :class:`BatchTransform` resizes, randomly crops (zero padding ``max(1, size // 8)``, offsets uniform in
   ``[0, 2 * padding]``, as torchvision's ``RandomCrop``) and flips (probability 1/2) and normalises a whole
   batch. Each sample's crop and flip come from a 32-bit key, a hash of ``(seed, epoch, position of the sample
-  in its split)`` (:func:`sample_keys`): the augmentation of a sample depends on nothing else (not on the
+  in its split)`` (:func:`sample_keys`, two rounds of :func:`mix32`): the augmentation of a sample depends on nothing else (not on the
   batch it lands in, workers, ranks or a resume), and the same integer hash gives the same draws on any device.
 """
 
@@ -60,21 +60,19 @@ def sample_keys(seed: int, epoch: int | None, positions: torch.Tensor) -> torch.
 
 
 def crop_flip(images: torch.Tensor, keys: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
-    """Each image zero-padded by ``padding``, cropped back to its size at offsets drawn from its key, and
-    flipped horizontally when its key says so (with ``flip``); one ``gather`` for the whole batch."""
+    """Each image zero-padded by ``padding``, cropped back to its size at offsets ``(top, left)`` and flipped
+    horizontally (with ``flip``) as its key says: with ``m = 2 * padding + 1``, ``top = key % m``,
+    ``left = key // m % m``, flipped when ``key // m**2`` is odd. One ``gather`` for the whole batch."""
     n, c, h, w = images.shape
-    k1 = mix32(keys ^ 0x68E31DA4)
-    k2 = mix32(k1 ^ 0xB5297A4D)
-    top, left = k1 % (2 * padding + 1), k2 % (2 * padding + 1)
-    padded = nnf.pad(images, [padding] * 4) if padding else images
-    wp = w + 2 * padding
-    cols = torch.arange(w, device=images.device).expand(n, w)
+    m, wp = 2 * padding + 1, w + 2 * padding
+    rows, cols = torch.arange(h, device=images.device)[:, None] * wp, torch.arange(w, device=images.device)
+    offset = (keys % m * wp + keys // m % m).view(n, 1, 1)
     if flip:
-        flipped = (mix32(k2 ^ 0x1B56C4E9) & 1).bool()
-        cols = torch.where(flipped[:, None], w - 1 - cols, cols)
-    rows = top[:, None] + torch.arange(h, device=images.device)
-    index = (rows[:, :, None] * wp + (left[:, None] + cols)[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
-    return padded.reshape(n, c, -1).gather(2, index).reshape(n, c, h, w)
+        index = offset + torch.where((keys // (m * m) % 2).bool().view(n, 1, 1), rows + (w - 1 - cols), rows + cols)
+    else:
+        index = offset + (rows + cols)
+    padded = nnf.pad(images, [padding] * 4) if padding else images
+    return padded.reshape(n, c, -1).gather(2, index.reshape(n, 1, h * w).expand(n, c, h * w)).reshape(n, c, h, w)
 
 
 class BatchTransform:
