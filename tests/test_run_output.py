@@ -102,7 +102,7 @@ def test_named_callbacks_change_one_argument_from_the_command_line(tmp_path):
                     "--callbacks.pruning.init_args.schedule.init_args.final_sparsity=0.5"], run=False)
     (pruning,) = [c for c in run.trainer.callbacks if isinstance(c, MagnitudePruning)]
     (ckpt,) = [c for c in run.trainer.callbacks if isinstance(c, Checkpoint)]
-    assert pruning.schedule.final_sparsity == 0.5 and pruning.global_pruning  # the rest of the callback as in the YAML
+    assert pruning.schedule.final_sparsity == 0.5 and not pruning.global_pruning  # the rest of the callback as in the YAML (per layer)
     assert ckpt.monitor == "val/loss" and ckpt.mode == "min"
     # A second config changes one value of one named callback and keeps everything else.
     override = write(tmp_path / "o.yaml", {"checkpoint": {"monitor": "val/acc_top5"}})

@@ -25,7 +25,7 @@ _EXPORTS = {
     **dict.fromkeys(["EMoEFFN", "EMoEModule", "Moefy", "BalanceLoss", "demoefy", "moefy"], "zoo.emoe"),
     "PruneStructured": "zoo.pruning",
     **dict.fromkeys(["Anchors", "SNNetModule", "Stitch", "StitchableNet", "StitchingLayer", "StitchSampler"], "zoo.snnet"),
-    **dict.fromkeys(["FeatureCache", "Freeze", "FrozenPrefix", "LayerChain", "MultiTaskSubTuned", "ProfileRunner", "SubTuningModule", "candidate_layers", "greedy_select"], "zoo.subtuning"),
+    **dict.fromkeys(["FeatureCache", "Freeze", "FrozenPrefix", "LayerChain", "MultiTaskSubTuned", "ProfileRunner", "ScoringRecipe", "SubTuningModule", "candidate_layers", "greedy_select"], "zoo.subtuning"),
 }
 __all__ = sorted(_EXPORTS)
 
