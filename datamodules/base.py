@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from datamodules.resumable import EpochItems, EpochShuffle, eval_loader, eval_order, sample_seed, seeded, train_loader
-from datamodules.tensor import BatchTransform, TensorPairs, collate, sample_keys
+from datamodules.tensor import BatchTransform, Pending, TensorPairs, collate, finish, sample_keys
 from zoo.batch import Batch, as_batch
 
 __all__ = ["ClassificationDataModule", "EpochShuffle", "LabeledSubset", "Splits", "per_class_subset", "split_indices"]
@@ -41,6 +41,7 @@ class LabeledSubset(EpochItems, Dataset):
         self.augment_seed = augment_seed
         self.cached: torch.Tensor | None = None
         self.placeholder: torch.Tensor | None = None
+        self.defer = False  # gathered batches leave their transform to the datamodule's on_after_batch_transfer
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -91,20 +92,20 @@ class LabeledSubset(EpochItems, Dataset):
         keys = None
         if transform.random and self.augment_seed is not None:
             keys = sample_keys(self.augment_seed, epoch, positions)
-        cached = self.cached if skip and self.placeholder is not None else None
-        if cached is not None:
-            inside = positions < len(cached)
+        hit = None  # the cached samples (with ``skip``)
+        if skip and self.cached is not None and self.placeholder is not None:
+            inside = positions < len(self.cached)
             hit = torch.zeros(len(positions), dtype=torch.bool)
-            hit[inside] = cached[positions[inside]]
-            if hit.any():
-                load = ~hit
-                inputs = self.placeholder.expand(len(positions), *self.placeholder.shape).clone()
-                if load.any():
-                    inputs[load] = transform(raw[load], keys=None if keys is None else keys[load]).to(inputs.dtype)
-                targets = targets.clone()
-                targets[hit] = torch.as_tensor([self.targets[p] for p in positions[hit].tolist()])
-                return Batch(inputs=inputs, targets=targets, raw=raw)
-        return Batch(inputs=transform(raw, keys=keys), targets=targets, raw=raw)
+            hit[inside] = self.cached[positions[inside]]
+            hit = hit if hit.any() else None
+        if self.defer:
+            return Batch(inputs=Pending(raw, keys, transform, hit, None if hit is None else self.placeholder), targets=targets, raw=raw)
+        if hit is None:
+            return Batch(inputs=transform(raw, keys=keys), targets=targets, raw=raw)
+        inputs, load = self.placeholder.expand(len(positions), *self.placeholder.shape).clone(), ~hit
+        if load.any():
+            inputs[load] = transform(raw[load], keys=None if keys is None else keys[load]).to(inputs.dtype)
+        return Batch(inputs=inputs, targets=targets, raw=raw)
 
     def gather_items(self, positions: torch.Tensor, epoch: int | None = None) -> Batch:
         """The collated ``[item(i, epoch) for i in positions]``, gathered at once."""
@@ -122,6 +123,7 @@ class LabeledSubset(EpochItems, Dataset):
         view = copy.copy(self)
         view.transform, view.with_index, view.augment_seed = transform, with_index, None
         view.cached = view.placeholder = None
+        view.defer = False  # read outside the Trainer: transformed in the loader
         return view
 
     def in_order(self) -> LabeledSubset:
@@ -193,6 +195,11 @@ class ClassificationDataModule(Splits, LightningDataModule):
         fast: in-memory data (:class:`~datamodules.tensor.TensorPairs`) is gathered and transformed a batch at a
             time (:class:`~datamodules.tensor.BatchTransform`); ``false`` keeps the per-sample path (torchvision
             transforms item by item): the same samples in the same order, and the same inputs without ``augment``.
+        transform_on_device: with ``fast``, loaders yield the gathered uint8 images untransformed
+            (:class:`~datamodules.tensor.Pending`) and the transform runs on the whole batch after Lightning moved it
+            to the device (``on_after_batch_transfer``: on the GPU when there is one). Code that reads this
+            datamodule's loaders outside the Trainer calls :meth:`transform_batch` on each batch (``eval_view``
+            is always transformed in its loader).
     """
 
     num_classes: int = 0
@@ -215,6 +222,7 @@ class ClassificationDataModule(Splits, LightningDataModule):
         download: bool = True,
         with_index: bool = False,
         fast: bool = True,
+        transform_on_device: bool = False,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -228,7 +236,7 @@ class ClassificationDataModule(Splits, LightningDataModule):
         self.save_hyperparameters(dict(
             data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
             samples_per_class=samples_per_class, image_size=image_size, augment=augment, download=download, with_index=with_index,
-            fast=fast,
+            fast=fast, transform_on_device=transform_on_device,
         ))
         self.data_dir = data_dir
         self.batch_size = batch_size
@@ -238,6 +246,9 @@ class ClassificationDataModule(Splits, LightningDataModule):
         self.download = download
         self.with_index = with_index
         self.fast = fast
+        self.transform_on_device = transform_on_device and fast
+        if self.transform_on_device:  # only then: a module's own on_after_batch_transfer stays in use otherwise
+            self.on_after_batch_transfer = self.transform_batch
         self.train_set: LabeledSubset | None = None
         self.val_set: LabeledSubset | None = None
         self.test_set: LabeledSubset | None = None
@@ -296,11 +307,15 @@ class ClassificationDataModule(Splits, LightningDataModule):
     def train_subset(self, data: Dataset, indices: Sequence[int], targets: Sequence[int]) -> LabeledSubset:
         """The training split; a random transform is seeded per (seed, epoch, sample)."""
         seed = None if self.deterministic_train_transform else self.hparams.seed
-        return LabeledSubset(data, indices, targets, self.train_transform(), self.with_index, augment_seed=seed)
+        subset = LabeledSubset(data, indices, targets, self.train_transform(), self.with_index, augment_seed=seed)
+        subset.defer = self.transform_on_device
+        return subset
 
     def eval_subset(self, data: Dataset, indices: Sequence[int], targets: Sequence[int], with_index: bool = False) -> LabeledSubset:
         """An evaluation split, in a fixed seeded order (so ``limit_val_batches`` reads a sample of every class)."""
-        return LabeledSubset(data, eval_order(indices, self.hparams.seed), targets, self.eval_transform(), with_index)
+        subset = LabeledSubset(data, eval_order(indices, self.hparams.seed), targets, self.eval_transform(), with_index)
+        subset.defer = self.transform_on_device
+        return subset
 
     def eval_view(self, split: str = "train") -> LabeledSubset:
         """A copy of ``split`` with the evaluation transform and ``index`` in every sample: the same samples in
@@ -312,6 +327,11 @@ class ClassificationDataModule(Splits, LightningDataModule):
     def collate_fn(self, samples: list[Batch]) -> Batch:
         """Collate samples of this datamodule's datasets into one :class:`~zoo.batch.Batch` (as its loaders do)."""
         return collate(samples)
+
+    def transform_batch(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """A batch of this datamodule's loaders with its inputs transformed where its tensors are: what
+        ``on_after_batch_transfer`` does with ``transform_on_device`` (a batch already transformed is returned as it is)."""
+        return finish(batch)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if shuffle:

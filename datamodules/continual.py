@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules.base import ClassificationDataModule, LabeledSubset
 from datamodules.resumable import EpochConcat, EpochItems, eval_loader, eval_order, train_loader
-from datamodules.tensor import BatchTransform, collate
+from datamodules.tensor import BatchTransform, collate, finish
 from zoo.batch import Batch
 
 SCENARIOS = ("class", "task", "domain")
@@ -136,6 +136,8 @@ class ContinualDataModule(LightningDataModule):
         self.label_map = [position[c] % classes_per_task if scenario == "domain" else position[c] for c in range(total)]
         self.cumulative = cumulative
         self._tasks: dict[str, list[TaskSet]] = {}
+        if getattr(data, "transform_on_device", False):  # the nested datamodule's option; Lightning calls the stream's hook
+            self.on_after_batch_transfer = self.transform_batch
 
     # -- the stream ---------------------------------------------------------------------
     def task_classes(self, task: int) -> list[int]:
@@ -209,6 +211,11 @@ class ContinualDataModule(LightningDataModule):
     def collate_fn(self, samples: list[Batch]) -> Batch:
         """Collate samples of the stream's datasets into one :class:`~zoo.batch.Batch` (as its loaders do)."""
         return collate(samples)
+
+    def transform_batch(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """A batch of the stream's loaders with its inputs transformed where its tensors are (see the nested
+        datamodule's ``transform_on_device``); call it on batches read outside the Trainer."""
+        return finish(batch)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         seed, batch_size, workers = self.data.hparams.seed, self.data.batch_size, self.data.num_workers

@@ -147,7 +147,8 @@ class ImageFolder(ClassificationDataModule):
 
     Without a ``val`` folder, ``val_fraction`` of ``train`` is held out; without ``test``, val is
     used for testing. Images are resized and center-cropped to ``image_size``, one by one (per-sample
-    torchvision transforms: files on disk do not take the fast path, ``fast`` changes nothing here).
+    torchvision transforms: files on disk do not take the fast path, ``fast`` and ``transform_on_device`` change
+    nothing here).
     """
 
     in_chans = 3
@@ -169,11 +170,12 @@ class ImageFolder(ClassificationDataModule):
         download: bool = True,
         with_index: bool = False,
         fast: bool = True,
+        transform_on_device: bool = False,
     ):
         super().__init__(
             data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
             samples_per_class=samples_per_class, image_size=image_size, augment=augment, download=download, with_index=with_index,
-            fast=fast,
+            fast=fast, transform_on_device=transform_on_device,
         )
         train = Path(data_dir) / "train"
         if not train.is_dir():

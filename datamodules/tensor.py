@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torchvision.transforms.v2 import functional as F
 from zoo.batch import FIELDS, Batch
 from zoo.batch import collate as collate_samples
 
-__all__ = ["BatchTransform", "Gathered", "TensorPairs", "collate", "merge", "mix32", "sample_keys"]
+__all__ = ["BatchTransform", "Gathered", "Pending", "TensorPairs", "collate", "finish", "merge", "mix32", "sample_keys"]
 
 MASK32 = 0xFFFFFFFF
 
@@ -110,6 +111,32 @@ class BatchTransform:
         return f"BatchTransform(size={self.size}, padding={self.padding}, flip={self.flip}, mean={self.mean}, std={self.std})"
 
 
+@dataclass
+class Pending:
+    """Inputs whose transform is left for later (``transform_on_device``): the gathered images, their keys,
+    the transform, and the samples to replace by ``placeholder`` (``hit``, cached ones). Lightning moves its
+    tensors with the batch; :func:`finish` then transforms them where they are (e.g. on the GPU)."""
+
+    images: torch.Tensor
+    keys: torch.Tensor | None
+    transform: BatchTransform
+    hit: torch.Tensor | None = None
+    placeholder: torch.Tensor | None = None
+
+    def finish(self) -> torch.Tensor:
+        x = self.transform(self.images, keys=self.keys)
+        if self.hit is not None:
+            x[self.hit] = self.placeholder.to(x)
+        return x
+
+
+def finish(batch: Any) -> Any:
+    """A batch with :class:`Pending` inputs transformed (where its tensors are); any other batch as it is."""
+    if isinstance(batch, Batch) and isinstance(batch.inputs, Pending):
+        return batch.replace(inputs=batch.inputs.finish())
+    return batch
+
+
 class Gathered(Sequence):
     """A batch gathered at once (a collated :class:`~zoo.batch.Batch`), returned by ``__getitems__``.
 
@@ -127,6 +154,7 @@ class Gathered(Sequence):
             raise TypeError("Gathered samples are read one at a time")
         if not -len(self) <= k < len(self):
             raise IndexError(k)
+        self.batch = finish(self.batch)  # read sample by sample: transformed here
         return Batch(**{f: None if getattr(self.batch, f) is None else getattr(self.batch, f)[k] for f in FIELDS})
 
 

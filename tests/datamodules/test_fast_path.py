@@ -1,17 +1,20 @@
 """The fast data path (issue 17): batches gathered from one uint8 tensor and transformed whole give the same
 samples, in the same order, as the per-item path (``fast: false``), across epochs and a mid-epoch resume; its
-augmentation is torchvision's crop/flip distribution, keyed per (seed, epoch, sample), and resumes exactly."""
+augmentation is torchvision's crop/flip distribution, keyed per (seed, epoch, sample), and resumes exactly;
+``transform_on_device`` hands the training step the same batches."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as F
 
 from datamodules import ContinualDataModule, Digits
 from datamodules.resumable import EpochConcat, train_loader
-from datamodules.tensor import BatchTransform, Gathered, sample_keys
+from datamodules.tensor import BatchTransform, Gathered, Pending, sample_keys
 from zoo.batch import FIELDS
 from zoo.batch import collate as per_sample_collate
 
@@ -172,3 +175,46 @@ def test_buffer_transform_augments_a_whole_batch_from_the_global_rng():
     assert not torch.equal(a, dm.buffer_transform(raw))
     pixels = (a * 0.4 + 0.3) * 255
     assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # crops of the same pixels, normalised as Digits
+
+
+class Probe(LightningModule):
+    """Records every training and validation batch (lr 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(64, 10)
+        self.seen: list = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch)
+        return torch.nn.functional.cross_entropy(self.layer(batch.inputs.flatten(1)), batch.targets)
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def probe_fit(dm, **trainer_kwargs) -> list:
+    probe = Probe()
+    Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            limit_val_batches=2, **trainer_kwargs).fit(probe, dm)
+    return probe.seen
+
+
+def test_transform_on_device_gives_the_training_step_the_same_batches():
+    """The transform left to on_after_batch_transfer (here on the CPU): the same batches reach the module."""
+    kwargs = dict(augment=True, with_index=True, batch_size=64)
+    deferred = Digits(transform_on_device=True, **kwargs)
+    assert is_overridden("on_after_batch_transfer", deferred) and not is_overridden("on_after_batch_transfer", Digits())
+    assert_same(probe_fit(deferred, max_epochs=2), probe_fit(Digits(**kwargs), max_epochs=2))
+    batch = next(iter(deferred.train_dataloader()))  # outside the Trainer: untransformed until transform_batch
+    assert isinstance(batch.inputs, Pending) and batch.inputs.images.dtype == torch.uint8
+    plain = Digits(**kwargs)
+    plain.setup()
+    assert_same([deferred.transform_batch(batch)], [next(iter(plain.train_dataloader()))])
+    assert not isinstance(next(iter(DataLoader(deferred.eval_view("train"), batch_size=8, collate_fn=deferred.collate_fn))).inputs, Pending)
+    stream = lambda **kw: ContinualDataModule(Digits(batch_size=32, **kw), classes_per_task=5)  # noqa: E731
+    assert_same(probe_fit(stream(transform_on_device=True), max_epochs=2, reload_dataloaders_every_n_epochs=1),
+                probe_fit(stream(), max_epochs=2, reload_dataloaders_every_n_epochs=1))
