@@ -77,6 +77,18 @@ def _alpha(spec: dict, method: str, alpha: float) -> dict:
     return {**spec, "args": {**spec["args"], "alpha": alpha}} if method != "er" else spec
 
 
+def _replace(spec: dict, method: str) -> dict:
+    """Draws with replacement (the draw before issue 16 item 19)."""
+    from zoo.continual.replay import DarkReplay, ExperienceReplay
+    from zoo.losses import CrossEntropy
+
+    a = spec["args"]
+    old = next((t for t in a.get("losses", []) if isinstance(t, ExperienceReplay)), None)
+    term = (ExperienceReplay(replace=True, combine=old.combine if old else "concat") if method == "er" else
+            DarkReplay(alpha=a["alpha"], beta=a.get("beta", 0.0), replace=True))
+    return {**spec, "args": {**a, "losses": [CrossEntropy(), term]}}
+
+
 # one change at a time to a setting
 VARIANTS = {
     "none": lambda s, m: s,
@@ -85,6 +97,7 @@ VARIANTS = {
     "no_momentum": lambda s, m: {**s, "momentum": 0.0},
     "er_concat": lambda s, m: _er_combine(s, m, "concat"),  # Mammoth er.py (the default now)
     "er_sum": lambda s, m: _er_combine(s, m, "sum"),  # the former ER: the draw weighs (B + M) / B times more
+    "replace": _replace,
 }
 
 
