@@ -165,17 +165,29 @@ def collate(samples: Any) -> Batch:
     return collate_samples(samples)
 
 
+def place(values: list[torch.Tensor | None], where: list[torch.Tensor], n: int, fill: Any = None) -> torch.Tensor | None:
+    """One tensor of ``n`` rows with ``values[k]`` at rows ``where[k]`` (``None`` parts: ``fill``, or all ``None``)."""
+    first = next((v for v in values if v is not None), None)
+    if first is None:
+        return None
+    out = first.new_full((n, *first.shape[1:]), fill) if fill is not None else first.new_empty((n, *first.shape[1:]))
+    for w, v in zip(where, values):
+        if v is not None:
+            out[w] = v
+    return out
+
+
 def merge(parts: list[tuple[torch.Tensor, Batch]], n: int) -> Batch:
     """One batch of ``n`` samples from ``(where, part)`` pairs: ``part``'s samples go to positions ``where``."""
+    where = [w for w, _ in parts]
     out = {}
     for f in FIELDS:
         values = [getattr(b, f) for _, b in parts]
-        if values[0] is None:
-            out[f] = None
-            continue
-        first = values[0]
-        merged = first.new_empty((n, *first.shape[1:]))
-        for (where, _), v in zip(parts, values):
-            merged[where] = v
-        out[f] = merged
+        if isinstance(values[0], Pending):
+            keys = None if values[0].keys is None else place([v.keys for v in values], where, n)
+            hit = place([v.hit for v in values], where, n, fill=False)
+            placeholder = next((v.placeholder for v in values if v.placeholder is not None), None)
+            out[f] = Pending(place([v.images for v in values], where, n), keys, values[0].transform, hit, placeholder)
+        else:
+            out[f] = None if values[0] is None else place(values, where, n)
     return Batch(**out)

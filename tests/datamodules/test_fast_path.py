@@ -215,6 +215,6 @@ def test_transform_on_device_gives_the_training_step_the_same_batches():
     plain.setup()
     assert_same([deferred.transform_batch(batch)], [next(iter(plain.train_dataloader()))])
     assert not isinstance(next(iter(DataLoader(deferred.eval_view("train"), batch_size=8, collate_fn=deferred.collate_fn))).inputs, Pending)
-    stream = lambda **kw: ContinualDataModule(Digits(batch_size=32, **kw), classes_per_task=5)  # noqa: E731
+    stream = lambda **kw: ContinualDataModule(Digits(batch_size=32, augment=True, **kw), classes_per_task=5, cumulative=True)  # noqa: E731
     assert_same(probe_fit(stream(transform_on_device=True), max_epochs=2, reload_dataloaders_every_n_epochs=1),
                 probe_fit(stream(), max_epochs=2, reload_dataloaders_every_n_epochs=1))
