@@ -205,7 +205,7 @@ class StitchSweep(Callback):
         loader = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
         limit = 1 if trainer.fast_dev_run else self.limit_batches
         world, rank = trainer.world_size, trainer.global_rank
-        batches = (b for i, b in enumerate(loader) if (limit is None or i < limit) and i % world == rank)
+        batches = (as_batch(b).ready() for i, b in enumerate(loader) if (limit is None or i < limit) and i % world == rank)
         net = pl_module.net
         counts = stitch_counts(net, batches, pl_module.device)
         counts = trainer.strategy.reduce(counts.double().to(trainer.strategy.root_device), reduce_op="sum").cpu()

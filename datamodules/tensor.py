@@ -22,7 +22,7 @@ import torch.nn.functional as nnf
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from zoo.batch import FIELDS, Batch
+from zoo.batch import FIELDS, Batch, Deferred
 from zoo.batch import collate as collate_samples
 
 __all__ = ["BatchTransform", "Gathered", "Pending", "TensorPairs", "collate", "finish", "merge", "mix32", "sample_keys"]
@@ -112,7 +112,7 @@ class BatchTransform:
 
 
 @dataclass
-class Pending:
+class Pending(Deferred):
     """Inputs whose transform is left for later (``transform_on_device``): the gathered images, their keys,
     the transform, and the samples to replace by ``placeholder`` (``hit``, cached ones). Lightning moves its
     tensors with the batch; :func:`finish` then transforms them where they are (e.g. on the GPU)."""
@@ -132,9 +132,7 @@ class Pending:
 
 def finish(batch: Any) -> Any:
     """A batch with :class:`Pending` inputs transformed (where its tensors are); any other batch as it is."""
-    if isinstance(batch, Batch) and isinstance(batch.inputs, Pending):
-        return batch.replace(inputs=batch.inputs.finish())
-    return batch
+    return batch.ready() if isinstance(batch, Batch) else batch
 
 
 class Gathered(Sequence):

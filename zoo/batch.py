@@ -26,6 +26,14 @@ PROVIDED_BY = {
 }
 
 
+class Deferred:
+    """Inputs whose transform a datamodule left for later (``transform_on_device``: run on the device after
+    the transfer). :meth:`Batch.ready` runs it; subclasses implement :meth:`finish`."""
+
+    def finish(self) -> Any:
+        raise NotImplementedError
+
+
 @dataclass
 class Batch:
     """``inputs`` (tensor, or a dict of tokenizer outputs), ``targets`` and, when present, ``index`` (of the
@@ -50,6 +58,12 @@ class Batch:
 
     def replace(self, **changes: Any) -> Batch:
         return dataclasses.replace(self, **changes)
+
+    def ready(self) -> Batch:
+        """This batch with deferred inputs (:class:`Deferred`) transformed where their tensors are; else itself.
+        Code that reads a datamodule's loaders outside the Trainer calls it (the Trainer's own steps get ready
+        batches from the datamodule's ``on_after_batch_transfer``)."""
+        return self.replace(inputs=self.inputs.finish()) if isinstance(self.inputs, Deferred) else self
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Batch))

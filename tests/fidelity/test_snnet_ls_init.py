@@ -62,14 +62,14 @@ def by_hand(net, anchors: torch.nn.ModuleList, images: torch.Tensor, train: bool
     return out
 
 
-def fit_one_step(**kw) -> tuple[SNNetModule, Record]:
+def fit_one_step(data: dict | None = None, **kw) -> tuple[SNNetModule, Record]:
     torch.manual_seed(0)
     module = SNNetModule([{"model": TINY_VIT, "model_kwargs": {**DROPPY, "embed_dim": w}} for w in (16, 32)], kernel_size=1,
                          optimizer=partial(torch.optim.SGD, lr=0.0), **kw)  # lr 0: the step leaves the initialised layers as they are
     rec = Record()
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu", devices=1, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec])
-    trainer.fit(module, Digits(batch_size=32, augment=True))
+    trainer.fit(module, Digits(batch_size=32, augment=True, **(data or {})))
     return module, rec
 
 
@@ -102,3 +102,10 @@ def test_bad_init_options_fail_saying_what_to_set():
         SNNetModule([{"model": TINY_VIT, "model_kwargs": TINY_VIT_KWARGS}] * 2, init_mode="test")
     with pytest.raises(ValueError, match="init_batch_size=0"):
         SNNetModule([{"model": TINY_VIT, "model_kwargs": TINY_VIT_KWARGS}] * 2, init_batch_size=0)
+
+
+def test_init_images_are_transformed_when_the_datamodule_defers_its_transform():
+    """``transform_on_device``: the loader yields untransformed images; the init still solves on the transformed ones."""
+    plain, _ = fit_one_step()
+    deferred, _ = fit_one_step(data={"transform_on_device": True})
+    assert_layers(deferred, plain.net.stitch_layers.state_dict())

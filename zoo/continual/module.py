@@ -219,7 +219,7 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         for i, batch in enumerate(loader):
             if self.trainer.fast_dev_run and i:
                 break
-            batch = to_device(batch, self.device)
+            batch = to_device(batch, self.device).ready()
             correct += (self.mask_logits(self(batch.inputs), batch.task).argmax(-1) == batch.targets).sum().item()
             total += len(batch)
         self.train(was_training)

@@ -74,7 +74,7 @@ def example_inputs(module: nn.Module, who: str) -> Any:
         samples = [view[i] for i in range(min(2, len(view)))]
         return as_batch(collate(samples) if collate else torch.utils.data.default_collate(samples)).inputs
     if dm is not None and callable(getattr(dm, "train_dataloader", None)):
-        return as_batch(next(iter(dm.train_dataloader()))).inputs
+        return as_batch(next(iter(dm.train_dataloader()))).ready().inputs
     if getattr(module, "example_input_array", None) is not None:
         return module.example_input_array
     raise ValueError(f"{who} builds its projectors from example inputs before training: fit with a datamodule, "

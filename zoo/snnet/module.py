@@ -241,7 +241,7 @@ class SNNetModule(Classifier):
             raise TypeError(f"SNNetModule(init_batch_size={n}) draws its least-squares images from one training DataLoader, got "
                             f"{type(loader).__name__}: set `init_batch_size: null` to use the first training batch instead")
         for batch in loader:
-            images.append(as_batch(batch).inputs)
+            images.append(as_batch(batch).ready().inputs)  # ready(): a datamodule with transform_on_device defers it
             count += len(images[-1])
             if count >= n:
                 break
