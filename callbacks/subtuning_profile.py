@@ -51,7 +51,7 @@ class SubTuningProfile(Callback):
         trainer:
           callbacks:
             - class_path: callbacks.subtuning_profile.SubTuningProfile
-              init_args: {recipe: official, k: 3, epsilon: 0.01, start: head}
+              init_args: {recipe: official, k: 3, epsilon: 0.01, start: both}
               # recipe: fast, or recipe: {epochs: 5, lr: 0.0003, schedule: cosine, folds: 1}
     """
 
@@ -65,7 +65,7 @@ class SubTuningProfile(Callback):
         weight_decay: float | None = None,
         k: int | None = 3,
         epsilon: float = 0.01,
-        start: str = "head",
+        start: str = "both",
         folds: int | None = None,
         max_val_samples: int | None = 1000,
         seed: int = 0,

@@ -6,6 +6,8 @@ strictly better, else from no layer (adding one per round). Checked against a ha
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from callbacks.subtuning_profile import SubTuningProfile
@@ -67,7 +69,8 @@ def test_both_starts_from_no_layer_when_it_scores_higher_or_ties():
 
 
 def test_both_is_accepted_by_the_callback_and_k_applies_in_the_chosen_direction():
-    assert SubTuningProfile(start="both").start == "both"
+    assert SubTuningProfile(start="both").start == "both" == SubTuningProfile().start  # the official start is the default
+    assert inspect.signature(greedy_select).parameters["start"].default == "both"
     with pytest.raises(ValueError, match="both"):
         SubTuningProfile(start="either")
     table = {(): 0.5, ("a", "b", "c", "d"): 0.9, ("b", "c", "d"): 0.8, ("a", "c", "d"): 0.95, ("a", "b", "d"): 0.7, ("a", "b", "c"): 0.6}

@@ -232,19 +232,19 @@ def test_greedy_selection_known_answer():
     def score(s):  # additive, with "c" useless once "b" is in
         return 0.5 + sum(gain[n] for n in s) - (0.125 if {"b", "c"} <= set(s) else 0.0)
 
-    chosen, acc, history = greedy_select(list(gain), score, k=3, epsilon=0.01)
+    chosen, acc, history = greedy_select(list(gain), score, k=3, epsilon=0.01, start="head")
     assert chosen == ("a", "b") and acc == 0.8125
     assert history[0]["layers"] == () and {h["layers"] for h in history if h["round"] == 1} == {("a",), ("b",), ("c",), ("d",)}
-    assert greedy_select(list(gain), score, k=1)[0] == ("b",)
+    assert greedy_select(list(gain), score, k=1, start="head")[0] == ("b",)
     assert greedy_select(list(gain), score, start="best", profile={n: score((n,)) for n in gain})[0] == ("a", "b")
     # From all layers, removing: drop "d", then "c" (the two that hurt), then stop (removing more hurts by > epsilon).
     chosen, acc, _ = greedy_select(list(gain), score, start="all", epsilon=0.01)
     assert chosen == ("a", "b")
     # epsilon lets the search keep going through a small dip but returns the best set seen
     flat = {(): 0.5, ("a",): 0.495, ("a", "b"): 0.9}
-    chosen, _, _ = greedy_select(["a", "b"], lambda s: flat.get(tuple(s), 0.0), epsilon=0.01)
+    chosen, _, _ = greedy_select(["a", "b"], lambda s: flat.get(tuple(s), 0.0), epsilon=0.01, start="head")
     assert chosen == ("a", "b")
-    assert greedy_select(["a", "b"], lambda s: flat.get(tuple(s), 0.0), epsilon=0.001)[0] == ()
+    assert greedy_select(["a", "b"], lambda s: flat.get(tuple(s), 0.0), epsilon=0.001, start="head")[0] == ()
 
 
 def test_profile_runner_shares_prefix_per_start_layer():

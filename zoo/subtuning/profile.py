@@ -36,7 +36,7 @@ def greedy_select(
     score: Callable[[tuple[str, ...]], float],
     k: int | None = None,
     epsilon: float = 0.01,
-    start: str = "head",
+    start: str = "both",
     profile: Mapping[str, float] | None = None,
 ) -> tuple[tuple[str, ...], float, list[dict[str, Any]]]:
     """The paper's greedy layer selection.
@@ -245,7 +245,7 @@ class ProfileRunner:
             result[name] = self.score((name,))
         return result
 
-    def select(self, k: int | None = None, epsilon: float = 0.01, start: str = "head") -> tuple[tuple[str, ...], float, list[dict[str, Any]]]:
+    def select(self, k: int | None = None, epsilon: float = 0.01, start: str = "both") -> tuple[tuple[str, ...], float, list[dict[str, Any]]]:
         """Profile, then the greedy selection (see :func:`greedy_select`)."""
         profile = self.profile()
         return greedy_select(self.layers, self.score, k=k, epsilon=epsilon, start=start, profile=profile)
