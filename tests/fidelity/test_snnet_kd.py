@@ -6,6 +6,8 @@ official hard: ``cross_entropy(s, t.argmax(1))``; ours by default: the KL averag
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,7 @@ def test_snnet_distill_type_picks_the_term():
     assert make("soft").loss_term(SoftTargetKL).reduction == "batchmean"
     assert make("soft_numel").loss_term(SoftTargetKL).reduction == "numel"
     module = make("hard")
+    assert inspect.signature(SNNetModule).parameters["distill_type"].default == "hard"  # the official recipe is the default
     assert module.loss_term(SoftTargetKL) is None and module.loss_term(HardDistill).teacher == "largest"
     torch.manual_seed(0)
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))

@@ -322,7 +322,8 @@ def test_fulltune_false_trains_only_stitching_layers_heads_and_cls_tokens(tmp_pa
 
 def test_distillation_from_largest_anchor_matches_formula():
     torch.manual_seed(0)
-    module = SNNetModule([anchor_spec(32), anchor_spec(16)], teacher="largest", distill_alpha=0.3, distill_temperature=2.0)
+    module = SNNetModule([anchor_spec(32), anchor_spec(16)], teacher="largest", distill_alpha=0.3, distill_temperature=2.0,
+                         distill_type="soft")
     x, y = digits_batch(8)
     teacher_logits = module.net.heads[-1](module.net.anchors[-1](x)).detach()  # teacher = largest anchor before training
     # the one KD implementation of the zoo, with a frozen copy of the largest anchor outside the module's parameters

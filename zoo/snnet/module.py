@@ -29,8 +29,8 @@ otherwise every rank draws the same one. The draw count is saved in checkpoints 
 derived from (``sample_seed``, rank, draw count). Each step leaves the other stitches' parameters without gradient,
 so DDP needs ``trainer.strategy: ddp_find_unused_parameters_true`` (checked before training). Validation runs the
 selected stitch (``eval_stitch``, default the largest anchor); the :class:`~callbacks.stitch_sweep.StitchSweep`
-callback evaluates all of them. Distillation is :class:`zoo.distillation.SoftTargetKL` (``distill_type: soft`` or
-``soft_numel``) or :class:`zoo.distillation.losses.HardDistill` (``hard``) (``teacher: largest`` is a
+callback evaluates all of them. Distillation is :class:`zoo.distillation.losses.HardDistill` (``distill_type: hard``,
+the official default) or :class:`zoo.distillation.SoftTargetKL` (``soft``, ``soft_numel``) (``teacher: largest`` is a
 frozen copy of the largest anchor), so ``losses`` can list any terms instead of ``teacher``/``distill_*``.
 """
 
@@ -98,9 +98,9 @@ class SNNetModule(Classifier):
             become ``CrossEntropy(weight=1 - distill_alpha)`` + ``SoftTargetKL(weight=distill_alpha, teacher=teacher)``.
         distill_alpha: weight of the distillation term (cross-entropy gets ``1 - distill_alpha``).
         distill_temperature: softmax temperature of the distillation.
-        distill_type: the distillation term: ``soft`` (``SoftTargetKL``, KL averaged over the batch), ``soft_numel``
-            (``SoftTargetKL(reduction=numel)``: the official/DeiT ``sum / numel`` convention, ``classes`` times weaker) or
-            ``hard`` (``HardDistill``: cross-entropy on the teacher's argmax, the official SN-Net DeiT recipe).
+        distill_type: the distillation term: ``hard`` (default; ``HardDistill``: cross-entropy on the teacher's argmax,
+            the official SN-Net DeiT recipe), ``soft`` (``SoftTargetKL``, KL averaged over the batch) or ``soft_numel``
+            (``SoftTargetKL(reduction=numel)``: the official/DeiT ``sum / numel`` convention, ``classes`` times weaker).
         losses: the loss terms instead (default: cross-entropy, and the distillation above with a ``teacher``); a
             :mod:`zoo.distillation` term may name ``teacher: largest``.
         optimizer, lr_scheduler, scheduler_interval, label_smoothing: as :class:`~zoo.classifier.Classifier`.
@@ -134,7 +134,7 @@ class SNNetModule(Classifier):
         teacher: str | None = None,
         distill_alpha: float = 0.5,
         distill_temperature: float = 1.0,
-        distill_type: str = "soft",
+        distill_type: str = "hard",
         losses: list[L.LossTerm] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
