@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=3000, help="test images for the sweep")
     parser.add_argument("--out", default="runs/snnet_pareto", help="anchor checkpoints found here are reused")
     parser.add_argument("--retrain", action="store_true", help="train the anchors even if their checkpoints exist")
+    parser.add_argument("--init", choices=["official", "ours"], default="official",
+                        help="least-squares init: 100 fresh augmented images in train mode (official) or the first batch in eval mode")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,8 @@ def main() -> None:
         print(f"anchor w{width}: trained in {time.time() - t:.0f} s -> {path}", flush=True)
 
     t = time.time()
-    snnet = SNNetModule(anchors, optimizer=partial(torch.optim.AdamW, lr=5e-4, weight_decay=0.05))
+    init = {} if args.init == "official" else {"init_batch_size": None, "init_mode": "eval"}
+    snnet = SNNetModule(anchors, optimizer=partial(torch.optim.AdamW, lr=5e-4, weight_decay=0.05), **init)
     trainer(args.stitch_epochs).fit(snnet, dm)
     print(f"SN-Net ({len(snnet.net)} stitches): trained in {time.time() - t:.0f} s", flush=True)
 
