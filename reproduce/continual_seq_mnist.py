@@ -10,6 +10,10 @@ replayed, normalized inputs; ER ``combine: sum``, DER alpha 0.1, DER++ alpha 0.1
 MNIST itself cannot be downloaded on the project's machines; ``--data fmnist`` (default) runs Fashion-MNIST.
 
     OMP_NUM_THREADS=1 python reproduce/continual_seq_mnist.py [--setting mammoth] [--methods er der derpp] [--seeds 0 1 2 3 4]
+
+Measured (Fashion-MNIST, seeds 0-4, final average accuracy): Mammoth's args ER 0.764 ± 0.028, DER 0.805 ± 0.005,
+DER++ 0.810 ± 0.006; DER with alpha 0.1 instead of 1.0: 0.752 ± 0.023 (below ER). Issue setting: DER (alpha 0.1)
+0.731 ± 0.026, with alpha 1.0 0.780 ± 0.012; ER ``combine: sum`` diverged in 3 of 5 seeds, ``concat`` 0.748 ± 0.012.
 """
 
 from __future__ import annotations
