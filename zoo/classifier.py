@@ -74,6 +74,10 @@ class Classifier(LightningModule):
         label_smoothing: of the default cross-entropy term (and of the evaluation loss).
         surgery: transforms applied in order to the backbone in ``configure_model`` (:mod:`zoo.surgery`).
         losses: the loss terms (:mod:`zoo.losses`); default one :class:`~zoo.losses.CrossEntropy`.
+        log_every_step: log the step loss (``train/loss_step``, progress bar) at every training step. Default
+            off: at the trainer's ``log_every_n_steps`` only (the steps the logger writes anyway); the epoch values
+            (``train/loss_epoch``, ``train/<term>``, ``train/acc``) are accumulated on the device without a host
+            sync and logged once at epoch end, the same values either way (issue 17, cheap logging).
 
     Subclass it to make a new method: override :meth:`batch_logits` (how a batch becomes logits),
     add a loss term, or override :meth:`training_loss` for anything else.
@@ -91,6 +95,7 @@ class Classifier(LightningModule):
         label_smoothing: float = 0.0,
         surgery: list[S.Surgery] | None = None,
         losses: list[L.LossTerm] | None = None,
+        log_every_step: bool = False,
     ):
         super().__init__()
         if num_classes < 2:
@@ -127,6 +132,8 @@ class Classifier(LightningModule):
         self.train_metrics = accuracy_metrics(num_classes, "train/")
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
+        self.log_every_step = log_every_step
+        self.epoch_sums: dict[str, list] = {}  # train/<name> -> [sum of value * batch size (device tensor), samples]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Two technique presets do not combine by inheritance (each builds its own parts from its own arguments,
@@ -199,15 +206,40 @@ class Classifier(LightningModule):
             term.after_step(step)
         if len(values) > 1:
             for name, value in values.items():
-                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(batch))
+                self.accumulate(f"train/{name}", value, len(batch))
         return total, self.mask_logits(step.logits, batch.task), batch.targets
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self.training_loss(as_batch(batch))
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.accumulate("train/loss", loss, len(y))
+        if self.log_every_step or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
+            self.log("train/loss", loss, logger=False, on_step=True, on_epoch=False, batch_size=len(y))
         self.train_metrics.update(logits.detach(), y)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
+
+    def accumulate(self, key: str, value: torch.Tensor, batch_size: int) -> None:
+        """Add a step value to its epoch mean (weighted by the batch size, as ``self.log(on_epoch=True)``
+        does), kept on the device: no host sync per step; :meth:`on_train_epoch_end` logs it."""
+        value = value.detach()
+        value = value if value.dtype in (torch.float32, torch.float64) else value.to(torch.get_default_dtype())
+        total = self.epoch_sums.setdefault(key, [torch.zeros((), device=value.device), 0])
+        total[0] = total[0] + value * batch_size
+        total[1] += batch_size
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch means (``train/loss_epoch`` and ``train/loss`` for callbacks, ``train/<term>``) and the
+        training metrics (computed over the epoch and reset by Lightning), then start the next epoch's sums."""
+        for key, (total, n) in self.epoch_sums.items():
+            mean = total / n
+            if key == "train/loss":
+                self.log("train/loss_epoch", mean, prog_bar=True, on_step=False, on_epoch=True, batch_size=1)
+                self.log(key, mean, logger=False, on_step=False, on_epoch=True, batch_size=1)
+            else:
+                self.log(key, mean, on_step=False, on_epoch=True, batch_size=1)
+        self.epoch_sums = {}
+        if any(m.update_count for m in self.train_metrics.values()):
+            self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
 
     def _eval_step(self, batch: Any, metrics: MetricCollection, split: str) -> torch.Tensor:
         batch = as_batch(batch)

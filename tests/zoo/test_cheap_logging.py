@@ -1,0 +1,103 @@
+"""Cheap logging (issue 17 item 3): the epoch values are those of per-step ``self.log``, and a training step
+does not wait for the host (no ``.item()`` / ``bool(tensor)`` per step)."""
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from datamodules import Digits
+from zoo.batch import as_batch
+from zoo.classifier import Classifier
+from zoo.losses import CrossEntropy
+
+MLP = {"model": "zoo/mlp", "model_kwargs": {"img_size": 8, "in_chans": 1, "hidden": [16]}, "num_classes": 10}
+TERMS = [CrossEntropy(), CrossEntropy(weight=0.5, label_smoothing=0.2, name="smooth")]
+
+
+class PerStepLogging(Classifier):
+    """The logging of zoo.Classifier before issue 17: every value through ``self.log`` at every step."""
+
+    def training_loss(self, batch):
+        step_logits = []
+        self.mask_logits = lambda logits, task: step_logits.append(logits) or logits
+        total, logits, y = super().training_loss(batch)
+        self.epoch_sums = {}  # drop what the new path accumulated: this class logs per step
+        from zoo.losses import Step
+        step = Step(self, batch, step_logits[0])
+        for term in self.losses:
+            self.log(f"train/{term.name}", term(step), on_step=False, on_epoch=True, batch_size=len(batch))
+        return total, logits, y
+
+    def training_step(self, batch, batch_idx):
+        loss, logits, y = self.training_loss(as_batch(batch))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.train_metrics.update(logits.detach(), y)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self):
+        pass
+
+
+def fit(cls, epochs=2, **kw):
+    seed_everything(0, verbose=False)
+    model = cls(**MLP, losses=[t.config() for t in TERMS], optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer = Trainer(max_epochs=epochs, limit_train_batches=5, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=3, **kw)
+    trainer.fit(model, Digits(batch_size=16))
+    return trainer, model
+
+
+def test_epoch_values_are_those_of_per_step_logging():
+    new, _ = fit(Classifier)
+    old, _ = fit(PerStepLogging)
+    keys = ["train/loss_epoch", "train/cross_entropy", "train/smooth", "train/acc", "train/acc_top5"]
+    assert set(keys) <= set(new.logged_metrics) and set(keys) <= set(old.logged_metrics)
+    for key in keys:
+        assert torch.equal(new.logged_metrics[key], old.logged_metrics[key]), key
+    assert torch.equal(new.callback_metrics["train/loss"], old.callback_metrics["train/loss"])  # what a monitor reads
+    assert "train/loss_step" in new.logged_metrics  # step 9 (log_every_n_steps=3) was a logging step
+
+
+def test_train_acc_is_the_accuracy_over_the_epoch_by_hand():
+    counts = []
+
+    class Recording(Classifier):
+        def on_train_epoch_start(self):
+            counts.append([0, 0])
+
+        def batch_logits(self, batch):  # once per training step
+            logits = super().batch_logits(batch)
+            counts[-1][0] += int((logits.argmax(-1) == batch.targets).sum())
+            counts[-1][1] += len(logits)
+            return logits
+
+    trainer, _ = fit(Recording, epochs=2)
+    correct, total = counts[-1]
+    assert total == 5 * 16
+    # the second epoch only: the metric is reset between epochs
+    assert trainer.logged_metrics["train/acc"].item() == correct / total
+
+
+def test_no_host_sync_in_a_training_step(monkeypatch):
+    syncs = []
+    inside = [False]
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, _name=name, **k):
+            if inside[0]:
+                syncs.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    class Watched(Classifier):
+        def training_step(self, batch, batch_idx):
+            inside[0] = True
+            try:
+                return super().training_step(batch, batch_idx)
+            finally:
+                inside[0] = False
+
+    trainer, _ = fit(Watched, epochs=1)
+    assert trainer.global_step == 5
+    assert syncs == []
