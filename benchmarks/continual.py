@@ -4,10 +4,14 @@ Same MLP (784-256-256-10) as the reproduction, batch 32, replay batch 32, SGD, 2
 holds 5,000 samples and is full (steady state). Steps run in a plain loop over ``training_loss`` so only the
 method's own cost is timed; ER and plain steps alternate over repeats and the median is kept. Insertion and
 sampling are also timed with 500 and 50,000 samples to show they do not grow with the buffer.
-Last line: JSON with ``buffer_time_fraction`` (goal <= 0.05), ``er_step_vs_plain`` and ``stream_minutes``
-(the ER run of ``reproduce/continual_split_fmnist.py`` on real Fashion-MNIST).
+``stream_step_vs_plain_er`` (issue 17, goal <= 1.3): an ER training step of the reproduction's run (``zoo.continual.ER``
+under a Trainer on the Split Fashion-MNIST stream, its loader included; buffer 500, batch 32 + replay 32) over the same
+ER step written as a plain loop (pre-built tensors of the first task, the same :class:`ReplayBuffer`, current and
+replayed samples in one forward); both timed over the same steps of the first task after a warm-up, alternating.
+Last line: JSON with ``buffer_time_fraction`` (goal <= 0.05), ``er_step_vs_plain``, ``stream_step_vs_plain_er`` and
+``stream_minutes`` (the ER run of ``reproduce/continual_split_fmnist.py`` on real Fashion-MNIST).
 
-    OMP_NUM_THREADS=2 python benchmarks/continual.py [--no-stream]
+    OMP_NUM_THREADS=1 python benchmarks/continual.py [--no-stream] [--data-dir data]
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 
-from datamodules import FashionMNIST
-from zoo.batch import Batch
-from zoo.continual import ER, FineTune
-from zoo.continual.buffer import ReplayBuffer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datamodules import FashionMNIST  # noqa: E402
+from datamodules.continual import ContinualDataModule  # noqa: E402
+from zoo.batch import Batch  # noqa: E402
+from zoo.continual import ER, FineTune  # noqa: E402
+from zoo.continual.buffer import ReplayBuffer  # noqa: E402
 
 MLP = {"model": "zoo/mlp", "model_kwargs": {"img_size": 28, "hidden": [256, 256]}}
 BATCH, BUFFER, STEPS, WARMUP, REPEATS = 32, 5000, 150, 20, 5
@@ -79,10 +85,102 @@ def time_buffer_ops(buffer: ReplayBuffer, data) -> float:
     return (time.perf_counter() - start) / len(data)
 
 
+STREAM = {"buffer": 500, "batch": 32, "lr": 0.05, "warmup": 30, "steps": 300, "repeats": 3}
+
+
+class PeriodTimer(Callback):
+    """Training steps after the warm-up, batch fetching included: first timed batch start to last batch end."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == STREAM["warmup"]:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.end, self.steps = time.perf_counter(), batch_idx + 1 - STREAM["warmup"]
+
+
+def stream(data_dir: str) -> ContinualDataModule:
+    return ContinualDataModule(FashionMNIST(data_dir=data_dir, batch_size=STREAM["batch"], val_fraction=0.05, download=False, seed=0),
+                               classes_per_task=2)
+
+
+def zoo_er_step(data_dir: str) -> float:
+    """Seconds per ER step of the reproduction's run (first task), Trainer and loader included."""
+    seed_everything(0, verbose=False)
+    module = ER(**MLP, buffer_size=STREAM["buffer"], replay_batch_size=STREAM["batch"], optimizer=lambda p: torch.optim.SGD(p, lr=STREAM["lr"]))
+    timer = PeriodTimer()
+    trainer = Trainer(max_epochs=5, max_steps=STREAM["warmup"] + STREAM["steps"], reload_dataloaders_every_n_epochs=1, accelerator="cpu", devices=1,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+    trainer.fit(module, stream(data_dir))
+    return (timer.end - timer.start) / timer.steps
+
+
+def first_task(data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first task's training samples (classes 0 and 1: the stream's default class order) as pre-built tensors:
+    raw uint8 images, normalised floats, targets."""
+    base = FashionMNIST(data_dir=data_dir, download=False, val_fraction=0.05, seed=0)
+    base.setup()
+    subset = base.split("train")
+    rows = subset.rows()
+    raw, y = subset.dataset.images[rows], subset.dataset.targets_tensor[rows]
+    keep = y < 2
+    return raw[keep], base.eval_transform()(raw[keep]), y[keep]
+
+
+def plain_er_step(data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
+    """Seconds per step of ER written as a plain loop: draw from the buffer, one forward over current + replayed
+    samples, cross-entropy, SGD update, reservoir insertion of the batch (the same ReplayBuffer)."""
+    raw, x, y = data
+    seed_everything(0, verbose=False)
+    model = FineTune(**MLP)
+    optimizer = torch.optim.SGD(model.parameters(), lr=STREAM["lr"])
+    transform = FashionMNIST(download=False).eval_transform()
+    buffer, b = ReplayBuffer(STREAM["buffer"]), STREAM["batch"]
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    task = torch.zeros(b, dtype=torch.long)
+    model.train()
+    for i in range(STREAM["warmup"] + STREAM["steps"]):
+        if i == STREAM["warmup"]:
+            start = time.perf_counter()
+        idx = perm[(i * b) % (len(x) - b):][:b]
+        inputs, targets = x[idx], y[idx]
+        if len(buffer):
+            bx, by, _, _ = buffer.sample(b)
+            inputs, targets = torch.cat([inputs, transform(bx)]), torch.cat([targets, by])
+        logits = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        buffer.add(raw[idx], y[idx], task, logits[:b].detach())
+    return (time.perf_counter() - start) / STREAM["steps"]
+
+
+def stream_step_ratio(data_dir: str) -> float:
+    """Median zoo / plain ER step time, alternating runs."""
+    data = first_task(data_dir)
+    zoo, plain = [], []
+    for _ in range(STREAM["repeats"]):
+        plain.append(plain_er_step(data))
+        zoo.append(zoo_er_step(data_dir))
+    zoo_t, plain_t = statistics.median(zoo), statistics.median(plain)
+    print(f"ER step on the stream (batch {STREAM['batch']} + replay {STREAM['batch']}, buffer {STREAM['buffer']}): plain loop "
+          f"{1e3 * plain_t:.3f} ms, zoo (Trainer + stream loader) {1e3 * zoo_t:.3f} ms = {zoo_t / plain_t:.2f}x (goal <= 1.3)")
+    return zoo_t / plain_t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-stream", action="store_true", help="skip the reproduction stream (stream_minutes: null)")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / "data"), help="where FashionMNIST lives")
+    parser.add_argument("--only-stream-step", action="store_true", help="only stream_step_vs_plain_er (the other figures: null)")
     args = parser.parse_args()
+    if args.only_stream_step:
+        warnings.filterwarnings("ignore")
+        print(json.dumps({"buffer_time_fraction": None, "er_step_vs_plain": None, "stream_step_vs_plain_er": round(stream_step_ratio(args.data_dir), 3),
+                          "stream_minutes": None}))
+        return
     warnings.filterwarnings("ignore", message=".*self.log.*")  # steps run without a Trainer: nothing to log to
     data = batches(STEPS)
     er, plain = make(ER, buffer_size=BUFFER, replay_batch_size=BATCH), make(FineTune)
@@ -101,6 +199,7 @@ def main() -> None:
     print(f"plain step {1e3 * plain_step:.3f} ms | ER step {1e3 * er_step:.3f} ms ({er_step / plain_step:.2f}x) | "
           f"buffer insert+sample {1e3 * buffer_ops:.3f} ms = {buffer_ops / er_step:.3f} of an ER step")
     print("buffer insert+sample by buffer size: " + ", ".join(f"{s:,}: {1e3 * t:.3f} ms ({t / by_size[500]:.2f}x)" for s, t in by_size.items()))
+    stream_step = stream_step_ratio(args.data_dir)
     stream_minutes = None
     if not args.no_stream:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -109,7 +208,8 @@ def main() -> None:
         result = run_method("er")
         stream_minutes = round(result["seconds"] / 60, 3)
         print(f"ER on the reproduction stream (Split Fashion-MNIST, 5 tasks): {stream_minutes:.2f} min, final average accuracy {result['avg_acc']:.4f}")
-    print(json.dumps({"buffer_time_fraction": round(buffer_ops / er_step, 4), "er_step_vs_plain": round(er_step / plain_step, 3), "stream_minutes": stream_minutes}))
+    print(json.dumps({"buffer_time_fraction": round(buffer_ops / er_step, 4), "er_step_vs_plain": round(er_step / plain_step, 3),
+                      "stream_step_vs_plain_er": round(stream_step, 3), "stream_minutes": stream_minutes}))
 
 
 if __name__ == "__main__":
