@@ -230,14 +230,14 @@ class Classifier(LightningModule):
     def on_train_epoch_end(self) -> None:
         """Log the epoch means (``train/loss_epoch`` and ``train/loss`` for callbacks, ``train/<term>``) and the
         training metrics (computed over the epoch and reset by Lightning), then start the next epoch's sums."""
-        for key, (total, n) in self.epoch_sums.items():
+        for key in [k for k in self.epoch_sums if k.startswith("train/")]:
+            total, n = self.epoch_sums.pop(key)
             mean = total / n
             if key == "train/loss":
                 self.log("train/loss_epoch", mean, prog_bar=True, on_step=False, on_epoch=True, batch_size=1)
                 self.log(key, mean, logger=False, on_step=False, on_epoch=True, batch_size=1)
             else:
                 self.log(key, mean, on_step=False, on_epoch=True, batch_size=1)
-        self.epoch_sums = {}
         if any(m.update_count for m in self.train_metrics.values()):
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
 
@@ -245,10 +245,29 @@ class Classifier(LightningModule):
         batch = as_batch(batch)
         logits = self.mask_logits(self.batch_logits(batch), batch.task)
         loss = self.criterion(logits, batch.targets)
-        self.log(f"{split}/loss", loss, prog_bar=split == "val", on_epoch=True, sync_dist=True, batch_size=len(batch))
         metrics.update(logits, batch.targets)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
+        if len(self.trainer.num_val_batches if split == "val" else self.trainer.num_test_batches) > 1:  # keys per loader
+            self.log(f"{split}/loss", loss, prog_bar=split == "val", on_epoch=True, sync_dist=True, batch_size=len(batch))
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
+        else:
+            self.accumulate(f"{split}/loss", loss, len(batch))
         return loss
+
+    def log_eval_epoch(self, split: str, metrics: MetricCollection) -> None:
+        """Log ``<split>/loss`` (the mean over the split, summed over ranks) and the split's metrics, once."""
+        if f"{split}/loss" not in self.epoch_sums:
+            return
+        total, n = self.epoch_sums.pop(f"{split}/loss")
+        reduce = self.trainer.strategy.reduce
+        mean = reduce(total, reduce_op="mean") / reduce(torch.tensor(n, device=total.device), reduce_op="mean")
+        self.log(f"{split}/loss", mean, prog_bar=split == "val", on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_eval_epoch("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_eval_epoch("test", self.test_metrics)
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, self.val_metrics, "val")

@@ -34,28 +34,46 @@ class PerStepLogging(Classifier):
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
+    def _eval_step(self, batch, metrics, split):
+        batch = as_batch(batch)
+        logits = self.mask_logits(self.batch_logits(batch), batch.task)
+        loss = self.criterion(logits, batch.targets)
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", on_epoch=True, sync_dist=True, batch_size=len(batch))
+        metrics.update(logits, batch.targets)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
+        return loss
+
     def on_train_epoch_end(self):
+        pass
+
+    def on_validation_epoch_end(self):
+        pass
+
+    def on_test_epoch_end(self):
         pass
 
 
 def fit(cls, epochs=2, **kw):
     seed_everything(0, verbose=False)
     model = cls(**MLP, losses=[t.config() for t in TERMS], optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
-    trainer = Trainer(max_epochs=epochs, limit_train_batches=5, limit_val_batches=0, logger=False, enable_checkpointing=False,
+    trainer = Trainer(max_epochs=epochs, limit_train_batches=5, limit_val_batches=3, limit_test_batches=3, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=3, **kw)
     trainer.fit(model, Digits(batch_size=16))
-    return trainer, model
+    logged = {**trainer.logged_metrics, **{k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/") or k == "train/loss"}}
+    trainer.test(model, Digits(batch_size=16), verbose=False)
+    return trainer, {**logged, **trainer.logged_metrics}
 
 
 def test_epoch_values_are_those_of_per_step_logging():
-    new, _ = fit(Classifier)
-    old, _ = fit(PerStepLogging)
-    keys = ["train/loss_epoch", "train/cross_entropy", "train/smooth", "train/acc", "train/acc_top5"]
-    assert set(keys) <= set(new.logged_metrics) and set(keys) <= set(old.logged_metrics)
+    (_, new), (_, old) = fit(Classifier), fit(PerStepLogging)
+    keys = ["train/loss_epoch", "train/cross_entropy", "train/smooth", "train/acc", "train/acc_top5",
+            "val/loss", "val/acc", "val/acc_top5", "test/loss", "test/acc", "test/acc_top5"]
+    assert set(keys) <= set(new) and set(keys) <= set(old)
     for key in keys:
-        assert torch.equal(new.logged_metrics[key], old.logged_metrics[key]), key
-    assert torch.equal(new.callback_metrics["train/loss"], old.callback_metrics["train/loss"])  # what a monitor reads
-    assert "train/loss_step" in new.logged_metrics  # step 9 (log_every_n_steps=3) was a logging step
+        assert torch.equal(new[key], old[key]), key
+    assert "train/loss_step" in new  # step 9 (log_every_n_steps=3) was a logging step
+    assert torch.equal(new["train/loss"], new["train/loss_epoch"])  # callback_metrics: the epoch mean, as a monitor reads it
+    assert torch.equal(new["train/loss"], old["train/loss"])
 
 
 def test_train_acc_is_the_accuracy_over_the_epoch_by_hand():
@@ -67,15 +85,17 @@ def test_train_acc_is_the_accuracy_over_the_epoch_by_hand():
 
         def batch_logits(self, batch):  # once per training step
             logits = super().batch_logits(batch)
+            if not self.training:
+                return logits
             counts[-1][0] += int((logits.argmax(-1) == batch.targets).sum())
             counts[-1][1] += len(logits)
             return logits
 
-    trainer, _ = fit(Recording, epochs=2)
+    _, logged = fit(Recording, epochs=2)
     correct, total = counts[-1]
     assert total == 5 * 16
     # the second epoch only: the metric is reset between epochs
-    assert trainer.logged_metrics["train/acc"].item() == correct / total
+    assert logged["train/acc"].item() == correct / total
 
 
 def test_no_host_sync_in_a_training_step(monkeypatch):
