@@ -3,7 +3,7 @@
 Side by side in one run:
   * switching stitch: ``select`` (ours) vs building the stitch as a standalone module (``extract``);
   * evaluating every stitch: shared-prefix ``forward_all`` (ours, what StitchSweep runs) vs each stitch from
-    scratch, for SN-Net's 71 stitches and SN-Netv2's 359 (two-way); ``sweep_speedup`` is SN-Netv2's. With
+    scratch, for SN-Net's 71 stitches and SN-Netv2's 267 (two-way, v2 space); ``sweep_speedup`` is SN-Netv2's. With
     one-way stitching only the cheap front prefixes are shared, which bounds the saving at ~1.24x in FLOPs;
   * a training step of SN-Net (one uniformly sampled stitch) vs a training step of the largest anchor alone;
   * ``extract(stitch)`` outputs vs the stitched network's, over all stitches.
@@ -86,7 +86,7 @@ def main() -> None:
     rebuild = timed(lambda: net.extract(n // 2), 5)
     print(f"switch: select {switch * 1e3:.4f} ms | build standalone stitch {rebuild * 1e3:.2f} ms | x{rebuild / switch:.0f}")
 
-    # 2. evaluating every stitch (SN-Net's 71, and SN-Netv2's 359 with two-way stitching)
+    # 2. evaluating every stitch (SN-Net's 71, and SN-Netv2's 267 with two-way stitching in the v2 space)
     images, labels = torch.randn(args.images, 3, 32, 32), torch.randint(0, 10, (args.images,))
     batches = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, args.images, 16)]
     speedups = {}
