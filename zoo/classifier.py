@@ -75,9 +75,11 @@ class Classifier(LightningModule):
         surgery: transforms applied in order to the backbone in ``configure_model`` (:mod:`zoo.surgery`).
         losses: the loss terms (:mod:`zoo.losses`); default one :class:`~zoo.losses.CrossEntropy`.
         log_every_step: log the step loss (``train/loss_step``, progress bar) at every training step. Default
-            off: at the trainer's ``log_every_n_steps`` only (the steps the logger writes anyway); the epoch values
-            (``train/loss_epoch``, ``train/<term>``, ``train/acc``) are accumulated on the device without a host
-            sync and logged once at epoch end, the same values either way (issue 17, cheap logging).
+            off: at the trainer's ``log_every_n_steps`` only (the steps the logger writes anyway). Either way the
+            epoch values (``train/loss_epoch``, ``train/<term>``, ``train/acc``, ``val/*``, ``test/*``) are
+            accumulated on the device without a host sync and logged once at epoch end, the same values as
+            per-step ``self.log`` (issue 17, cheap logging). A callback's own ``on_*_epoch_end`` runs before the
+            module's, so it sees them from the next hook on (ModelCheckpoint, EarlyStopping run after the module).
 
     Subclass it to make a new method: override :meth:`batch_logits` (how a batch becomes logits),
     add a loss term, or override :meth:`training_loss` for anything else.
@@ -259,7 +261,7 @@ class Classifier(LightningModule):
             return
         total, n = self.epoch_sums.pop(f"{split}/loss")
         reduce = self.trainer.strategy.reduce
-        mean = reduce(total, reduce_op="mean") / reduce(torch.tensor(n, device=total.device), reduce_op="mean")
+        mean = reduce(total, reduce_op="mean") / reduce(torch.tensor(float(n), dtype=total.dtype, device=total.device), reduce_op="mean")
         self.log(f"{split}/loss", mean, prog_bar=split == "val", on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
 
