@@ -214,7 +214,8 @@ class Classifier(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self.training_loss(as_batch(batch))
         self.accumulate("train/loss", loss, len(y))
-        if self.log_every_step or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        every = self.trainer.log_every_n_steps  # the steps whose step values the logger writes (0: none)
+        if self.log_every_step or (every and (self.global_step + 1) % every == 0) or self.trainer.should_stop:
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
             self.log("train/loss", loss, logger=False, on_step=True, on_epoch=False, batch_size=len(y))
         self.train_metrics.update(logits.detach(), y)
