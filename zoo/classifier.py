@@ -29,8 +29,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric, MetricCollection
 
 from zoo import losses as L
 from zoo import surgery as S
@@ -38,12 +37,40 @@ from zoo.backbones import build_backbone
 from zoo.batch import Batch, as_batch
 
 
+class TopKAccuracy(Metric):
+    """Micro top-k accuracy kept as two counters on the device (summed over ranks): the value of torchmetrics'
+    ``MulticlassAccuracy(average="micro", top_k=k)`` at a third of its per-batch cost (no per-class stat scores)."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, top_k: int = 1):
+        super().__init__()
+        self.top_k = top_k
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if self.top_k == 1:
+            hit = preds.argmax(-1) == target
+        else:
+            hit = (preds.topk(self.top_k, -1).indices == target.unsqueeze(-1)).any(-1)
+        self.correct += hit.sum()
+        self.total += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total
+
+
 def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """Top-1 accuracy, and top-5 where there are more than 5 classes."""
-    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    metrics = {"acc": TopKAccuracy(top_k=1)}
     if num_classes > 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+        metrics["acc_top5"] = TopKAccuracy(top_k=5)
+    # no compute groups: torchmetrics would merge top-1 and top-5 if their counters happened to agree after the
+    # first batch (e.g. all of it right), and then update only one of them
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 def param_groups(module: nn.Module, skip: set[str] = frozenset()) -> list[dict[str, Any]]:

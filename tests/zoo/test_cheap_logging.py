@@ -121,3 +121,34 @@ def test_no_host_sync_in_a_training_step(monkeypatch):
     trainer, _ = fit(Watched, epochs=1)
     assert trainer.global_step == 5
     assert syncs == []
+
+
+def test_topk_accuracy_equals_torchmetrics_micro_accuracy():
+    """The counters give torchmetrics' MulticlassAccuracy(average="micro") over several batches, top-1 and top-5,
+    including logits masked to -inf (task-incremental streams)."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from zoo.classifier import TopKAccuracy
+
+    torch.manual_seed(0)
+    for k in (1, 5):
+        ours, ref = TopKAccuracy(top_k=k), MulticlassAccuracy(10, top_k=k, average="micro")
+        for _ in range(5):
+            logits, y = torch.randn(33, 10), torch.randint(0, 10, (33,))
+            logits[:8, 5:] = float("-inf")
+            ours.update(logits, y)
+            ref.update(logits, y)
+        assert ours.total == 165 and torch.equal(ours.compute(), ref.compute())
+        assert 0 < ours.compute() < 1
+
+
+def test_top1_and_top5_stay_apart_after_a_perfect_first_batch():
+    from zoo.classifier import accuracy_metrics
+
+    metrics = accuracy_metrics(10, "val/")
+    y = torch.arange(10)
+    metrics.update(torch.eye(10), y)  # every sample right: both counters 10/10
+    wrong = 2 * torch.eye(10).roll(1, -1) + torch.eye(10)  # top-1 wrong for all, the target second
+    metrics.update(wrong, y)
+    out = metrics.compute()
+    assert out["val/acc"] == 0.5 and out["val/acc_top5"] == 1.0
