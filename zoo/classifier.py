@@ -56,8 +56,9 @@ class TopKAccuracy(Metric):
             hit = preds.argmax(-1) == target
         else:
             hit = (preds.topk(self.top_k, -1).indices == target.unsqueeze(-1)).any(-1)
-        self.correct += hit.sum()
-        self.total += target.numel()
+        # out of place: a state reset under inference mode (validation) cannot be updated in place in training
+        self.correct = self.correct + hit.sum()
+        self.total = self.total + target.numel()
 
     def compute(self) -> torch.Tensor:
         return self.correct.float() / self.total
