@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules import FashionMNIST  # noqa: E402
@@ -34,6 +34,7 @@ from datamodules.continual import ContinualDataModule  # noqa: E402
 from zoo.batch import Batch  # noqa: E402
 from zoo.continual import ER, FineTune  # noqa: E402
 from zoo.continual.buffer import ReplayBuffer  # noqa: E402
+from timing import PeriodTimer  # noqa: E402
 
 MLP = {"model": "zoo/mlp", "model_kwargs": {"img_size": 28, "hidden": [256, 256]}}
 BATCH, BUFFER, STEPS, WARMUP, REPEATS = 32, 5000, 150, 20, 5
@@ -88,17 +89,6 @@ def time_buffer_ops(buffer: ReplayBuffer, data) -> float:
 STREAM = {"buffer": 500, "batch": 32, "lr": 0.05, "warmup": 30, "steps": 300, "repeats": 3}
 
 
-class PeriodTimer(Callback):
-    """Training steps after the warm-up, batch fetching included: first timed batch start to last batch end."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == STREAM["warmup"]:
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.end, self.steps = time.perf_counter(), batch_idx + 1 - STREAM["warmup"]
-
-
 def stream(data_dir: str) -> ContinualDataModule:
     return ContinualDataModule(FashionMNIST(data_dir=data_dir, batch_size=STREAM["batch"], val_fraction=0.05, download=False, seed=0),
                                classes_per_task=2)
@@ -108,7 +98,7 @@ def zoo_er_step(data_dir: str) -> float:
     """Seconds per ER step of the reproduction's run (first task), Trainer and loader included."""
     seed_everything(0, verbose=False)
     module = ER(**MLP, buffer_size=STREAM["buffer"], replay_batch_size=STREAM["batch"], optimizer=lambda p: torch.optim.SGD(p, lr=STREAM["lr"]))
-    timer = PeriodTimer()
+    timer = PeriodTimer(warmup=STREAM["warmup"])
     trainer = Trainer(max_epochs=5, max_steps=STREAM["warmup"] + STREAM["steps"], reload_dataloaders_every_n_epochs=1, accelerator="cpu", devices=1,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo.classifier import Classifier  # noqa: E402
+from timing import PeriodTimer  # noqa: E402
 
 MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "in_chans": 3, "embed_dim": 192, "depth": 6, "num_heads": 3}
 BATCH, STEPS, WARMUP, REPEATS = 64, 30, 5, 3
@@ -140,17 +141,6 @@ def plain_small_eval(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Ten
     return time.perf_counter() - start
 
 
-class PeriodTimer(Callback):
-    """Training steps after the warm-up, batch fetching included: first timed batch start to last batch end."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == SMALL["warmup"]:
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.end, self.steps = time.perf_counter(), batch_idx + 1 - SMALL["warmup"]
-
-
 def zoo_small(data_dir: str) -> tuple[float, float]:
     """``zoo fit`` (built by the zoo's CLI from a config, then fit with a timer attached) and ``trainer.test``:
     seconds per training step and seconds to evaluate the test split."""
@@ -173,7 +163,7 @@ def zoo_small(data_dir: str) -> tuple[float, float]:
         try:
             Path("small.yaml").write_text(yaml.safe_dump(config))
             cli = zoo(["--config", "small.yaml"], run=False)
-            timer = PeriodTimer()
+            timer = PeriodTimer(warmup=SMALL["warmup"])
             cli.trainer.callbacks.append(timer)
             cli.trainer.fit(cli.model, cli.datamodule)
             start = time.perf_counter()

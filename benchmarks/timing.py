@@ -41,6 +41,27 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class PeriodTimer(Callback):
+    """Training steps after ``warmup`` batches, batch fetching included: first timed batch start to last batch end.
+
+    Example::
+
+        timer = PeriodTimer(warmup=30)
+        Trainer(max_steps=330, callbacks=[timer]).fit(model, data)
+        (timer.end - timer.start) / timer.steps
+    """
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
+
+
 class EpochTimer(Callback):
     """Wall time of every training epoch, split into its training batches and its validation.
 
