@@ -32,6 +32,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 
 from zoo import losses as L
+from zoo import sharding
 from zoo import surgery as S
 from zoo.backbones import build_backbone
 from zoo.batch import Batch, as_batch
@@ -159,6 +160,7 @@ class Classifier(LightningModule):
             else:
                 self.hparams.pop(key, None)
         self.surgery_applied = False
+        self.sharded = False  # fully_shard applied (zoo.sharding)
         self.train_metrics = accuracy_metrics(num_classes, "train/")
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
@@ -181,15 +183,28 @@ class Classifier(LightningModule):
 
     # -- the parts ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Apply ``surgery`` to the backbone, once (Lightning calls this before training and before loading a
-        checkpoint, so a resumed run has the same structure)."""
-        if self.surgery_applied:
-            return
-        if self.surgery:
-            if getattr(self, "backbone", None) is None:
-                raise ValueError(f"{type(self).__name__} has no `backbone` for surgery {self.surgery}")
-            self.backbone = S.apply_all(self.backbone, self.surgery)
-        self.surgery_applied = True
+        """Apply ``surgery`` to the backbone, then :meth:`after_surgery`, then shard when the strategy gives a device
+        mesh (:mod:`zoo.sharding`), once (Lightning calls this before training and before loading a checkpoint, so a
+        resumed run has the same structure). Presets extend :meth:`after_surgery`, not this."""
+        if not self.surgery_applied:
+            if self.surgery:
+                if getattr(self, "backbone", None) is None:
+                    raise ValueError(f"{type(self).__name__} has no `backbone` for surgery {self.surgery}")
+                self.backbone = S.apply_all(self.backbone, self.surgery)
+            self.surgery_applied = True
+            self.after_surgery()
+        mesh = self.device_mesh
+        if mesh is not None and not self.sharded:
+            sharding.shard(self, mesh, self.shard_units())
+            self.sharded = True
+
+    def after_surgery(self) -> None:
+        """What a preset builds on the final structure (before sharding): SN-Net's sampler, SubTuning's layer chain."""
+
+    def shard_units(self) -> list[nn.Module] | None:
+        """The modules sharded one by one, inner first (default: the backbone's blocks by family, see
+        :func:`zoo.sharding.block_units`); every top-level part with parameters is a unit after them."""
+        return None
 
     def unload_surgery(self) -> nn.Module:
         """Undo the surgery (reverse order): the backbone becomes a plain model again, and is returned."""
@@ -209,6 +224,7 @@ class Classifier(LightningModule):
         return next((t for t in self.losses if isinstance(t, cls)), None)
 
     def setup(self, stage: str) -> None:
+        sharding.check_strategy(self, self.trainer.strategy, [*self.surgery, *self.losses, *self.trainer.callbacks])
         for term in self.losses:
             term.setup(self, stage)
 

@@ -192,9 +192,8 @@ class SNNetModule(Classifier):
         self.last_stitch: int | None = None  # stitch of the latest training step
 
     # -- the stitchable network -----------------------------------------------------------
-    def configure_model(self) -> None:
-        """Stitch the anchors (:class:`~zoo.snnet.Stitch`, first of ``surgery``) and make the stitch sampler, once."""
-        super().configure_model()
+    def after_surgery(self) -> None:
+        """The anchors are stitched (:class:`~zoo.snnet.Stitch`, first of ``surgery``): make the stitch sampler, once."""
         if self.sampler is None and isinstance(self.backbone, StitchableNet):
             sampling, flops_gap, group_weights, seed, unit = self.sampler_args
             self.sampler = StitchSampler(self.backbone.macs() if sampling == "flops" else [0] * len(self.backbone), sampling, flops_gap,

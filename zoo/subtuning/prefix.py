@@ -61,8 +61,7 @@ class FrozenPrefix:
             self.__dict__["_chain"] = chain
         return chain
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def after_surgery(self) -> None:
         self.bind_freeze()
 
     def bind_freeze(self) -> None:
