@@ -28,7 +28,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
 
+from datamodules.tensor import eval_batches
 from zoo.batch import as_batch
 from zoo.snnet import StitchableNet
 
@@ -38,18 +40,18 @@ FIELDS = ("id", "kind", "description", "macs", "flops", "params", "latency_ms", 
 @torch.no_grad()
 def stitch_counts(net: StitchableNet, batches: Any, device: torch.device | str = "cpu") -> torch.Tensor:
     """Correct predictions of every stitch over ``batches`` (:class:`~zoo.batch.Batch` or ``(inputs, targets)``), then the
-    number of samples (``len(net) + 1`` values)."""
+    number of samples (``len(net) + 1`` values, counted on ``device``: no synchronisation per batch)."""
     was_training = net.training
     net.eval()
-    counts = torch.zeros(len(net) + 1, dtype=torch.long)
+    counts = torch.zeros(len(net) + 1, dtype=torch.long, device=device)
     for batch in batches:
         batch = as_batch(batch)
         x, y = batch.inputs.to(device), batch.targets.to(device)
         for i, logits in net.forward_all(x).items():
-            counts[i] += int((logits.argmax(-1) == y).sum())
+            counts[i] += (logits.argmax(-1) == y).sum()
         counts[-1] += len(y)
     net.train(was_training)
-    return counts
+    return counts.cpu()
 
 
 def accuracy_from_counts(counts: torch.Tensor) -> list[float]:
@@ -172,7 +174,8 @@ class StitchSweep(Callback):
         measure_latency: time every stitch (needed for ``max_latency_ms``).
         latency_batch_size: images per timed forward.
         latency_repeats: timed forwards per stitch (median kept).
-        limit_batches: evaluate only this many validation batches.
+        limit_batches: evaluate only the samples of this many validation batches (of the datamodule's loader).
+        batch_size: samples per forward of the sweep (read from memory, not through the loader).
         select_best: make the best stitch within budget the module's active stitch (``select_stitch``).
 
     After the sweep, ``rows`` holds the table and ``best`` the selected row.
@@ -180,15 +183,15 @@ class StitchSweep(Callback):
 
     def __init__(self, max_macs: float | None = None, max_flops: float | None = None, max_latency_ms: float | None = None, csv_path: str | None = None,
                  measure_latency: bool = True, latency_batch_size: int = 1, latency_repeats: int = 5, limit_batches: int | None = None,
-                 select_best: bool = True):
+                 select_best: bool = True, batch_size: int = 256):
         if max_latency_ms is not None and not measure_latency:
             raise ValueError("max_latency_ms needs measure_latency=true")
-        for name, value in (("latency_batch_size", latency_batch_size), ("latency_repeats", latency_repeats)):
+        for name, value in (("latency_batch_size", latency_batch_size), ("latency_repeats", latency_repeats), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name}={value}: expected a positive integer")
         self.max_macs, self.max_flops, self.max_latency_ms, self.csv_path = max_macs, max_flops, max_latency_ms, csv_path
         self.measure_latency, self.latency_batch_size, self.latency_repeats = measure_latency, latency_batch_size, latency_repeats
-        self.limit_batches, self.select_best = limit_batches, select_best
+        self.limit_batches, self.select_best, self.batch_size = limit_batches, select_best, batch_size
         self.rows: list[dict] = []
         self.best: dict | None = None
 
@@ -197,25 +200,35 @@ class StitchSweep(Callback):
             raise TypeError(f"StitchSweep needs a module with a StitchableNet at .net and a select_stitch(id) method (zoo.snnet.SNNetModule), "
                             f"got {type(pl_module).__name__}")
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Under DDP every rank runs this hook: each evaluates its share of the batches (counts summed over ranks),
-        # rank 0 times the stitches, and all ranks select the same best stitch. Only rank 0 writes.
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank must read it
+    def batches(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        """This rank's share of the validation samples (the first ``limit_batches`` loader batches), gathered in batches of
+        ``batch_size`` from memory (:func:`~datamodules.tensor.eval_batches`); a loader without a dataset: every
+        ``world_size``-th of its batches."""
         dm = trainer.datamodule
         loader = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
         limit = 1 if trainer.fast_dev_run else self.limit_batches
         world, rank = trainer.world_size, trainer.global_rank
-        batches = (as_batch(b).ready() for i, b in enumerate(loader) if (limit is None or i < limit) and i % world == rank)
-        net = pl_module.net
-        counts = stitch_counts(net, batches, pl_module.device)
+        if isinstance(loader, DataLoader):
+            per_batch = loader.batch_size or getattr(loader.batch_sampler, "batch_size", 1)
+            return eval_batches(loader.dataset, self.batch_size, pl_module.device, rank, world, limit=None if limit is None else limit * per_batch,
+                                collate_fn=loader.collate_fn)
+        return (as_batch(b).ready() for i, b in enumerate(loader) if (limit is None or i < limit) and i % world == rank)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Every rank runs this hook: each evaluates its share of the validation samples (counts summed over the ranks),
+        # rank 0 times the stitches (one device, comparable times), rank 0's pick is broadcast. Only rank 0 writes.
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank must read it
+        counts = stitch_counts(pl_module.net, self.batches(trainer, pl_module), pl_module.device)
         counts = trainer.strategy.reduce(counts.double().to(trainer.strategy.root_device), reduce_op="sum").cpu()
-        latency = None
+        net, latency = pl_module.net, None
         if self.measure_latency:
             if trainer.is_global_zero:
                 latency = stitch_latency(net, net.example_input(self.latency_batch_size).normal_(), self.latency_repeats)
             latency = trainer.strategy.broadcast(latency, src=0)
         self.rows = table_rows(net, accuracy_from_counts(counts), latency)
-        self.best = best_under_budget(self.rows, self.max_flops, self.max_latency_ms, self.max_macs)
+        best = best_under_budget(self.rows, self.max_flops, self.max_latency_ms, self.max_macs)
+        best_id = trainer.strategy.broadcast(None if best is None else best["id"], src=0)  # every rank runs rank 0's pick
+        self.best = next((r for r in self.rows if r["id"] == best_id), None)
         if self.best is not None and self.select_best:
             pl_module.select_stitch(self.best["id"])
         if not trainer.is_global_zero:

@@ -25,7 +25,8 @@ from torchvision.transforms.v2 import functional as F
 from zoo.batch import FIELDS, Batch, Deferred
 from zoo.batch import collate as collate_samples
 
-__all__ = ["BatchTransform", "Gathered", "Pending", "TensorPairs", "collate", "finish", "merge", "mix32", "sample_keys"]
+__all__ = ["BatchTransform", "Gathered", "Pending", "TensorPairs", "collate", "eval_batches", "finish", "gather_source", "merge", "mix32",
+           "sample_keys", "shard_bounds"]
 
 MASK32 = 0xFFFFFFFF
 
@@ -189,3 +190,57 @@ def merge(parts: list[tuple[torch.Tensor, Batch]], n: int) -> Batch:
         else:
             out[f] = None if values[0] is None else place(values, where, n)
     return Batch(**out)
+
+
+def gather_source(dataset: Any) -> tuple[Any, torch.Tensor | None] | None:
+    """``(dataset that gathers whole batches, positions in it)`` behind ``dataset`` (through ``Subset`` wrappers), or
+    ``None`` when its batches must be loaded item by item (e.g. files on disk)."""
+    from torch.utils.data import Subset
+
+    positions = None
+    while isinstance(dataset, Subset):
+        inner = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        positions = inner if positions is None else inner[positions]
+        dataset = dataset.dataset
+    gatherable = getattr(dataset, "gatherable", None)
+    if callable(gatherable) and gatherable() and callable(getattr(dataset, "gather_items", None)):
+        return dataset, positions
+    return None
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``[start, end)`` of ``n`` samples (sizes differ by at most one)."""
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
+def eval_batches(dataset: Any, batch_size: int = 1024, device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
+                 limit: int | None = None, collate_fn: Any = None, num_workers: int = 0):
+    """The samples of ``dataset`` (a split, a continual ``TaskSet``, ``Subset``\\ s of them), in order, as ready
+    :class:`~zoo.batch.Batch` es of up to ``batch_size``: each batch is gathered from the in-memory tensors with one
+    indexing operation (no ``DataLoader``); a dataset that cannot gather (e.g. ``ImageFolder``) is read through a
+    ``DataLoader`` with ``collate_fn`` (default: the zoo's) and ``num_workers``, with the same samples.
+
+    ``limit`` keeps the first samples only. With ``world_size > 1`` rank ``rank`` reads its contiguous share of them
+    (:func:`shard_bounds`); every rank gets the same number of batches (a sharded model runs its forward as a
+    collective), unless a rank has no sample at all. ``device``: batches are moved there, then deferred transforms
+    (``transform_on_device``) run there."""
+    from torch.utils.data import DataLoader
+
+    from zoo.batch import as_batch, to_device
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    start, end = shard_bounds(n, rank, world_size)
+    largest = -(-n // world_size)
+    steps = -(-largest // batch_size)  # the batches of the largest share, on every rank
+    chunks = list(torch.arange(start, end).split(batch_size))
+    if 0 < len(chunks) < steps:  # a smaller share: as many (smaller) batches as the largest
+        chunks = [c for c in torch.arange(start, end).tensor_split(steps) if len(c)]
+    source = gather_source(dataset)
+    if source is not None:
+        base, positions = source
+        batches = (base.gather_items(c if positions is None else positions[c]) for c in chunks)
+    else:
+        batches = DataLoader(dataset, batch_sampler=[c.tolist() for c in chunks], collate_fn=collate_fn or collate, num_workers=num_workers)
+    for batch in batches:
+        batch = as_batch(batch)
+        yield (batch if device is None else to_device(batch, torch.device(device))).ready()

@@ -18,10 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.utils.data import DataLoader
-
 from datamodules.continual import ContinualDataModule
-from zoo.batch import Batch, to_device
+from datamodules.tensor import eval_batches
+from zoo.batch import Batch
 from zoo.classifier import Classifier
 from zoo.continual.buffer import ReplayBuffer
 from zoo.continual.replay import ReplayTerm
@@ -211,18 +210,20 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             self.fpf(self.hparams.fpf_steps)
 
     @torch.no_grad()
-    def evaluate_task(self, task: int) -> float:
-        """Test accuracy on one task of the stream (every rank sees the whole test set; the whole backbone runs)."""
-        loader = DataLoader(self.stream.task_set("test", task), batch_size=256, collate_fn=self.stream.collate_fn)
-        was_training, correct, total = self.training, 0, 0
+    def evaluate_task(self, task: int, batch_size: int = 1024) -> float:
+        """Test accuracy on one task of the stream (the whole backbone runs). The test set is read from memory in
+        large batches (:func:`~datamodules.tensor.eval_batches`), each rank its share; the counts are summed over
+        the ranks, so every rank returns the same accuracy. ``fast_dev_run``: the first ``batch_size`` samples."""
+        trainer = self.trainer
+        limit = batch_size if trainer.fast_dev_run else None
+        was_training, counts = self.training, torch.zeros(2, dtype=torch.float64, device=self.device)
         self.eval()
-        for i, batch in enumerate(loader):
-            if self.trainer.fast_dev_run and i:
-                break
-            batch = to_device(batch, self.device).ready()
-            correct += (self.mask_logits(self(batch.inputs), batch.task).argmax(-1) == batch.targets).sum().item()
-            total += len(batch)
+        for batch in eval_batches(self.stream.task_set("test", task), batch_size, self.device, trainer.global_rank, trainer.world_size,
+                                  limit=limit, collate_fn=self.stream.collate_fn):
+            counts[0] += (self.mask_logits(self(batch.inputs), batch.task).argmax(-1) == batch.targets).sum()
+            counts[1] += len(batch)
         self.train(was_training)
+        correct, total = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         return correct / total if total else math.nan
 
     # -- FPF --------------------------------------------------------------------------------
