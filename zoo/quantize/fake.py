@@ -1,0 +1,100 @@
+"""Fake quantisation for QAT with torchao's fake quantizers, attached to the model's own ``nn.Linear`` objects.
+
+torchao's ``QATConfig(step="prepare")`` swaps each ``nn.Linear`` for a new ``FakeQuantizedLinear``. Here the same
+object becomes one (its class is set to torchao's ``FakeQuantizedLinear`` and the quantizers are added as
+children, which have no parameters or buffers): forward hooks (pruning masks, distillation taps), the optimizer's
+parameter references, DDP's buckets and the state_dict keys all stay as they are, so checkpoints load with or
+without QAT. :func:`detach` turns them back into plain ``nn.Linear``.
+
+Weight quantizers are dynamic (scales from the current weights at each step) until :func:`freeze`, which keeps
+each layer's current scale and zero point from then on (observer freezing, as ``torch.ao``'s
+``disable_observer``); activation scales are per token, computed for each input (nothing to freeze).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from zoo.quantize.schemes import Scheme, fake_quant_configs
+
+
+def _fq_class():
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    return FakeQuantizedLinear
+
+
+def attach(model: nn.Module, names: list[str], scheme: Scheme) -> None:
+    """Make each named ``nn.Linear`` of ``model`` a torchao ``FakeQuantizedLinear`` in place (disabled)."""
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    cls = _fq_class()
+    act, weight = fake_quant_configs(scheme)
+    for name in names:
+        m = model.get_submodule(name)
+        if type(m) is cls:
+            continue
+        m.activation_fake_quantizer = FakeQuantizerBase.from_config(act) if act is not None else None
+        m.weight_fake_quantizer = FakeQuantizerBase.from_config(weight)
+        m.__class__ = cls
+    set_enabled(model, False)
+
+
+def fake_layers(model: nn.Module) -> dict[str, nn.Module]:
+    cls = _fq_class()
+    return {n: m for n, m in model.named_modules() if type(m) is cls}
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    for m in fake_layers(model).values():
+        for q in (m.activation_fake_quantizer, m.weight_fake_quantizer):
+            if q is not None:
+                q.enabled = enabled
+
+
+def is_enabled(model: nn.Module) -> bool:
+    return any(m.weight_fake_quantizer.enabled for m in fake_layers(model).values())
+
+
+def _static(q: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    if q.config.is_dynamic:
+        q.config = copy.copy(q.config)  # the config object is shared by all layers
+        q.config.is_dynamic = False
+    q.scale, q.zero_point = scale, zero_point
+
+
+@torch.no_grad()
+def freeze(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Fix each weight quantizer's scale and zero point to those of the current weights; returns them by layer."""
+    out = {}
+    for name, m in fake_layers(model).items():
+        q = m.weight_fake_quantizer
+        if q.config.is_dynamic:
+            enabled, q.enabled = q.enabled, True
+            q(m.weight)  # computes scale and zero point from the weights now
+            q.enabled = enabled
+            _static(q, q.scale.detach().clone(), q.zero_point.detach().clone())
+        out[name] = {"scale": q.scale, "zero_point": q.zero_point}
+    return out
+
+
+def restore_frozen(model: nn.Module, frozen: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Put back the scales :func:`freeze` returned (a resumed run)."""
+    layers = fake_layers(model)
+    for name, qp in frozen.items():
+        q = layers[name].weight_fake_quantizer
+        device = layers[name].weight.device
+        _static(q, qp["scale"].to(device), qp["zero_point"].to(device))
+
+
+def detach(model: nn.Module) -> list[str]:
+    """Back to plain ``nn.Linear`` (same objects, same parameters); returns the layers' names."""
+    names = []
+    for name, m in fake_layers(model).items():
+        del m.activation_fake_quantizer, m.weight_fake_quantizer
+        m.__class__ = nn.Linear
+        names.append(name)
+    return names

@@ -1,0 +1,85 @@
+"""The quantisation schemes: which torchao config each one is, which layer types it handles, what it calibrates.
+
+=====================  ============================================  ===================  ======================
+scheme                 torchao 0.18 config                           layer types          calibration
+=====================  ============================================  ===================  ======================
+``int8_weight_only``   ``Int8WeightOnlyConfig``                      Linear, Embedding    none (per-row weight
+                                                                                          min-max)
+``int8_dynamic``       ``Int8DynamicActivationInt8WeightConfig``     Linear               none: per-token
+                                                                                          activation scales at
+                                                                                          run time
+``int8_static``        ``Int8StaticActivationInt8WeightConfig``      Linear               one activation scale
+                       (per-tensor activations, per-row weights)                          per layer, from the
+                                                                                          calibration set
+=====================  ============================================  ===================  ======================
+
+The calibration set of the dynamic and weight-only schemes measures the quantisation error (float logits vs int8
+logits, logged) and nothing else. For QAT, :func:`fake_quant_configs` gives torchao's ``IntxFakeQuantizeConfig``
+pair that simulates a scheme (torchao's per-token activation fake-quant is asymmetric only, so QAT of
+``int8_dynamic`` simulates asymmetric per-token activations where the converted model uses symmetric ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    handles: tuple[type, ...]
+    static: bool  # needs one calibrated activation scale per layer
+    qat: bool  # has a fake-quant simulation
+    config: Callable[..., Any]  # (act_scale or None) -> torchao config
+
+
+def _weight_only(scale=None):
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()
+
+
+def _dynamic(scale=None):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return Int8DynamicActivationInt8WeightConfig()
+
+
+def _static(scale=None):
+    from torchao.quantization import Int8StaticActivationInt8WeightConfig
+    from torchao.quantization.granularity import PerRow, PerTensor
+
+    return Int8StaticActivationInt8WeightConfig(act_quant_scale=scale.float(), granularity=[PerTensor(), PerRow()])
+
+
+SCHEMES: dict[str, Scheme] = {
+    "int8_weight_only": Scheme("int8_weight_only", (nn.Linear, nn.Embedding), static=False, qat=True, config=_weight_only),
+    "int8_dynamic": Scheme("int8_dynamic", (nn.Linear,), static=False, qat=True, config=_dynamic),
+    "int8_static": Scheme("int8_static", (nn.Linear,), static=True, qat=False, config=_static),
+}
+
+
+def get_scheme(name: str, qat: bool = False) -> Scheme:
+    """The scheme called ``name``; an unknown name (or one without QAT, for ``qat``) fails listing the valid ones."""
+    valid = [n for n, s in SCHEMES.items() if s.qat or not qat]
+    if name not in valid:
+        raise ValueError(f"scheme={name!r}: expected one of {', '.join(valid)}" + (" (the schemes with quantisation-aware training)" if qat else ""))
+    return SCHEMES[name]
+
+
+def schemes_for(layer: nn.Module) -> list[str]:
+    """The schemes that handle ``layer``'s type (exact type: subclasses such as HF's ``Conv1D`` are not Linears)."""
+    return [n for n, s in SCHEMES.items() if type(layer) in s.handles]
+
+
+def fake_quant_configs(scheme: Scheme):
+    """torchao ``(activation, weight)`` fake-quantize configs simulating ``scheme`` (per-row symmetric int8 weights)."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    weight = IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)
+    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if scheme.name == "int8_dynamic" else None
+    return act, weight
