@@ -26,6 +26,8 @@ from typing import Any
 
 from torch import nn
 
+from zoo.surgery import Surgery
+
 SHARDING_STRATEGIES = ("ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy")
 WHOLE_PARAMETER_STRATEGIES = "single device, DDP (`ddp`, `ddp_spawn`), DeepSpeed stages 1-2"
 
@@ -38,12 +40,11 @@ def is_sharding(strategy: Any) -> bool:
     return name in ("ModelParallelStrategy", "FSDPStrategy")
 
 
-def data_parallel_mesh(mesh: Any) -> Any:
-    """The data-parallel dimension of Lightning's 2-D mesh (``data_parallel`` x ``tensor_parallel``)."""
+def data_parallel_mesh(mesh: Any, module: nn.Module | None = None) -> Any:
+    """The data-parallel dimension of Lightning's 2-D mesh (``data_parallel`` x ``tensor_parallel``); a mesh with
+    ``tensor_parallel`` above 1 is refused (:func:`tensor_parallel_size`)."""
     names = getattr(mesh, "mesh_dim_names", None) or ()
-    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(f"the zoo shards with data parallelism only: tensor_parallel_size={mesh['tensor_parallel'].size()}; "
-                         "set ModelParallelStrategy(data_parallel_size=<ranks>, tensor_parallel_size=1)")
+    tensor_parallel_size(module if module is not None else nn.Module(), mesh)
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
@@ -66,7 +67,7 @@ def shard(module: nn.Module, mesh: Any, units: list[nn.Module] | None = None, mp
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    dp = data_parallel_mesh(mesh)
+    dp = data_parallel_mesh(mesh, module)
     kwargs = {"mesh": dp} if mp_policy is None else {"mesh": dp, "mp_policy": mp_policy}
     for unit in block_units(module) if units is None else units:
         fully_shard(unit, **kwargs)
@@ -82,15 +83,58 @@ def shard(module: nn.Module, mesh: Any, units: list[nn.Module] | None = None, mp
 
 
 def check_strategy(module: nn.Module, strategy: Any, parts: list[Any]) -> None:
-    """Refuse a sharding strategy when one of ``parts`` (surgery, loss terms, callbacks) needs whole parameters.
+    """Refuse, before training, a strategy the module cannot train under (naming the module, the part, what works):
 
-    A part says so with a ``sharding`` attribute: ``None`` (works on shards) or a string saying why not."""
+    - a sharding strategy when one of ``parts`` (surgery, loss terms, callbacks) needs whole parameters: a part says so
+      with a ``sharding`` attribute, ``None`` (works on shards) or a string saying why not;
+    - DeepSpeed ZeRO stage 3 with any surgery (it rewrites the backbone in ``configure_model``, where ZeRO-3 partitions
+      each new parameter as it is made, so the surgery cannot copy whole weights into it);
+    - ``ModelParallelStrategy`` with ``tensor_parallel_size > 1`` (the zoo shards whole blocks, data parallel only)."""
+    name = type(strategy).__name__
+    if name == "ModelParallelStrategy":
+        tensor_parallel_size(module, getattr(module, "device_mesh", None))
     if not is_sharding(strategy):
         return
     for part in parts:
         reason = getattr(part, "sharding", None)
+        if not (isinstance(reason, str) and reason) and name == "DeepSpeedStrategy" and isinstance(part, Surgery):
+            reason = "it rewrites the backbone in configure_model, where ZeRO stage 3 partitions every new parameter as it is made"
         if isinstance(reason, str) and reason:
-            raise ValueError(f"{type(module).__name__}: {type(part).__name__} cannot train under {type(strategy).__name__} "
+            shards_ok = name != "ModelParallelStrategy" and getattr(part, "sharding", None) is None
+            raise ValueError(f"{type(module).__name__}: {type(part).__name__} cannot train under {describe(strategy)} "
                              f"({reason}). Strategies that work: {WHOLE_PARAMETER_STRATEGIES}"
-                             + ("" if type(strategy).__name__ == "ModelParallelStrategy" else ", and ModelParallelStrategy (FSDP2)")
-                             + " where the part supports it.")
+                             + (", and ModelParallelStrategy (FSDP2, configs/strategies/sharded_*.yaml)" if shards_ok else "") + ".")
+
+
+def describe(strategy: Any) -> str:
+    """The strategy's class, with the DeepSpeed ZeRO stage."""
+    name = type(strategy).__name__
+    if name == "DeepSpeedStrategy":
+        return f"DeepSpeedStrategy (ZeRO stage {int(getattr(strategy, 'config', {}).get('zero_optimization', {}).get('stage', 0))})"
+    return name
+
+
+def tensor_parallel_size(module: nn.Module, mesh: Any) -> int:
+    """The tensor-parallel size of Lightning's mesh (1 without one); above 1, fail naming the module and what works."""
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    size = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+    if size > 1:
+        raise ValueError(f"{type(module).__name__}: the zoo shards every block whole with FSDP2 (zoo/sharding.py, data parallel "
+                         f"only), so it cannot train under ModelParallelStrategy(tensor_parallel_size={size}). Set "
+                         f"ModelParallelStrategy(data_parallel_size=<all ranks>, tensor_parallel_size=1) "
+                         f"(configs/strategies/sharded_cpu.yaml, sharded_gpu.yaml), or use DDP.")
+    return size
+
+
+def check_accelerator(module: nn.Module, strategy: Any, accelerator: Any) -> None:
+    """Before the Trainer is built: ``FSDPStrategy`` (FSDP1) runs on CUDA only; say, naming the module, what works on CPU.
+
+    ``strategy`` and ``accelerator`` as given to the Trainer (instances or names)."""
+    fsdp1 = type(strategy).__name__ == "FSDPStrategy" or (isinstance(strategy, str) and strategy.startswith("fsdp"))
+    cuda = accelerator in ("cuda", "gpu") or type(accelerator).__name__ == "CUDAAccelerator"
+    if fsdp1 and not cuda:
+        shown = accelerator if isinstance(accelerator, str) or accelerator is None else type(accelerator).__name__
+        raise ValueError(f"{type(module).__name__}: FSDPStrategy (FSDP1) runs on CUDA GPUs only (accelerator={shown!r}). "
+                         f"Sharded on CPU: ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1), FSDP2 "
+                         f"over gloo (configs/strategies/sharded_cpu.yaml); or DDP (`strategy: ddp`). On GPUs set "
+                         f"accelerator: gpu (configs/strategies/sharded_gpu.yaml).")
