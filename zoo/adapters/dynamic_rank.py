@@ -220,8 +220,8 @@ class ComponentVariance(LossTerm):
     def __init__(self, weight: float = 0.1, name: str | None = None):
         super().__init__(weight=weight, name=name or "component_variance")
 
-    def setup(self, module, stage: str) -> None:
-        if not rank_one_layers(module):
+    def setup(self, module, stage: str) -> None:  # before configure_model: look at the surgery list
+        if not rank_one_layers(module) and not any(isinstance(t, DynamicRank) for t in getattr(module, "surgery", [])):
             raise ValueError("ComponentVariance: the module has no RankOneLinear layer; add zoo.adapters.dynamic_rank.DynamicRank "
                              "to its `surgery`")
 
