@@ -2,8 +2,9 @@
 sample's ``index`` (``Batch.index``), reused every epoch and by later runs with the same teachers and data.
 
 The outputs are computed on the datamodule's deterministic view of its training split (``eval_view("train")``,
-the same samples and indices as its training batches), so nothing of the datamodule is changed. Training batches
-must carry ``index`` (``with_index: true`` on the datamodule); setup fails, saying so, when they do not.
+the same samples and indices as its training batches), read from memory in large batches (no loader is rebuilt, see
+:func:`~datamodules.tensor.eval_batches`), so nothing of the datamodule is changed. Training batches must carry
+``index`` (``with_index: true`` on the datamodule); setup fails, saying so, when they do not.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch.utils.data import DataLoader, Subset
 
-from zoo.batch import as_batch
+from datamodules.tensor import eval_batches
 from zoo.distillation.losses import ModelOutputs
 from zoo.distillation.teachers import TeacherPool
 from zoo.runtime import cache_dir as default_cache_dir
+
+CACHE_BATCH_SIZE = 256  # samples per teacher forward while filling the cache (at least the datamodule's batch size)
 
 
 class TeacherCache:
@@ -117,8 +118,11 @@ def build_cache(module: Any, pool: TeacherPool, directory: str | None, approxima
     return root
 
 
-def _loader(dataset: Any, dm: Any) -> DataLoader:
-    return DataLoader(dataset, batch_size=getattr(dm, "batch_size", 64), num_workers=getattr(dm, "num_workers", 0), collate_fn=getattr(dm, "collate_fn", None))
+def _batches(view: Any, dm: Any, device: Any = None, rank: int = 0, world_size: int = 1, limit: int | None = None) -> Any:
+    """The view's samples read from memory in large batches (:func:`~datamodules.tensor.eval_batches`; a
+    ``DataLoader`` with the datamodule's ``collate_fn`` for data that cannot gather), this rank's share."""
+    return eval_batches(view, max(CACHE_BATCH_SIZE, getattr(dm, "batch_size", 1)), device, rank, world_size, limit=limit,
+                        collate_fn=getattr(dm, "collate_fn", None), num_workers=getattr(dm, "num_workers", 0))
 
 
 def _tensors(out: ModelOutputs, names: dict) -> dict[str, torch.Tensor]:
@@ -126,7 +130,7 @@ def _tensors(out: ModelOutputs, names: dict) -> dict[str, torch.Tensor]:
 
 
 def _shapes(pool: TeacherPool, wanted: dict, view: Any, dm: Any) -> dict[Any, dict[str, list[int]]]:
-    x = as_batch(next(iter(_loader(Subset(view, range(min(2, len(view)))), dm)))).inputs
+    x = next(iter(_batches(view, dm, limit=2))).inputs
     return {k: {n: list(v.shape[1:]) for n, v in _tensors(pool.teachers[k].run(x), names).items()} for k, names in wanted.items()}
 
 
@@ -140,9 +144,8 @@ def _fill(trainer: Any, pool: TeacherPool, wanted: dict, view: Any, dm: Any, roo
                 np.lib.format.open_memmap(root / f"{prefix_of(k)}_{name}.npy", mode="w+", dtype=np.float32, shape=(n, *shape))
     trainer.strategy.barrier("teacher_cache_created")
     arrays = {(k, name): np.load(root / f"{prefix_of(k)}_{name}.npy", mmap_mode="r+") for k, entry in shapes.items() for name in entry}
-    for b in _loader(Subset(view, range(trainer.global_rank, n, trainer.world_size)), dm):
-        b = as_batch(b)
-        x, idx = move_data_to_device(b.inputs, device), b.require("index", by="the teacher cache").numpy()
+    for b in _batches(view, dm, device, trainer.global_rank, trainer.world_size):
+        x, idx = b.inputs, b.require("index", by="the teacher cache").cpu().numpy()
         for k, names in wanted.items():
             for name, value in _tensors(pool.teachers[k].run(x), names).items():
                 if list(value.shape[1:]) != shapes[k][name]:
