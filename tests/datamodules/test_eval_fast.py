@@ -104,6 +104,51 @@ def test_evaluate_task_gives_the_old_loaders_accuracies_and_logits(scenario):
     assert len({acc for acc, _ in old}) > 1
 
 
+def test_profile_data_is_the_items_stacked_in_the_seeded_order():
+    from zoo.subtuning.profile import stack_dataset
+
+    dm = Digits(transform_on_device=True, samples_per_class=20)
+    dm.setup()
+    x, y = stack_dataset(dm.train_set, limit=50, seed=4, batch_size=16)
+    idx = torch.randperm(len(dm.train_set), generator=torch.Generator().manual_seed(4))[:50].tolist()
+    items = [dm.train_set.view(dm.eval_transform(), with_index=False)[i] for i in idx]  # one by one, transformed
+    assert torch.equal(x, torch.stack([b.inputs for b in items])) and y.tolist() == [b.targets for b in items]
+
+
+def test_cache_placement_cpu_pinned_for_a_gpu_auto_by_size():
+    from zoo.subtuning.cache import AUTO_MAX_BYTES, cache_placement
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert cache_placement("cpu", cuda) == (cpu, True)  # CPU memory, pinned: features come from a GPU
+    assert cache_placement("cpu", cpu) == (cpu, False)
+    assert cache_placement("auto", cuda, AUTO_MAX_BYTES) == (cuda, False)  # small: stays on the GPU
+    assert cache_placement("auto", cuda, AUTO_MAX_BYTES + 1) == (cpu, True)  # large: CPU, pinned
+    assert cache_placement(None, cpu, 10 * AUTO_MAX_BYTES) == (cpu, False)
+    assert cache_placement("cuda:1", cpu) == (torch.device("cuda", 1), False)
+    with pytest.raises(ValueError, match="cache_device='gpu0'"):
+        cache_placement("gpu0", cpu)
+
+
+@pytest.mark.parametrize("cache_device", ["cpu", "auto"])
+def test_feature_cache_keeps_rows_where_asked_and_returns_them_on_the_inputs_device(cache_device):
+    from zoo.subtuning.cache import FeatureCache
+
+    weight = torch.randn(4, 3)
+    calls = []
+
+    def compute(x):
+        calls.append(len(x))
+        return x @ weight
+
+    cache, x = FeatureCache(list(range(10)), cache_device=cache_device), torch.randn(10, 4)
+    first = cache.lookup(torch.tensor([1, 3]), x[[1, 3]], compute)
+    again = cache.lookup(torch.tensor([3, 7, 1]), x[[3, 7, 1]], compute)
+    assert calls == [2, 1] and cache.values.device.type == "cpu" and not cache.pinned  # no GPU here: never pinned
+    assert torch.equal(first, x[[1, 3]] @ weight) and torch.equal(again, x[[3, 7, 1]] @ weight)
+    state = FeatureCache.from_states([cache.state()], cache_device=cache_device)
+    assert torch.equal(state.lookup(torch.tensor([7]), x[[7]], compute), x[[7]] @ weight) and calls == [2, 1] and state.placed
+
+
 # -- one 2-process gloo run: StitchSweep (sharded sweep, broadcast pick) and evaluate_task (counts summed) ------------
 
 

@@ -82,3 +82,61 @@ def test_real_novels_and_shifted_split(novels, tmp_path):
     assert dm.files["test"].name == "test_shifted.csv"
     with pytest.raises(ValueError, match="test_domain='other'"):
         JaneAusten(data_dir=str(tmp_path), test_domain="other")
+
+
+def token_batches(loader, epoch: int | None = None, n: int | None = None) -> list:
+    if epoch is not None:
+        loader.batch_sampler.sampler.set_epoch(epoch)
+    return list(loader) if n is None else [b for _, b in zip(range(n), loader)]
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.inputs.keys() == y.inputs.keys()
+        for k in x.inputs:
+            assert x.inputs[k].dtype == y.inputs[k].dtype and torch.equal(x.inputs[k], y.inputs[k]), k
+        for f in ("targets", "index"):
+            u, v = getattr(x, f), getattr(y, f)
+            assert (u is None and v is None) or torch.equal(u, v), f
+
+
+def test_token_tensors_give_the_per_batch_tokenized_batches(tmp_path):
+    """fast: tokenized once, gathered by one indexing op: the same batches, in the same seeded order, as tokenizing each
+    batch (fast: false), across epochs, with samples_per_class and with_index, after a mid-epoch resume, and for eval."""
+    from datamodules.tensor import Gathered, eval_batches
+
+    words = ["a", "quiet", "long", "sentence", "about", "the", "weather", "today", "and", "tomorrow"]
+    rows = [(" ".join(words[: 1 + (7 * i) % 10]) + f" {i}", ("pos", "neg", "mid")[i % 3]) for i in range(45)]
+    write_csv(tmp_path / "train.csv", rows)
+    kw = dict(data_dir=str(tmp_path), text_column="sentence", label_column="sentiment", val_fraction=0.2, batch_size=4, max_length=12,
+              samples_per_class=10, with_index=True, seed=2)
+    fast, slow = TextClassification(fast=True, **kw), TextClassification(fast=False, **kw)
+    fast.setup()
+    slow.setup()
+    assert fast.train_set.gatherable() and not slow.train_set.gatherable()
+    assert fast.train_set.dataset.tokens["input_ids"].dtype == torch.int32 and fast.train_set.dataset.tokens["input_ids"].shape[1] == 12
+    assert isinstance(fast.train_set.__getitems__([0, 1]), Gathered)
+    for epoch in (0, 1):
+        assert_same_batches(token_batches(fast.train_dataloader(), epoch), token_batches(slow.train_dataloader(), epoch))
+    widths = {b.inputs["input_ids"].shape[1] for b in token_batches(fast.train_dataloader(), 0)}
+    assert len(widths) > 1  # padded per batch, as the tokenizer pads
+    for split in ("val", "test"):
+        assert_same_batches(list(getattr(fast, f"{split}_dataloader")()), list(getattr(slow, f"{split}_dataloader")()))
+    loader = fast.train_dataloader()  # resume mid-epoch: the rest of the epoch as the uninterrupted run
+    head = token_batches(loader, 1, 2)
+    again = fast.train_dataloader()
+    again.load_state_dict(loader.state_dict())
+    assert_same_batches(head + token_batches(again, 1), token_batches(slow.train_dataloader(), 1))
+    view = fast.eval_view("train")  # read without a loader (teacher caching): the view's own samples
+    assert_same_batches(list(eval_batches(view, 4)), list(eval_batches(slow.eval_view("train"), 4, collate_fn=slow.collate_fn)))
+    from datamodules.text import TokenRows
+
+    texts, tok = [t for t, _ in rows], fast.tokenizer
+    for side in ("right", "left"):  # a batch cut from the tokens of the whole set = the batch tokenized alone, either side
+        tok.padding_side = side
+        every = TokenRows(texts, [0] * len(texts), dict(tok(texts, padding=True, truncation=True, max_length=12, return_tensors="pt")), side)
+        for pick in ([0, 3], [1, 2, 9], [4]):
+            alone = tok([texts[i] for i in pick], padding=True, truncation=True, max_length=12, return_tensors="pt")
+            got = every.gather(torch.tensor(pick))
+            assert all(torch.equal(got[k], alone[k]) for k in alone) and got.keys() == alone.keys()

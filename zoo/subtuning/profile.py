@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import Subset
 
-from zoo.batch import as_batch
+from datamodules.tensor import eval_batches
+from zoo.subtuning.cache import cache_placement, empty_rows
 from zoo.subtuning.chain import LayerChain
 from zoo.subtuning.layers import candidate_layers, freeze_except, frozen_eval
 from zoo.subtuning.recipe import ScoringRecipe, fold_indices
@@ -107,16 +109,17 @@ def greedy_select(
 FULL = "full"  # pseudo layer set: finetune every parameter (the full-finetuning baseline)
 
 
-def stack_dataset(dataset: Any, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)`` tensors of a map-style dataset of :class:`~zoo.batch.Batch` items (a seeded subset if ``limit``)."""
+def stack_dataset(dataset: Any, limit: int | None = None, seed: int = 0, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` tensors of a map-style dataset of :class:`~zoo.batch.Batch` items (a seeded subset if ``limit``),
+    read from memory in large gathered batches (:func:`~datamodules.tensor.eval_batches`)."""
     n = len(dataset)
     idx = range(n) if limit is None or limit >= n else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist()
-    items = [as_batch(dataset[i]) for i in idx]
-    if not items:
+    if not len(idx):
         raise ValueError("the profile needs a non-empty training and validation set")
-    if not isinstance(items[0].inputs, torch.Tensor):
-        raise ValueError(f"the finetuning profile caches frozen features and needs tensor inputs, got {type(items[0].inputs).__name__}")
-    return torch.stack([it.inputs for it in items]), torch.tensor([int(it.targets) for it in items])
+    batches = list(eval_batches(Subset(dataset, idx), batch_size))
+    if not isinstance(batches[0].inputs, torch.Tensor):
+        raise ValueError(f"the finetuning profile caches frozen features and needs tensor inputs, got {type(batches[0].inputs).__name__}")
+    return torch.cat([b.inputs for b in batches]), torch.cat([torch.as_tensor(b.targets).long() for b in batches])
 
 
 class ProfileRunner:
@@ -130,7 +133,9 @@ class ProfileRunner:
     frozen prefix's outputs are computed once per start layer and split and shared by all runs.
     ``layers=FULL`` finetunes every parameter from the raw inputs (the full-finetuning baseline).
     Everything runs on the backbone's device (its first parameter's); the data stay where they are
-    and are moved there batch by batch, and the cached prefix outputs live on that device.
+    and are moved there batch by batch. The cached prefix outputs live where ``cache_device`` says
+    (:func:`~zoo.subtuning.cache.cache_placement`; ``auto``: on that device unless they are large, then in CPU
+    memory, pinned for a GPU).
     """
 
     def __init__(
@@ -149,6 +154,7 @@ class ProfileRunner:
         seed: int = 0,
         eval_batch_size: int = 256,
         epochs: int | None = None,
+        cache_device: str | None = "auto",
     ):
         self.recipe = ScoringRecipe.of(recipe, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, folds=folds)
         folds = self.recipe.folds
@@ -163,16 +169,24 @@ class ProfileRunner:
         self.num_classes = num_classes
         self.data = {"train": train, "val": val}
         self.folds, self.seed, self.eval_batch_size = folds, seed, eval_batch_size
+        cache_placement(cache_device, self.device)  # a bad name fails here
+        self.cache_device = cache_device
         self.scores: dict[tuple[str, ...] | str, float] = {}
         self._features: dict[tuple[str, int], torch.Tensor] = {}
 
     def features(self, split: str, start: int) -> torch.Tensor:
-        """The frozen prefix's outputs at block ``start`` for a split (computed once)."""
+        """The frozen prefix's outputs at block ``start`` for a split (computed once, kept where ``cache_device`` says)."""
         key = (split, start)
         if key not in self._features:
-            x = self.data[split][0]
+            x, out = self.data[split][0], None
             with torch.no_grad():
-                self._features[key] = torch.cat([self.chain.prefix(x[i : i + self.eval_batch_size].to(self.device), start)[0] for i in range(0, len(x), self.eval_batch_size)])
+                for i in range(0, len(x), self.eval_batch_size):
+                    h = self.chain.prefix(x[i : i + self.eval_batch_size].to(self.device), start)[0]
+                    if out is None:
+                        device, pin = cache_placement(self.cache_device, h.device, len(x) * h[0].numel() * h.element_size())
+                        out = empty_rows(len(x), h, device, pin)
+                    out[i : i + len(h)] = h
+            self._features[key] = out
         return self._features[key]
 
     def add_split(self, name: str, data: tuple[torch.Tensor, torch.Tensor]) -> None:
