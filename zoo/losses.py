@@ -14,6 +14,10 @@ A module's total loss is ``sum(term.weight * term(step))`` over its ``losses``; 
             init_args: {weight: 0.5, temperature: 4, teacher: runs/teacher/checkpoints/best.ckpt}
 
 A new term is one short class: subclass :class:`LossTerm` and implement :meth:`LossTerm.forward`.
+
+Mixed precision (``precision: bf16-mixed``): the model runs under autocast (bf16 logits), a term computes and returns
+its value in at least float32 (:func:`full_precision` on its inputs), on any device: CUDA autocast runs softmax and
+the losses in float32 by itself, CPU autocast only the losses.
 """
 
 from __future__ import annotations
@@ -87,13 +91,19 @@ class LossTerm(nn.Module):
         return spec.config_of(self)
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32: half-precision values (bf16/fp16 logits under autocast) upcast, float64 kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def snake_case(name: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() and i and not name[i - 1].isupper() else c.lower() for i, c in enumerate(name))
 
 
 class CrossEntropy(LossTerm):
     """Cross-entropy of the module's logits with the batch's targets (the logits go through the module's
-    :meth:`~zoo.classifier.Classifier.mask_logits` first, e.g. task-incremental masking)."""
+    :meth:`~zoo.classifier.Classifier.mask_logits` first, e.g. task-incremental masking), in float32 under mixed
+    precision (as ``torch.autocast`` computes ``cross_entropy``)."""
 
     def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0, name: str | None = None):
         super().__init__(weight=weight, name=name or "cross_entropy")
@@ -103,7 +113,7 @@ class CrossEntropy(LossTerm):
 
     def forward(self, step: Step) -> torch.Tensor:
         logits = step.module.mask_logits(step.logits, step.batch.task)
-        return F.cross_entropy(logits, step.targets, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(full_precision(logits), step.targets, label_smoothing=self.label_smoothing)
 
 
 def instantiate(term: LossTerm | dict[str, Any]) -> LossTerm:

@@ -9,7 +9,9 @@ Policies:
   ``c`` replaces a random sample of ``c`` with probability ``m_c / n_c`` (kept / seen of that class).
 
 Inputs are stored as given (pass raw ``uint8`` images to store them compactly), with labels, task ids and the
-logits at insertion time (for DER). ``add`` costs O(batch), never O(buffer); ``sample`` one
+logits at insertion time (for DER), always as float32: under ``bf16-mixed`` the model's bf16 output is upcast
+exactly, as Mammoth's buffer allocates every non-label tensor in float32 (``utils/buffer.py``, ``init_tensors``).
+``add`` costs O(batch), never O(buffer); ``sample`` one
 random permutation of the stored rows (without replacement) or O(batch) (with). Under DDP every rank
 keeps its own share (:meth:`set_share`), seeded by rank.
 """

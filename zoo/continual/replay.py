@@ -8,6 +8,12 @@
   insertion (the batch's train-mode output before the optimizer step) on one draw, plus (DER++, ``beta > 0``)
   ``beta`` x cross-entropy on a second.
 
+Under mixed precision (``bf16-mixed``) the replayed forward passes run under autocast like the batch's, and the terms
+compute their losses in float32 (:func:`~zoo.losses.full_precision`): DER's MSE is between the bf16 logits upcast and
+the float32 logits the buffer stored (Mammoth keeps every non-label buffer tensor in float32, ``utils/buffer.py``
+``init_tensors``; its bf16 mode, ``--code_optimization 2``, only lowers the matmul precision, so its logits and
+losses stay float32).
+
 Replayed samples have no dataset ``index``: the terms run the module's ``forward`` (the whole backbone), never
 the per-sample caches a module keeps for its own batches (SubTuning's frozen features). The buffer itself
 belongs to the module (FPF draws from it too), which saves every rank's share in its checkpoints::
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from zoo.losses import CrossEntropy, LossTerm, Step
+from zoo.losses import CrossEntropy, LossTerm, Step, full_precision
 
 if TYPE_CHECKING:
     from zoo.continual.module import ContinualClassifier
@@ -100,11 +106,16 @@ class ExperienceReplay(ReplayTerm):
         ce = module.loss_term(CrossEntropy)
         current = ce.weight * ce(step)  # the batch's term as the module adds it
         b, m = len(step.targets), len(y)
-        return m / (b + m) * (module.criterion(module.mask_logits(module(x), t), y) - current)
+        return m / (b + m) * (replay_ce(module, x, y, t) - current)
 
     def replay_loss(self, module: ContinualClassifier) -> torch.Tensor:
         x, y, t, _ = self.draw(module)
-        return module.criterion(module.mask_logits(module(x), t), y)
+        return replay_ce(module, x, y, t)
+
+
+def replay_ce(module: ContinualClassifier, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The module's cross-entropy on replayed samples (task-masked), in float32."""
+    return module.criterion(full_precision(module.mask_logits(module(x), t)), y)
 
 
 class DarkReplay(ReplayTerm):
@@ -124,8 +135,8 @@ class DarkReplay(ReplayTerm):
 
     def replay_loss(self, module: ContinualClassifier) -> torch.Tensor:
         x, _, _, z = self.draw(module)  # first draw
-        loss = self.alpha * F.mse_loss(module(x), z)
+        loss = self.alpha * F.mse_loss(full_precision(module(x)), z)  # z: float32 (the buffer's)
         if self.beta:
             x2, y2, t2, _ = self.draw(module)  # second draw
-            loss = loss + self.beta * module.criterion(module.mask_logits(module(x2), t2), y2)
+            loss = loss + self.beta * replay_ce(module, x2, y2, t2)
         return loss

@@ -3,6 +3,12 @@
 Each is a :class:`~zoo.losses.LossTerm` with its teacher(s) (see :mod:`zoo.distillation.teachers`), so it can be
 summed with any other term by any zoo module. A term computes :meth:`DistillLoss.compute` for one teacher;
 :meth:`DistillLoss.distill` averages it over the term's teachers.
+
+Mixed precision (``bf16-mixed``): student and teacher run under autocast (bf16 logits, hidden states, attention maps),
+and every term computes and returns its value in full precision: the logit terms (KD, DKD, hard distillation) in
+float64, the feature, hidden-state and attention terms in float32 (:func:`~zoo.losses.full_precision` of the bf16
+values). The reference keeps them at least float32 too: DeiT's / SN-Net's KD runs under ``torch.cuda.amp.autocast``,
+where ``log_softmax``, ``kl_div`` and ``cross_entropy`` are float32 ops (SN-Net ``losses.py``, ``engine.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.losses import CrossEntropy, LossTerm, Step
+from zoo.losses import CrossEntropy, LossTerm, Step, full_precision
 
 if TYPE_CHECKING:
     from zoo.classifier import Classifier
@@ -48,9 +54,7 @@ class Request:
         return bool(self.layers or self.hidden or self.attentions)
 
 
-def _f(x: torch.Tensor) -> torch.Tensor:
-    """Losses are computed in at least float32 (half-precision inputs are upcast)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+_f = full_precision  # feature losses are computed in at least float32 (half-precision inputs are upcast)
 
 
 def _f64(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ class BalanceLoss(LossTerm):
     (official: tutel's load + importance loss; or GShard's, see :mod:`zoo.emoe.routing`). The official scripts add it
     with weight 0.01 (BERT / GPT-2 ``--aux_loss_weight 0.01``, ViT ``aux_loss_weights = 0.01``) summed over layers:
     ``reduction="sum"``, the default; ``"mean"`` (ours before) divides by the number of layers (the same with one layer).
-    A module whose surgery does not ask for it fails in ``setup``."""
+    A module whose surgery does not ask for it fails in ``setup``. Float32 under mixed precision: the layers compute it
+    from their float32 routing logits (``fp32_gate``, as tutel's gates, ``gates/cosine_top.py`` / ``gates/top.py``)."""
 
     def __init__(self, weight: float = 0.01, name: str | None = None, reduction: str = "sum"):
         if reduction not in ("sum", "mean"):
@@ -39,6 +40,6 @@ class BalanceLoss(LossTerm):
 
     def forward(self, step: Step) -> torch.Tensor:
         aux = [m.aux_loss for _, m in emoe_layers(step.module.backbone) if m.aux_loss is not None]
-        if not aux:
-            return step.logits.new_zeros(())
+        if not aux:  # float32 zero, also when the logits are bf16 (autocast)
+            return torch.zeros((), device=step.logits.device)
         return torch.stack(aux).sum() if self.reduction == "sum" else torch.stack(aux).mean()

@@ -2,6 +2,11 @@
 the cosine router (``gates/cosine_top.py``), the expert capacity and the order in which tokens are dropped
 (``impls/fast_dispatch.py: extract_critical``, ``batch_prioritized_routing=True`` in every official script), and the
 auxiliary losses (``impls/losses.py``; the official scripts pass ``is_gshard_loss=False``: the load + importance loss).
+
+Mixed precision: routing is float32, as tutel's (``impls/moe_layer.py`` runs ``routing()`` with autocast off, and every
+official EMoE script builds its gates with ``fp32_gate: True``, ``moe_utils.py``): the layer computes its logits in
+float32 (:meth:`~zoo.emoe.layers.EMoEFFN.logits`), and the softmax, capacity order and auxiliary losses here upcast
+whatever they are given; only the experts run in the autocast dtype.
 """
 
 from __future__ import annotations

@@ -271,10 +271,16 @@ class StitchableNet(nn.Module):
         and ``Y`` the end anchor's input of block ``k`` (tokens flattened); a layer shared by several
         positions takes the mean of their solutions. ``train``: the anchors run in train mode (dropout, drop
         path), as the official code takes the features (SN-Net ``main.py``); default eval mode.
+
+        Float32 under mixed precision: the features come from a float32 forward pass with autocast off (the official
+        code solves before its ``torch.cuda.amp.autocast`` training loop, ``main.py`` / ``engine.py``), the solve runs in
+        float64 (:func:`~zoo.snnet.layers.least_squares`; official: ``torch.linalg.pinv`` in float32, ``utils.ps_inv``)
+        and the float32 layers take the solution.
         """
         was_training = self.training
         self.train(train)
-        feats = self.block_inputs(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            feats = self.block_inputs(x)
         for (f, e), positions in self.positions.items():
             solutions = defaultdict(list)
             for j, k, layer in positions:

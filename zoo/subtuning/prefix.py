@@ -8,7 +8,10 @@ continual stream); it does nothing unless the module's ``surgery`` holds a ``Fre
 - with ``Freeze(cache_frozen_features=true)`` the prefix's output of every training (and validation) sample is
   computed once, keyed by the batch's ``index`` (named field; ``with_index: true`` on the datamodule), and reused.
   Only :meth:`batch_logits` (the stream's own batches) reads the cache: ``forward`` (replayed buffer samples, FPF,
-  task evaluation) always runs the whole backbone, so samples without a dataset index never touch it;
+  task evaluation) always runs the whole backbone, so samples without a dataset index never touch it. Under mixed
+  precision the cache keeps the prefix's output in the dtype the run's autocast gives it (bf16 for a CNN prefix,
+  float32 for a ViT's residual stream), so the cached run trains exactly as the uncached one (SubTuning has no
+  official code to follow; nothing of the prefix is learned, so nothing needs float32 there);
 - :meth:`cached_rows` tells a callback which samples of a dataset are cached
   (:class:`callbacks.skip_cached_inputs.SkipCachedInputs` stops loading their inputs).
 """
