@@ -56,10 +56,10 @@ class RankSchedule(Callback):
 
     # -- setup -------------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from zoo.adapters.dynamic_rank import rank_one_layers
+        from zoo.adapters.dynamic_rank import adalora_tuners, rank_one_layers
 
         self.layers = [m for _, m in rank_one_layers(pl_module)]
-        self.adaloras = adalora_models(pl_module)
+        self.adaloras = adalora_tuners(pl_module)
         if not self.layers and not self.adaloras:
             raise ValueError("RankSchedule: the module has no DynamicRank (RankOneLinear) or AdaLoRA layer; add "
                              "zoo.adapters.dynamic_rank.DynamicRank or .AdaLoRA to its `surgery`")
@@ -129,17 +129,6 @@ class RankSchedule(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_step = state_dict.get("last_step", -1)
-
-
-def adalora_models(module: torch.nn.Module) -> list:
-    """peft ``AdaLoraModel`` tuners inside ``module`` (empty when peft is not imported yet)."""
-    import sys
-
-    if "peft" not in sys.modules:
-        return []
-    from peft.tuners.adalora import AdaLoraModel
-
-    return [m for m in module.modules() if isinstance(m, AdaLoraModel)]
 
 
 def total_rank(module: torch.nn.Module) -> int:

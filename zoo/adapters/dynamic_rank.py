@@ -25,7 +25,6 @@ the matrices that need it. :meth:`DynamicRank.undo` merges every layer into a pl
 
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import torch
@@ -33,39 +32,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo import families
+from zoo.adapters.targets import describe, select
 from zoo.losses import LossTerm, Step
 from zoo.surgery import Surgery
 
+__all__ = ["AdaLoRA", "AdaLoraOrthogonality", "ComponentVariance", "DynamicRank", "RankOneLinear", "adalora_tuners", "rank_one_layers"]
 
-def default_targets(model: nn.Module, who: str) -> list[str]:
-    """The ``nn.Linear`` layers of every block's attention and FFN (official: query, key, value, attention.output,
-    intermediate, output of RoBERTa, i.e. all of them; Build_Finetune_Config_List.py line 58), relative to the root."""
-    family = families.family_of(model, who)
+
+OFFICIAL_PARTS = ["attention", "ffn"]  # every linear layer of attention and FFN (Build_Finetune_Config_List.py line 58)
+
+
+def linear_targets(model: nn.Module, targets, parts, blocks, who: str) -> list[str]:
+    """The ``nn.Linear`` layers chosen by :func:`zoo.adapters.targets.select` (all None: :data:`OFFICIAL_PARTS`)."""
+    if targets is None and not parts and blocks is None:
+        parts = OFFICIAL_PARTS
+    names = select(model, targets, parts, blocks, who=who)
     root = families.root_of(model)
-    parts = [f"{block}.{p}" for block, _ in family.blocks(root) for p in (*family.attention, *family.ffn)]
-    names = [n for n, m in root.named_modules() if isinstance(m, nn.Linear) and any(n.startswith(p + ".") or n == p for p in parts)]
-    if not names:
-        raise ValueError(f"{who}: the {family.name} model has no nn.Linear in its attention or FFN; give `targets` (name patterns)")
+    other = [describe(n, root.get_submodule(n)) for n in names if type(root.get_submodule(n)) is not nn.Linear]
+    if other:
+        raise ValueError(f"{who}: adapts nn.Linear layers only; the selection has {', '.join(other[:4])}: choose layers "
+                         "with `targets` / `parts` / `blocks`")
     return names
-
-
-def select_targets(model: nn.Module, targets: list[str] | None, who: str) -> list[str]:
-    """Names of the ``nn.Linear`` layers matching ``targets`` (fnmatch patterns on module names relative to the root;
-    None: :func:`default_targets`); a pattern that matches nothing fails with close candidates."""
-    if targets is None:
-        return default_targets(model, who)
-    root = families.root_of(model)
-    linears = [n for n, m in root.named_modules() if isinstance(m, nn.Linear)]
-    out: list[str] = []
-    for pattern in targets:
-        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            import difflib
-
-            close = difflib.get_close_matches(pattern, linears, n=5, cutoff=0.3) or linears[:5]
-            raise ValueError(f"{who}: target {pattern!r} matches no nn.Linear of {type(root).__name__}; close: {close}")
-        out += [n for n in hits if n not in out]
-    return out
 
 
 class RankOneLinear(nn.Module):
@@ -167,12 +154,12 @@ class DynamicRank(Surgery):
         initial_rank: components per matrix at the start; None: ``ceil(1.5 * rank)`` (official, line 80).
         alpha: scaling numerator, scaling = ``alpha / initial_rank`` (official ``lora_alpha = 8``, line 76).
         dropout: on the adapter's input (official 0.1, line 77).
-        targets: module-name patterns (fnmatch) of the ``nn.Linear`` layers; None: every linear layer of every block's
-            attention and FFN (the official choice for RoBERTa / BART, line 58).
+        targets, parts, blocks: which ``nn.Linear`` layers (:func:`zoo.adapters.targets.select`); all None: every
+            linear layer of every block's attention and FFN (the official choice for RoBERTa / BART, line 58).
     """
 
     def __init__(self, rank: int = 8, initial_rank: int | None = None, alpha: float = 8.0, dropout: float = 0.1,
-                 targets: list[str] | None = None):
+                 targets: str | list[str] | None = None, parts: list[str] | None = None, blocks: list[int | str] | None = None):
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"DynamicRank: rank={rank!r} must be an integer >= 1 (the final average rank per matrix)")
         start = math.ceil(1.5 * rank) if initial_rank is None else initial_rank
@@ -182,11 +169,13 @@ class DynamicRank(Surgery):
         if not 0 <= dropout < 1:
             raise ValueError(f"DynamicRank: dropout={dropout} must be in [0, 1)")
         self.rank, self.initial_rank, self.alpha, self.dropout = rank, initial_rank, float(alpha), float(dropout)
-        self.targets = None if targets is None else list(targets)
+        self.targets = targets if targets is None or isinstance(targets, str) else list(targets)
+        self.parts = None if parts is None else list(parts)
+        self.blocks = None if blocks is None else list(blocks)
 
     def transform(self, model: nn.Module) -> nn.Module:
         root = families.root_of(model)
-        names = select_targets(model, self.targets, "DynamicRank")
+        names = linear_targets(model, self.targets, self.parts, self.blocks, "DynamicRank")
         start = math.ceil(1.5 * self.rank) if self.initial_rank is None else self.initial_rank
         for name in names:
             base = root.get_submodule(name)
@@ -235,15 +224,17 @@ class ComponentVariance(LossTerm):
 
 
 class AdaLoRA(Surgery):
-    """AdaLoRA (Zhang et al., ICLR 2023) through ``peft``: the backbone becomes peft's ``AdaLoraModel`` (SVD-shaped
-    updates ``P diag(lambda) Q``); :class:`~callbacks.rank_schedule.RankSchedule` calls its ``update_and_allocate`` and
-    sets its ``tinit`` / ``tfinal`` / ``deltaT`` / ``total_step`` from the same schedule as :class:`DynamicRank`.
-    Defaults are peft's ``AdaLoraConfig`` (init_r 12, target_r 8, beta1 = beta2 = 0.85, orth_reg_weight 0.5; the
-    orthogonality term is :class:`AdaLoraOrthogonality`, as peft adds it only to a Hugging Face output's ``loss``).
-    ``undo`` is peft's ``merge_and_unload``."""
+    """AdaLoRA (Zhang et al., ICLR 2023) through ``peft``: peft's ``AdaLoraModel`` swaps the chosen layers for SVD-shaped
+    updates ``P diag(lambda) Q`` in place (the backbone keeps its class; the tuner is :attr:`tuner`).
+    :class:`~callbacks.rank_schedule.RankSchedule` sets its ``total_step`` / ``tinit`` / ``tfinal`` / ``deltaT`` from the
+    same schedule as :class:`DynamicRank` and calls its ``update_and_allocate``. Defaults are peft's ``AdaLoraConfig``
+    (init_r 12, target_r 8, beta1 = beta2 = 0.85; its orthogonality weight 0.5 is :class:`AdaLoraOrthogonality`'s, as
+    peft adds the term only to a Hugging Face output's ``loss``). Targets as :class:`DynamicRank`. ``undo`` is peft's
+    ``merge_and_unload``: a plain model."""
 
     def __init__(self, target_rank: int = 8, initial_rank: int = 12, alpha: float = 8.0, dropout: float = 0.0,
-                 beta1: float = 0.85, beta2: float = 0.85, targets: list[str] | None = None):
+                 beta1: float = 0.85, beta2: float = 0.85, targets: str | list[str] | None = None, parts: list[str] | None = None,
+                 blocks: list[int | str] | None = None):
         if not (isinstance(target_rank, int) and isinstance(initial_rank, int)) or not 1 <= target_rank <= initial_rank:
             raise ValueError(f"AdaLoRA: target_rank={target_rank} must be an integer in [1, initial_rank={initial_rank}] "
                              "(the budget cannot exceed the initial rank total)")
@@ -252,23 +243,38 @@ class AdaLoRA(Surgery):
                 raise ValueError(f"AdaLoRA: {k}={v} must be in (0, 1)")
         self.target_rank, self.initial_rank, self.alpha, self.dropout = target_rank, initial_rank, float(alpha), float(dropout)
         self.beta1, self.beta2 = float(beta1), float(beta2)
-        self.targets = None if targets is None else list(targets)
+        self.targets = targets if targets is None or isinstance(targets, str) else list(targets)
+        self.parts = None if parts is None else list(parts)
+        self.blocks = None if blocks is None else list(blocks)
+        self.tuner = None  # peft's AdaLoraModel around the root, while applied
 
     def transform(self, model: nn.Module) -> nn.Module:
         from peft import AdaLoraConfig
         from peft.tuners.adalora import AdaLoraModel
 
-        names = select_targets(model, self.targets, "AdaLoRA")
-        root = families.root_of(model)
-        if root is not model:
-            raise ValueError("AdaLoRA: wraps timm models only here (an HFEncoder's inner model would lose the encoder's pooling)")
+        names = linear_targets(model, self.targets, self.parts, self.blocks, "AdaLoRA")
+        self.frozen = [n for n, p in model.named_parameters() if p.requires_grad]
+        model.requires_grad_(False)
         # total_step / tinit / tfinal / deltaT are placeholders: RankSchedule sets them from the trainer before training
         config = AdaLoraConfig(init_r=self.initial_rank, target_r=self.target_rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                                beta1=self.beta1, beta2=self.beta2, target_modules=names, total_step=1)
-        return AdaLoraModel(model, config, "default")
+        self.tuner = AdaLoraModel(families.root_of(model), config, "default")  # swaps the layers in place
+        return model
 
     def undo(self, model: nn.Module) -> nn.Module:
-        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        if self.tuner is not None:
+            self.tuner.merge_and_unload()  # the root's layers are replaced in place
+            self.tuner = None
+        params = dict(model.named_parameters())
+        for name in getattr(self, "frozen", []):
+            if name in params:
+                params[name].requires_grad_(True)
+        return model
+
+
+def adalora_tuners(module: nn.Module) -> list:
+    """The peft ``AdaLoraModel`` of every :class:`AdaLoRA` in ``module.surgery`` that is applied."""
+    return [t.tuner for t in getattr(module, "surgery", []) if isinstance(t, AdaLoRA) and t.tuner is not None]
 
 
 class AdaLoraOrthogonality(LossTerm):

@@ -36,6 +36,8 @@ from torch import nn
 from zoo import families
 from zoo.surgery import Surgery
 
+__all__ = ["E3VA", "Highway", "HighwayAdapter", "highway_of"]
+
 TAPS = ("residual", "block")
 
 
