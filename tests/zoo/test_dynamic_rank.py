@@ -123,3 +123,27 @@ def test_bad_inputs_fail_before_training():
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())  # nothing trained
     with pytest.raises(ValueError, match="no DynamicRank .* or AdaLoRA layer"):
         _fit(zoo.Classifier(model=TINY_VIT, model_kwargs=TINY_VIT_KWARGS, num_classes=10), 2, RankSchedule())
+
+
+def test_trained_only_checkpoint_keeps_components_and_importance(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from zoo.backbones import load_zoo_module
+    from zoo.batch import Batch, collate
+
+    data = DataLoader([Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % 4)) for i in range(16)], batch_size=8, collate_fn=collate)
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    base = zoo.Classifier(model=TINY_VIT, model_kwargs=TINY_VIT_KWARGS, num_classes=4)
+    Trainer(max_steps=1, **kw).fit(base, data)
+    base.trainer.save_checkpoint(tmp_path / "base.ckpt")
+    module = zoo.Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[DynamicRank(rank=2)])
+    trainer = Trainer(max_steps=4, callbacks=[RankSchedule(interval=1)], **kw)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "adapted.ckpt")
+    saved = torch.load(tmp_path / "adapted.ckpt", weights_only=True)["state_dict"]
+    assert "backbone.blocks.0.attn.qkv.base.weight" not in saved and "backbone.blocks.0.attn.qkv.importance" in saved
+    reloaded = load_zoo_module(tmp_path / "adapted.ckpt").eval()
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(reloaded(x), module.eval()(x))
+    for (_, a), (_, b) in zip(rank_one_layers(reloaded), rank_one_layers(module)):
+        assert torch.equal(a.importance, b.importance) and torch.equal(a.mask_fixed, b.mask_fixed)

@@ -137,3 +137,27 @@ def test_bad_arguments():
         E3VA(tap="ffn")
     with pytest.raises(ValueError, match="rank=64 is larger than the blocks' width 32"):
         E3VA(rank=64).apply(build_backbone(TINY_VIT, **TINY_VIT_KWARGS))
+
+
+def test_trained_only_checkpoint_reloads_the_highway(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from zoo.backbones import load_zoo_module
+    from zoo.batch import Batch, collate
+
+    data = DataLoader([Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % 4)) for i in range(16)], batch_size=8, collate_fn=collate)
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    base = zoo.Classifier(model=TINY_VIT, model_kwargs=TINY_VIT_KWARGS, num_classes=4)
+    Trainer(max_steps=1, **kw).fit(base, data)
+    base.trainer.save_checkpoint(tmp_path / "base.ckpt")
+    module = zoo.Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[E3VA(rank=4)],
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=0.01))
+    trainer = Trainer(max_steps=2, **kw)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "adapted.ckpt")
+    saved = torch.load(tmp_path / "adapted.ckpt", weights_only=True)["state_dict"]
+    assert "backbone.blocks.0.attn.qkv.weight" not in saved and "backbone.e3va.adapters.0.up.weight" in saved
+    reloaded = load_zoo_module(tmp_path / "adapted.ckpt").eval()
+    x = torch.randn(5, 1, 8, 8)
+    assert not highway_of(module).is_zero()
+    assert torch.equal(reloaded(x), module.eval()(x))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo import families
+from zoo.adapters import checkpoint as ckpt
 from zoo.adapters.targets import describe, select
 from zoo.losses import LossTerm, Step
 from zoo.surgery import Surgery
@@ -156,10 +157,13 @@ class DynamicRank(Surgery):
         dropout: on the adapter's input (official 0.1, line 77).
         targets, parts, blocks: which ``nn.Linear`` layers (:func:`zoo.adapters.targets.select`); all None: every
             linear layer of every block's attention and FFN (the official choice for RoBERTa / BART, line 58).
+        checkpoint: ``trained`` (only the components, their buffers and the head; the base is rebuilt from the model's
+            name, :mod:`zoo.adapters.checkpoint`) or ``full``.
     """
 
     def __init__(self, rank: int = 8, initial_rank: int | None = None, alpha: float = 8.0, dropout: float = 0.1,
-                 targets: str | list[str] | None = None, parts: list[str] | None = None, blocks: list[int | str] | None = None):
+                 targets: str | list[str] | None = None, parts: list[str] | None = None, blocks: list[int | str] | None = None,
+                 checkpoint: str = "trained"):
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"DynamicRank: rank={rank!r} must be an integer >= 1 (the final average rank per matrix)")
         start = math.ceil(1.5 * rank) if initial_rank is None else initial_rank
@@ -172,6 +176,8 @@ class DynamicRank(Surgery):
         self.targets = targets if targets is None or isinstance(targets, str) else list(targets)
         self.parts = None if parts is None else list(parts)
         self.blocks = None if blocks is None else list(blocks)
+        self.checkpoint = ckpt.check_mode(checkpoint, "DynamicRank")
+        self.handles: list = []
 
     def transform(self, model: nn.Module) -> nn.Module:
         root = families.root_of(model)
@@ -187,6 +193,8 @@ class DynamicRank(Surgery):
             p.requires_grad_(False)
         for name in names:
             _replace(root, name, RankOneLinear(root.get_submodule(name), start, self.rank, self.alpha, self.dropout))
+        if self.checkpoint == "trained":
+            self.handles = ckpt.keep_trained_only(model)
         return model
 
     def undo(self, model: nn.Module) -> nn.Module:
@@ -194,6 +202,7 @@ class DynamicRank(Surgery):
         what :meth:`transform` froze."""
         for name, layer in rank_one_layers(model):
             _replace(model, name, layer.merged())
+        self.handles = ckpt.release(getattr(self, "handles", []))
         params = dict(model.named_parameters())
         for name in getattr(self, "frozen", []):
             if name in params:
@@ -234,7 +243,7 @@ class AdaLoRA(Surgery):
 
     def __init__(self, target_rank: int = 8, initial_rank: int = 12, alpha: float = 8.0, dropout: float = 0.0,
                  beta1: float = 0.85, beta2: float = 0.85, targets: str | list[str] | None = None, parts: list[str] | None = None,
-                 blocks: list[int | str] | None = None):
+                 blocks: list[int | str] | None = None, checkpoint: str = "trained"):
         if not (isinstance(target_rank, int) and isinstance(initial_rank, int)) or not 1 <= target_rank <= initial_rank:
             raise ValueError(f"AdaLoRA: target_rank={target_rank} must be an integer in [1, initial_rank={initial_rank}] "
                              "(the budget cannot exceed the initial rank total)")
@@ -246,7 +255,9 @@ class AdaLoRA(Surgery):
         self.targets = targets if targets is None or isinstance(targets, str) else list(targets)
         self.parts = None if parts is None else list(parts)
         self.blocks = None if blocks is None else list(blocks)
+        self.checkpoint = ckpt.check_mode(checkpoint, "AdaLoRA")
         self.tuner = None  # peft's AdaLoraModel around the root, while applied
+        self.handles: list = []
 
     def transform(self, model: nn.Module) -> nn.Module:
         from peft import AdaLoraConfig
@@ -259,12 +270,15 @@ class AdaLoRA(Surgery):
         config = AdaLoraConfig(init_r=self.initial_rank, target_r=self.target_rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                                beta1=self.beta1, beta2=self.beta2, target_modules=names, total_step=1)
         self.tuner = AdaLoraModel(families.root_of(model), config, "default")  # swaps the layers in place
+        if self.checkpoint == "trained":
+            self.handles = ckpt.keep_trained_only(model)
         return model
 
     def undo(self, model: nn.Module) -> nn.Module:
         if self.tuner is not None:
             self.tuner.merge_and_unload()  # the root's layers are replaced in place
             self.tuner = None
+        self.handles = ckpt.release(getattr(self, "handles", []))
         params = dict(model.named_parameters())
         for name in getattr(self, "frozen", []):
             if name in params:

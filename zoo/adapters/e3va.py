@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from zoo import families
+from zoo.adapters import checkpoint as ckpt
 from zoo.surgery import Surgery
 
 __all__ = ["E3VA", "Highway", "HighwayAdapter", "highway_of"]
@@ -122,14 +123,18 @@ class E3VA(Surgery):
         rank: the adapters' low rank (16 here; the paper's value could not be checked without its code).
         scale: multiplies each adapter's output.
         tap: ``residual`` (a block's attention + MLP update, the paper's taps) or ``block`` (the block's output).
+        checkpoint: ``trained`` (the adapters and the head; the base is rebuilt from the model's name,
+            :mod:`zoo.adapters.checkpoint`) or ``full``.
     """
 
-    def __init__(self, rank: int = 16, scale: float = 1.0, tap: str = "residual"):
+    def __init__(self, rank: int = 16, scale: float = 1.0, tap: str = "residual", checkpoint: str = "trained"):
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"E3VA: rank={rank!r} must be an integer >= 1")
         if tap not in TAPS:
             raise ValueError(f"E3VA: tap={tap!r}: expected one of {TAPS}")
         self.rank, self.scale, self.tap = rank, float(scale), tap
+        self.checkpoint = ckpt.check_mode(checkpoint, "E3VA")
+        self.handles: list = []
 
     def transform(self, model: nn.Module) -> nn.Module:
         family = families.family_of(model, "E3VA")
@@ -157,6 +162,8 @@ class E3VA(Surgery):
         root.e3va = highway
         object.__setattr__(highway, "_root", root)  # not a submodule (a cycle); the entries are called through it
         highway.attach(root)
+        if self.checkpoint == "trained":
+            self.handles = ckpt.keep_trained_only(model)
         return model
 
     def undo(self, model: nn.Module) -> nn.Module:
@@ -167,6 +174,7 @@ class E3VA(Surgery):
         if isinstance(highway, Highway) and highway.is_zero():
             highway.detach_hooks()
             del root.e3va
+        self.handles = ckpt.release(getattr(self, "handles", []))
         params = dict(root.named_parameters())
         for name in getattr(self, "frozen", []):
             if name in params:
