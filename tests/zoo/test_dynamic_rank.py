@@ -72,6 +72,28 @@ def test_importance_is_the_official_formula():
     torch.testing.assert_close(term(step), (layer.lora_A.var(1).sum() + layer.lora_B.var(0).sum()) / 8)
 
 
+def test_schedule_prunes_on_the_official_steps_and_counts():
+    """Without training, pruned components stay pruned, so the zeroed count after step t is the official k(p)."""
+    torch.manual_seed(0)
+    layers = [RankOneLinear(nn.Linear(8, 8), initial_rank=3, target_rank=2, alpha=8, dropout=0.0) for _ in range(4)]
+    for m in layers:
+        with torch.no_grad():
+            m.lora_scaler.uniform_(0.5, 1.5)
+    schedule = RankSchedule(interval=2)
+    schedule.layers, schedule.total = layers, 20  # what on_fit_start finds (total: the trainer's optimizer steps)
+    got, expected, zeros = [], [], 0
+    for t in range(1, 21):
+        schedule.step_dynamic_rank(t)
+        got.append(sum(int((m.lora_scaler == 0).sum()) for m in layers))
+        p, last = int(t - 20 * 0.15), int(20 * (1 - 0.15 - 0.5))  # Finetune_Utils.py get_prune_step
+        if 0 <= p <= last and (p % 2 == 0 or p == last):
+            zeros = max(zeros, max(int(12 * ((3 - 2) / 3) * (p / last) ** 3), 1))  # prune_lora_scaler's kthvalue count
+        expected.append(zeros)
+        assert all(bool(m.mask_fixed) == (p >= last) for m in layers)
+    assert got == expected == [0, 0, 1, 1, 1, 1, 1, 1, 2, 4] + [4] * 10
+    assert sum(m.rank for m in layers) == 2 * 4
+
+
 def test_dynamic_rank_moves_the_budget_to_the_official_total():
     # T = 20 steps, pruning steps p = int(t - 3) in [0, int(20 * 0.35) = 7], every 2 steps and at 7
     module = _module(DynamicRank(rank=2, dropout=0.0), losses=[CrossEntropy(), ComponentVariance(weight=0.1)])
