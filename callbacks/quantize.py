@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from zoo.quantize import fake
@@ -55,7 +56,9 @@ def publish(trainer: Trainer, report: QuantizeReport, path: str | None, prefix: 
 class PostTrainingQuantization(Callback):
     """Quantise the module's backbone to int8 at the end of ``fit`` (torchao ``quantize_``), calibrated on the first
     ``calibration_batches`` of the datamodule's ``calibration_split``; log the int8-vs-float logit error and sizes;
-    save ``quantized.ckpt``. Then ``trainer.test`` evaluates the int8 model.
+    save ``quantized.ckpt``. Then ``trainer.test`` evaluates the int8 model. Without a fit, ``zoo test`` (or
+    ``validate``) with ``--ckpt_path float.ckpt`` quantises the loaded model first: the zoo's quantise step. A module
+    that is int8 already (``--ckpt_path quantized.ckpt``) is left as it is.
 
     Args:
         scheme: ``int8_weight_only``, ``int8_dynamic`` (per-token activation scales at run time: the calibration
@@ -101,6 +104,19 @@ class PostTrainingQuantization(Callback):
                              f"that split or set calibration_split to one of {', '.join(s for s in SPLITS if s != self.calibration_split)}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.quantize(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # `zoo validate --ckpt_path float.ckpt`: quantise, then validate
+            self.quantize(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.quantize(trainer, pl_module)  # `zoo test --ckpt_path float.ckpt`: quantise, then test (after fit: done already)
+
+    def quantize(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Quantise ``pl_module`` unless it is quantised already (a reloaded int8 checkpoint, or after fit)."""
+        if any(isinstance(t, Quantize) for t in getattr(pl_module, "surgery", [])):
+            return
         what = f"{self.calibration_split} split"
         batches = take_batches(calibration_loader(trainer, self.calibration_split), self.calibration_batches, what)
         self.report = quantize_module(pl_module, self.quantizer(pl_module.backbone), batches, self.calibrator)

@@ -17,7 +17,7 @@ from datamodules import Digits
 from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
 from zoo import Classifier, load_zoo_module
 from zoo.batch import as_batch
-from zoo.quantize import fake, get_scheme, select_layers
+from zoo.quantize import Quantize, fake, get_scheme, select_layers
 
 TOLERANCE = 0.03  # relative error of int8 logits (tests/zoo/test_quantize.py)
 
@@ -64,6 +64,27 @@ def test_ptq_after_fit_then_test_evaluates_the_int8_model_which_reloads(tmp_path
             assert torch.equal(out, module(batch.inputs))  # the reloaded int8 model is the in-memory one
             hits, total = hits + int((out.argmax(-1) == batch.targets).sum()), total + len(batch)
     assert acc == pytest.approx(hits / total)  # trainer.test evaluated the int8 model
+    # Lightning's own loading (zoo test --ckpt_path quantized.ckpt): the checkpoint holds plain tensors, and the
+    # module built with the checkpoint's surgery is int8 again; the callback leaves an int8 module alone
+    again = PostTrainingQuantization(save_to="again.ckpt")
+    reloaded = tiny_vit(surgery=[Quantize("int8_dynamic")])
+    assert trainer([again], tmp_path).test(reloaded, data, ckpt_path=cb.path, verbose=False)[0]["test/acc"] == acc
+    assert again.report is None and not (tmp_path / "again.ckpt").exists()
+
+
+def test_ptq_in_test_quantises_a_float_checkpoint(tmp_path):
+    seed_everything(0)
+    module, data = tiny_vit(), Digits(batch_size=32)
+    t = trainer([], tmp_path, max_steps=1)
+    t.fit(module, data)
+    t.save_checkpoint(tmp_path / "float.ckpt")
+    cb = PostTrainingQuantization("int8_weight_only", calibration_batches=1)
+    fresh = tiny_vit()
+    trainer([cb], tmp_path).test(fresh, data, ckpt_path=tmp_path / "float.ckpt", verbose=False)  # `zoo test` as the quantise step
+    assert cb.report.layers == 8 and hasattr(fresh.backbone.blocks[0].attn.qkv.weight, "qdata")
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load_zoo_module(cb.path).eval()(x), fresh.eval()(x))
 
 
 def test_ptq_bad_inputs_fail_before_training(tmp_path):

@@ -3,7 +3,7 @@
 A quantised checkpoint stores ``Quantize(...)`` in the module's ``surgery`` hyperparameters: loading rebuilds the
 float backbone, applies the same transform (torchao's ``quantize_`` on the same layers, placeholder activation
 scales) and then loads the int8 tensors (torchao's ``Int8Tensor``: int8 data, scales, and for ``int8_static`` the
-calibrated activation scale) over them.
+calibrated activation scale) over them; checkpoints hold them as plain tensors (:mod:`zoo.quantize.serial`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 
 from zoo.quantize.layers import fold_batchnorm, select_layers
 from zoo.quantize.schemes import get_scheme
+from zoo.quantize.serial import plain_state
 from zoo.surgery import Surgery
 
 
@@ -41,6 +42,7 @@ class Quantize(Surgery):
         self._scheme = get_scheme(scheme)
         self.act_scales: dict[str, torch.Tensor] = {}  # int8_static: calibrated scales (a state_dict carries them)
         self.quantized: list[str] = []
+        self._hooks: list = []
 
     def calibrated(self, scales: dict[str, torch.Tensor], ranks: dict[str, int]) -> None:
         """Activation scales from a calibrator (``int8_static``) and the rank of each layer's input."""
@@ -65,6 +67,7 @@ class Quantize(Surgery):
             chosen = set(names)
             quantize_(model, self._scheme.config(), filter_fn=lambda m, fqn: fqn in chosen)
         self.quantized = names
+        self._hooks = [h for name in names for h in plain_state(model.get_submodule(name))]
         if self.compile:
             model.compile()
         return model
@@ -74,5 +77,7 @@ class Quantize(Surgery):
         for name in self.quantized:
             module = model.get_submodule(name)
             module.weight = nn.Parameter(module.weight.dequantize(), requires_grad=False)
-        self.quantized = []
+        for h in self._hooks:
+            h.remove()
+        self.quantized, self._hooks = [], []
         return model
