@@ -38,6 +38,8 @@ class RankSchedule(Callback):
         total_steps: ``T``; None: the trainer's ``estimated_stepping_batches``. It may not exceed training.
     """
 
+    sharding = "the importance and the pruning read and write whole adapter matrices (not tested on DTensor shards)"
+
     def __init__(self, start_ratio: float = 0.15, end_ratio: float = 0.5, interval: int = 100, beta: float = 0.9,
                  eps: float = 1e-8, total_steps: int | None = None):
         if not (0 <= start_ratio < 1 and 0 <= end_ratio < 1 and start_ratio + end_ratio < 1):

@@ -127,6 +127,8 @@ class E3VA(Surgery):
             :mod:`zoo.adapters.checkpoint`) or ``full``.
     """
 
+    sharding = "the highway hooks on the blocks are not tested on DTensor shards"
+
     def __init__(self, rank: int = 16, scale: float = 1.0, tap: str = "residual", checkpoint: str = "trained"):
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"E3VA: rank={rank!r} must be an integer >= 1")
