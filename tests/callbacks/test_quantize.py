@@ -182,3 +182,41 @@ def test_qat_composes_with_distillation_and_pruning(tmp_path):
     assert qat.report.logit_rel_error < TOLERANCE
     with pytest.raises(ValueError, match="MagnitudePruning comes after QuantizationAwareTraining in the callbacks"):
         trainer([QuantizationAwareTraining(), MagnitudePruning(OneShot(0.5, at=1))], tmp_path).fit(tiny_vit(), Digits(batch_size=32))
+
+
+class ConvThenLinear(nn.Module):
+    """A backbone with BatchNorm and a Linear (a hybrid): conv-BN-ReLU, then a Linear on the pooled features."""
+
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.proj = nn.Linear(16, 6)
+
+    def forward(self, x):
+        return self.proj(self.stem(x))
+
+
+class BNStats(Callback):
+    def __init__(self):
+        self.means = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.means[trainer.global_step] = pl_module.backbone.stem[1].running_mean.clone()
+
+
+def test_qat_freezes_batchnorm_statistics_then_folds_them(tmp_path):
+    seed_everything(0)
+    module = Classifier(None, num_classes=10)
+    module.backbone, module.head = ConvThenLinear(), nn.Linear(6, 10)
+    stats = BNStats()
+    qat = QuantizationAwareTraining("int8_dynamic", start_step=0, bn_freeze_step=2, save_to=None)
+    trainer([qat, stats], tmp_path, max_steps=4).fit(module, Digits(batch_size=32))
+    assert not torch.equal(stats.means[1], stats.means[2])  # step 1 still updates the statistics
+    assert torch.equal(stats.means[2], stats.means[3]) and torch.equal(stats.means[3], stats.means[4])  # frozen from step 2
+    bn = module.backbone.stem[1]
+    assert torch.equal(bn.running_mean, torch.zeros(4)) and torch.allclose(bn.running_var + bn.eps, torch.ones(4))  # folded
+    assert hasattr(module.backbone.proj.weight, "qdata") and qat.report.logit_rel_error < TOLERANCE
+    with pytest.raises(ValueError, match="bn_freeze_step=1: VisionTransformer has no BatchNorm layer"):
+        trainer([QuantizationAwareTraining(bn_freeze_step=1)], tmp_path).fit(tiny_vit(), Digits(batch_size=32))
