@@ -115,7 +115,8 @@ def test_tensor_parallel_is_refused_naming_the_module():
     assert sharding.tensor_parallel_size(module, Mesh(2, 1)) == 1
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy(), "fsdp", "fsdp_cpu_offload"], ids=["instance", "fsdp", "fsdp_cpu_offload"])
+@pytest.mark.parametrize("strategy", [FSDPStrategy(), "fsdp", "fsdp_cpu_offload", "lightning.pytorch.strategies.FSDPStrategy"],
+                         ids=["instance", "fsdp", "fsdp_cpu_offload", "class_name"])
 def test_fsdp1_on_cpu_names_the_module_and_what_works(strategy):
     module = frozen_vit()
     for accelerator in ("cpu", "auto"):

@@ -130,7 +130,7 @@ def check_accelerator(module: nn.Module, strategy: Any, accelerator: Any) -> Non
     """Before the Trainer is built: ``FSDPStrategy`` (FSDP1) runs on CUDA only; say, naming the module, what works on CPU.
 
     ``strategy`` and ``accelerator`` as given to the Trainer (instances or names)."""
-    fsdp1 = type(strategy).__name__ == "FSDPStrategy" or (isinstance(strategy, str) and strategy.startswith("fsdp"))
+    fsdp1 = type(strategy).__name__ == "FSDPStrategy" or (isinstance(strategy, str) and strategy.lower().rsplit(".", 1)[-1].startswith("fsdp"))
     cuda = accelerator in ("cuda", "gpu") or type(accelerator).__name__ == "CUDAAccelerator"
     if fsdp1 and not cuda:
         shown = accelerator if isinstance(accelerator, str) or accelerator is None else type(accelerator).__name__
