@@ -11,9 +11,10 @@ the backbone it changes:
   before loading) and fails on a different base; then it takes the missing base tensors from the backbone itself,
   so strict loading (Lightning's default, resume and :func:`zoo.load_zoo_module`) needs no change in the module.
 
-So a checkpoint holds the head, the adapters and the hyperparameters (the base model's name): a LoRA checkpoint of a
-22M-parameter MiniLM is ~1 MB. A base that cannot be rebuilt from its name (``pretrained: false`` outside a seeded
-run) fails loading with a message; use ``checkpoint: full`` on the surgery there.
+So a checkpoint holds the head, the adapters and the hyperparameters (the base model's name): the state dict of
+all-MiniLM-L6-v2 (22.9M parameters) with rank-8 DoRA in every attention and FFN layer is 1.5 MB instead of 92 MB.
+A base that cannot be rebuilt from its name (``pretrained: false`` outside a seeded run) fails loading with a
+message; use ``checkpoint: full`` on the surgery there.
 """
 
 from __future__ import annotations
