@@ -58,9 +58,11 @@ class Probe(Callback):
             h.remove()
 
 
-def run_config(config: str, data: Path, tmp_path: Path, monkeypatch, *args: str, patch: dict | None = None, model: dict | None = None):
+def run_config(config: str, data: Path, tmp_path: Path, monkeypatch, *args: str, patch: dict | None = None, model: dict | None = None,
+               drop_callbacks: bool = False):
     """``zoo fit`` of ``config`` on stand-in data under bf16-mixed, 3 steps; ``patch``: ``{class_path: init_args}``
-    merged wherever the config uses that class; ``model``: init_args merged into the model's. Returns the CLI."""
+    merged wherever the config uses that class; ``model``: init_args merged into the model's; ``drop_callbacks``: without
+    the config's own callbacks (those that run after training, e.g. SN-Net's sweep). Returns the CLI."""
     import cli
 
     text = (ROOT / "configs" / config).read_text()
@@ -78,6 +80,8 @@ def run_config(config: str, data: Path, tmp_path: Path, monkeypatch, *args: str,
         return node
 
     conf = patched(conf)
+    if drop_callbacks:
+        conf.pop("callbacks", None)
     conf["model"]["init_args"].update(model or {})
     path = tmp_path / Path(config).name
     path.write_text(yaml.safe_dump(conf))
@@ -171,7 +175,7 @@ def _emoe(data, tmp_path, monkeypatch, **model):
     gates, points = [], []
     recorder(monkeypatch, EMoEFFN, "logits", gates, lambda args, out: (args[1].dtype, out.dtype, torch.is_autocast_enabled("cpu")))
     recorder(monkeypatch, KMeansConstrained, "fit_predict", points, lambda args, out: args[1].dtype)
-    run = run_config("emoe/vit_fmnist.yaml", data, tmp_path, monkeypatch, model={"balance_loss_weight": 0.01, **model})
+    run = run_config("emoe/vit_fmnist.yaml", data, tmp_path, monkeypatch, model={"balance_loss_weight": 0.01, "cluster_inits": 1, **model})
     probe = check_trained(run)
     assert points and {str(p) for p in points} == {"float32"}  # the balanced k-means of the keys
     assert any(autocast for *_, autocast in gates), "the router never ran under autocast"
@@ -199,11 +203,20 @@ def case_snnet(data, tmp_path, monkeypatch):
 
     solves = []
     recorder(monkeypatch, N, "least_squares", solves, lambda args, out: (args[0].dtype, args[1].dtype, out[0].dtype, out[1].dtype))
-    run = run_config("snnet/stitch.yaml", data, tmp_path, monkeypatch, patch={"callbacks.stitch_sweep.StitchSweep": {"latency_repeats": 1}})
+    run = run_config("snnet/stitch.yaml", data, tmp_path, monkeypatch, drop_callbacks=True)  # the sweep runs after training
     check_trained(run)
     assert solves and set(solves) == {(torch.float32,) * 4}
-    assert bool(run.model.net.ls_initialized)
-    assert all(p.dtype == torch.float32 for p in run.model.net.stitch_layers.parameters())
+    net = run.model.net
+    assert bool(net.ls_initialized) and all(p.dtype == torch.float32 for p in net.stitch_layers.parameters())
+    # called inside autocast (e.g. from a training step), the solve still sees float32 features: the same layers
+    x = torch.randn(8, *net.input_shape)
+    net.init_stitching_layers(x)
+    reference = {k: v.clone() for k, v in net.stitch_layers.state_dict().items()}
+    solves.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net.init_stitching_layers(x)
+    assert solves and set(solves) == {(torch.float32,) * 4}
+    assert all(torch.equal(v, reference[k]) for k, v in net.stitch_layers.state_dict().items())
 
 
 def case_subtuning(data, tmp_path, monkeypatch):
