@@ -164,7 +164,9 @@ def case_distill_kd_family(data, tmp_path, monkeypatch):
     assert {out for _, out, *_ in probe.terms["decoupled_kd"]} == {torch.float64}
     assert {out for _, out, *_ in probe.terms["hard_distill"]} == {torch.float64}
     assert {out for _, out, *_ in probe.terms["feature_hint"]} == {torch.float32}
-    hint = run.model.loss_term(__import__("zoo.distillation", fromlist=["FeatureHint"]).FeatureHint)
+    from zoo.distillation import FeatureHint
+
+    hint = run.model.loss_term(FeatureHint)
     assert hint.projector is not None and hint.projector.weight.dtype == torch.float32
 
 
@@ -227,11 +229,11 @@ def case_subtuning(data, tmp_path, monkeypatch):
     cache = module.caches["train"]
     rows = cache.filled.nonzero().flatten()[:4]
     assert len(rows) == 4
-    dataset = run.trainer.datamodule.train_dataloader().dataset
-    batch = run.trainer.datamodule.collate_fn([dataset[int(i)] for i in rows]) if getattr(run.trainer.datamodule, "collate_fn", None) else None
     from zoo.batch import as_batch
 
-    batch = as_batch(batch if batch is not None else torch.utils.data.default_collate([dataset[int(i)] for i in rows])).ready()
+    dm = run.trainer.datamodule
+    samples = [dm.train_dataloader().dataset[int(i)] for i in rows]
+    batch = as_batch(dm.collate_fn(samples) if getattr(dm, "collate_fn", None) else torch.utils.data.default_collate(samples)).ready()
     assert torch.equal(batch.index.cpu(), rows.cpu())
     module.eval()  # the frozen prefix is in eval mode in training too
     with torch.autocast("cpu", dtype=torch.bfloat16):
