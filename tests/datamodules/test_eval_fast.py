@@ -215,3 +215,24 @@ def test_ddp_sweep_and_task_evaluation_are_sharded_and_every_rank_ends_with_the_
 
 if __name__ == "__main__":
     ddp_main(sys.argv[1])
+
+
+def test_freeze_passes_its_cache_device_to_the_module_caches():
+    from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
+    from zoo.subtuning import Freeze
+
+    with pytest.raises(ValueError, match="gpu0"):
+        Freeze(trainable_layers=[1], cache_device="gpu0")
+    freeze = Freeze(trainable_layers=[1], cache_frozen_features=True, cache_device="cpu")
+    assert freeze.config()["init_args"]["cache_device"] == "cpu"  # kept in the checkpoint's hyperparameters
+    from zoo import Classifier
+    from zoo.subtuning.prefix import FrozenPrefix
+
+    class Probe(FrozenPrefix, Classifier):
+        pass
+
+    m = Probe(model=TINY_VIT, model_kwargs=TINY_VIT_KWARGS, surgery=[freeze])
+    m.configure_model()
+    x, index = torch.randn(4, 1, 8, 8), torch.arange(4)
+    m.cached_prefix(x, index)
+    assert m.caches["train"].cache_device == "cpu"

@@ -103,6 +103,8 @@ class Freeze(Surgery):
         cache_frozen_features: the module caches the frozen prefix's output of every training and validation
             sample (keyed by the batch's ``index``: needs ``with_index: true`` on the datamodule).
         checkpoint_feature_cache: checkpoints keep the cache's filled rows (exact resume; bigger checkpoints).
+        cache_device: where the cached prefix outputs live (:func:`zoo.subtuning.cache.cache_placement`): ``auto``
+            (on the computing device up to 1 GiB, else CPU memory), ``cpu`` (pinned when training on a GPU) or a device.
 
     YAML (on any zoo module)::
 
@@ -112,7 +114,10 @@ class Freeze(Surgery):
     """
 
     def __init__(self, trainable_layers: list[str | int] | None = None, granularity: str = "block",
-                 cache_frozen_features: bool = False, checkpoint_feature_cache: bool = True):
+                 cache_frozen_features: bool = False, checkpoint_feature_cache: bool = True, cache_device: str = "auto"):
+        from zoo.subtuning.cache import cache_placement
+
+        cache_placement(cache_device, "cpu")  # a bad name fails here, naming it
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r}: expected one of {GRANULARITIES}")
         if trainable_layers is not None and not isinstance(trainable_layers, (list, tuple)):
@@ -121,6 +126,7 @@ class Freeze(Surgery):
         self.granularity = granularity
         self.cache_frozen_features = bool(cache_frozen_features)
         self.checkpoint_feature_cache = bool(checkpoint_feature_cache)
+        self.cache_device = cache_device
         self.frozen_before: set[str] | None = None
 
     def names(self, backbone: nn.Module) -> list[str]:

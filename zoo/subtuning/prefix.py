@@ -143,7 +143,7 @@ class FrozenPrefix:
 
     def cached_prefix(self, x: Any, index: torch.Tensor, split: str = "train") -> torch.Tensor:
         """The frozen prefix's output for samples ``index`` of ``split``, computed only for samples not seen before."""
-        return self.caches.setdefault(split, FeatureCache()).lookup(index, x, self._uncached_prefix)
+        return self.caches.setdefault(split, FeatureCache(cache_device=self.freeze_spec.cache_device)).lookup(index, x, self._uncached_prefix)
 
     def cached_rows(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(cached mask, placeholder input)`` of the samples of ``dataset`` whose prefix outputs are cached (a CPU
@@ -183,7 +183,7 @@ class FrozenPrefix:
             self.caches[split] = restored
             return
         shared = next((c for c in self.caches.values() if dataset is not None and c.source is dataset), None)
-        self.caches[split] = shared or FeatureCache(dataset)
+        self.caches[split] = shared or FeatureCache(dataset, cache_device=self.freeze_spec.cache_device)
 
     def on_train_start(self) -> None:  # a run resumed mid-epoch gets no on_train_epoch_start before its first batch
         super().on_train_start()
@@ -226,5 +226,5 @@ class FrozenPrefix:
         unique: dict[int, FeatureCache] = {}
         for split in ranks[0]["splits"]:
             i = ranks[0]["splits"][split]
-            unique.setdefault(i, FeatureCache.from_states([r["caches"][r["splits"][split]] for r in ranks if split in r["splits"]]))
+            unique.setdefault(i, FeatureCache.from_states([r["caches"][r["splits"][split]] for r in ranks if split in r["splits"]], cache_device=self.freeze_spec.cache_device))
             self._restored[split] = unique[i]
