@@ -36,6 +36,9 @@ def _case(family: str):
         return cnn, torch.randn(2, 1, 32, 32), {"targets": r"layer[34]\.0\.conv\d"}
     if family == "bert":
         return build_backbone("hf/bert", **HF_KW), _text(), {"targets": ["query", "value"], "parts": ["ffn"]}
+    if family == "gpt2":  # HF Conv1D layers, weights stored (in, out)
+        gpt2 = build_backbone("hf/gpt2", n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0, eos_token_id=0)
+        return gpt2, _text(), {"parts": ["attention", "values"]}
     return build_backbone("hf/llama", num_key_value_heads=1, **HF_KW), _text(), {"parts": ["attention", "keys"], "blocks": [-1]}
 
 
@@ -61,7 +64,7 @@ def _lora_count(backbone, names, r, dora):
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("family", ["vit", "resnet", "bert", "llama"])
+@pytest.mark.parametrize("family", ["vit", "resnet", "bert", "llama", "gpt2"])
 def test_lora_merge_equals_unmerged_and_only_adapters_train(family, dora):
     backbone, x, where = _case(family)
     backbone.eval()
@@ -106,7 +109,7 @@ def _train(module, steps=2):
 
 
 @pytest.mark.parametrize("surgery,trained", [
-    (LoRA(parts=["ffn"], blocks=[2], r=2), ["lora_A", "lora_B"]),
+    (LoRA(parts=["ffn"], blocks=[2], r=2, trainable=["norm"]), ["lora_A", "lora_B", "norm.weight", "norm.bias"]),
     (KeysValues(part="keys", blocks=["1..2"]), ["blocks.1.mlp.fc1.weight", "blocks.2.mlp.fc1.weight"]),
     (KeysValues(part="values", bias=True), [f"blocks.{i}.mlp.fc2.{w}" for i in range(3) for w in ("weight", "bias")]),
 ], ids=["lora", "keys", "values"])
@@ -119,7 +122,8 @@ def test_only_the_chosen_parameters_train_and_the_head(surgery, trained):
     assert "head.weight" in changed and "head.bias" in changed  # the head is outside the backbone surgery
     changed_backbone = [n[len("backbone."):] for n in changed if n.startswith("backbone.")]
     if isinstance(surgery, LoRA):
-        assert changed_backbone and all(any(t in n for t in trained) for n in changed_backbone)
+        assert all(any(t in n for t in trained) for n in changed_backbone) and "norm.weight" in changed_backbone
+        assert {n.split(".lora_")[0] for n in changed_backbone if "lora_" in n} == {"blocks.2.mlp.fc1", "blocks.2.mlp.fc2"}
     else:
         assert changed_backbone == sorted(trained)
     module.unload_surgery()

@@ -110,8 +110,9 @@ class LoRA(Surgery):
         names = self.layers(model)
         extra = self.extra_trainable(model)
         self.frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}
+        transposed = all(type(root.get_submodule(n)).__name__ == "Conv1D" for n in names)  # GPT-2: weights stored (in, out)
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.dora, bias=self.bias,
-                            target_modules=names)
+                            target_modules=names, fan_in_fan_out=transposed)
         self.tuner = LoraModel(root, config, "default")  # swaps the layers in place and freezes all but the adapters
         inside = {id(p) for p in root.parameters()}
         for p in model.parameters():  # a wrapper's own parameters outside the root (none for HFEncoder)
