@@ -140,9 +140,10 @@ def started(item: dict, devices: int) -> float | None:
 
 def wait_for(item: dict, procs: list[subprocess.Popen], devices: int, timeout: int) -> tuple[str, str] | None:
     """``("ok"|"FAILED", detail)`` of one case of a running group, or None when the group ended before it began."""
-    failed_at = None
+    failed_at, entered = None, time.time()
     while True:
-        texts, began, alive = statuses(item, devices), started(item, devices), any(p.poll() is None for p in procs)
+        alive = any(p.poll() is None for p in procs)  # first: once all have exited, the files read next are final
+        texts, began = statuses(item, devices), started(item, devices)
         if all(t == "ok" for t in texts):
             return "ok", ""
         if all(texts) or (began is not None and not alive):
@@ -155,6 +156,8 @@ def wait_for(item: dict, procs: list[subprocess.Popen], devices: int, timeout: i
                 return "FAILED", error_line(texts)
         if began is not None and time.time() - began > timeout + 30:
             return "FAILED", f"no result after {timeout + 30} s (a hang?)"
+        if began is None and time.time() - entered > timeout + 60:
+            return "FAILED", f"not started after {timeout + 60} s"
         time.sleep(0.5)
 
 
