@@ -18,6 +18,7 @@ _EXPORTS = {
     "Surgery": "zoo.surgery",
     "build_backbone": "zoo.backbones",
     "load_zoo_module": "zoo.backbones",
+    **dict.fromkeys(["LoRA", "KeysValues", "DynamicRank", "AdaLoRA", "E3VA"], "zoo.adapters"),
     **dict.fromkeys(["ContinualClassifier", "DER", "DERpp", "ER", "FineTune", "Joint", "KFPF", "ReplayBuffer",
                      "ExperienceReplay", "DarkReplay", "ReplayTerm"], "zoo.continual"),
     **dict.fromkeys(["AttentionDistill", "DecoupledKD", "DistillationModule", "DistillLoss", "FeatureHint", "HardCE", "HardDistill",
