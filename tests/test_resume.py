@@ -35,6 +35,12 @@ CASES = {
     "snnet": ("snnet/stitch.yaml", {}),
     "subtuning": ("subtuning/lite0_fmnist.yaml", {}),
     "compose_subtuning_er": ("compose/subtuning_er.yaml", {}),
+    "adapters_lora": ("adapters/lora_vit.yaml", {}),
+    "adapters_e3va": ("adapters/e3va_vit.yaml", {}),
+    # components pruned at steps 1..4 (the schedule's state and the importance averages cross the kill)
+    "adapters_dynamic_rank": ("adapters/dynamic_dora.yaml", {"callbacks.rank_schedule.RankSchedule": {"interval": 1, "start_ratio": 0.2, "end_ratio": 0.2}}),
+    # fake quantisation from step 1, weight scales frozen at step 2 (before the kill at 3)
+    "quantize_qat": ("quantize/qat_vit.yaml", {"callbacks.quantize.QuantizationAwareTraining": {"start_step": 1, "freeze_step": 2, "convert": False}}),
 }
 
 
