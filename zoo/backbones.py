@@ -210,8 +210,9 @@ MOVED = {"zoo.emoe_module.EMoEModule": "zoo.emoe.EMoEModule", "zoo.snnet_module.
 
 
 def load_zoo_module(path: str | os.PathLike, map_location: str = "cpu"):
-    """Load any zoo LightningModule from its checkpoint (the class is stored in the checkpoint)."""
-    from zoo.runtime import load_checkpoint
+    """Load any zoo LightningModule from its checkpoint (the class is stored in the checkpoint): a file, or the
+    distributed-checkpoint folder of a sharded run (read whole on this process, no process group needed)."""
+    from zoo.runtime import is_distributed_checkpoint, load_checkpoint
 
     ckpt = load_checkpoint(path, map_location)
     class_path = ckpt.get("zoo_class")
@@ -220,6 +221,13 @@ def load_zoo_module(path: str | os.PathLike, map_location: str = "cpu"):
     class_path = MOVED.get(class_path, class_path)
     module_name, _, cls_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
+    if is_distributed_checkpoint(path):  # Lightning reads files only: hand it the merged checkpoint
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        buffer.seek(0)
+        path = buffer
     return cls.load_from_checkpoint(path, map_location=map_location)
 
 

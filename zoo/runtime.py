@@ -118,14 +118,46 @@ def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> 
     return path
 
 
+def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the folder a sharded run saves (``ModelParallelStrategy``/``FSDPStrategy``'s default):
+    torch.distributed.checkpoint shards plus Lightning's ``meta.pt`` (everything but the weights and optimizer)."""
+    path = Path(path).expanduser()
+    return path.is_dir() and (path / "meta.pt").is_file() and (path / ".metadata").is_file()
+
+
+def load_distributed_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint") -> dict:
+    """A sharded run's checkpoint folder as one checkpoint dict, on one process without a process group: Lightning's
+    ``meta.pt`` with ``state_dict`` (whole tensors, the LightningModule's keys) read from the shards. The optimizer
+    states stay in the folder (their sharded layout resumes only under the strategy: ``--ckpt_path <folder>``)."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path).expanduser()
+    try:
+        checkpoint = torch.load(path / "meta.pt", map_location=map_location, weights_only=False)
+        loaded: dict = {}
+        # as torch.distributed.checkpoint.format_utils.dcp_to_torch_save (this process only), the weights only
+        _load_state_dict(loaded, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
+    except Exception as exc:
+        raise ValueError(f"{what} {str(path)!r} is a distributed checkpoint folder that cannot be read "
+                         f"({type(exc).__name__}: {exc})") from exc
+    checkpoint["state_dict"] = {k: v.to(map_location) if map_location is not None else v for k, v in loaded["state_dict"].items()}
+    return checkpoint
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint", mmap: bool = False) -> dict:
     """``torch.load`` of a checkpoint file with a clear message for a missing, empty or truncated file
-    (``mmap``: tensors are read only when used, for callers that need a few entries)."""
+    (``mmap``: tensors are read only when used, for callers that need a few entries). A sharded run's
+    distributed-checkpoint folder loads too (:func:`load_distributed_checkpoint`)."""
     import pickle
     import zipfile
 
     import torch
 
+    if is_distributed_checkpoint(path):
+        return load_distributed_checkpoint(path, map_location, what)
     path = check_checkpoint_file(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)

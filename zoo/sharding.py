@@ -22,8 +22,10 @@ A part that needs whole parameters declares it with a ``sharding`` attribute (a 
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from zoo.surgery import Surgery
@@ -72,14 +74,47 @@ def shard(module: nn.Module, mesh: Any, units: list[nn.Module] | None = None, mp
     for unit in block_units(module) if units is None else units:
         fully_shard(unit, **kwargs)
     parts = []
-    for name, child in module.named_children():
+    for name, child in _parts(module):
         if any(True for _ in child.parameters()):
             fully_shard(child, **kwargs)
             parts.append(name)
+        if any(True for _ in child.buffers()):
+            child.register_forward_pre_hook(_broadcast_buffers)
     left = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if left:
         raise RuntimeError(f"{type(module).__name__}: parameters {left[:5]} are not sharded (not inside a top-level submodule)")
     return parts
+
+
+@torch.no_grad()
+def _broadcast_buffers(part: nn.Module, args: Any) -> None:
+    """Rank 0's buffers (BatchNorm statistics, ...) on every rank before each training forward, as DDP's
+    ``broadcast_buffers``: FSDP shards parameters only, and buffers updated from each rank's batch would drift apart."""
+    import torch.distributed as dist
+
+    if not (part.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for b in part.buffers():
+        by_kind.setdefault((b.dtype, b.device), []).append(b)
+    for buffers in by_kind.values():  # one broadcast per dtype
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        flat = flat.to(torch.uint8) if flat.dtype == torch.bool else flat  # gloo broadcasts no bool
+        dist.broadcast(flat, src=0)
+        for b, v in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(v.view_as(b))
+
+
+def _parts(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The top-level children, a container's (``losses: ModuleList``) replaced by its items: FSDP2 shards modules
+    that run ``forward``, and a container has none."""
+    out = []
+    for name, child in module.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            out += _parts(child, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", child))
+    return out
 
 
 def check_strategy(module: nn.Module, strategy: Any, parts: list[Any]) -> None:
@@ -138,3 +173,51 @@ def check_accelerator(module: nn.Module, strategy: Any, accelerator: Any) -> Non
                          f"Sharded on CPU: ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1), FSDP2 "
                          f"over gloo (configs/strategies/sharded_cpu.yaml); or DDP (`strategy: ddp`). On GPUs set "
                          f"accelerator: gpu (configs/strategies/sharded_gpu.yaml).")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` holds sharded parameters (``DTensor``: ``fully_shard`` was applied)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+@contextmanager
+def unsharded(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the parameters of ``module``'s own FSDP unit are whole (its sub-units still gather theirs
+    in their ``forward``): for code that uses them outside ``module.forward`` (SN-Net's least-squares features).
+    Writes to them are not kept when the block ends: write with :func:`copy_whole` after it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield module
+        return
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a ``DTensor`` gathered (or summed, for a partial one) with ``full_tensor`` -- a collective,
+    so every rank calls it, in the same order -- any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(reference: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor ``value`` laid out as ``reference``: this rank's part of it when ``reference`` is sharded (no
+    communication: each rank takes its own part), else ``value``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(reference, DTensor) and not isinstance(value, DTensor):
+        return distribute_tensor(value.to(reference.device), reference.device_mesh, reference.placements, src_data_rank=None)
+    return value
+
+
+@torch.no_grad()
+def copy_whole(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the whole tensor ``value`` into ``param``: into this rank's shard when ``param`` is sharded (no communication)."""
+    param.copy_(like(param, value.to(param.device, param.dtype)))

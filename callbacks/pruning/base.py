@@ -4,6 +4,12 @@ Masks live in the module as ``<name>_mask`` buffers of :mod:`torch.nn.utils.prun
 (``weight = weight_orig * weight_mask``, so every checkpoint loads without the callback) and the masks in the
 callback's state; a resumed run re-applies them before training continues. Under DDP the masks are broadcast from
 rank 0, so they are identical on every rank.
+
+Under sharding (FSDP2, ``zoo.sharding``) ``torch.nn.utils.prune`` cannot re-register a parameter that
+``fully_shard`` manages, so the callback keeps the masks itself: whole boolean masks (identical on every rank),
+computed from whole weights (``DTensor.full_tensor``, so per-layer and global thresholds are those of the whole
+tensor); each rank zeroes the masked entries of its own shard when a mask changes and after every optimizer step.
+A forward sees the same weights as with ``prune``'s ``weight_orig * weight_mask``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch.nn.utils import prune
 from callbacks.pruning import selection
 from callbacks.pruning.selection import split_name
 from callbacks.pruning_schedules import PruningSchedule
+from zoo.sharding import like
 
 
 class MaskedPruning(Callback):
@@ -34,6 +41,8 @@ class MaskedPruning(Callback):
         self._pending: dict[str, torch.Tensor] | None = None
         self.reported = False
         self.untouched: dict[str, list[str]] = {}  # model -> roles of its family that the selection leaves unpruned
+        self.sharded = False  # the module's parameters are DTensors (FSDP2): masks kept here, see the module docstring
+        self.whole_masks: dict[str, torch.Tensor] = {}  # sharded mode: name -> whole bool mask
 
     def report(self, pl_module: LightningModule, names: list[str], include_frozen: bool = False) -> None:
         """Log what is pruned, by module type, and warn about attention / FFN roles left untouched (once per fit)."""
@@ -60,9 +69,17 @@ class MaskedPruning(Callback):
         """Every pruning mask of the module, by parameter name."""
         return {f"{mn}.{bn[:-5]}".lstrip("."): b for mn, m in pl_module.named_modules() for bn, b in m.named_buffers(recurse=False) if bn.endswith("_mask") and hasattr(m, bn[:-5] + "_orig")}
 
-    @staticmethod
-    def set_mask(pl_module: nn.Module, name: str, mask: torch.Tensor) -> None:
+    def current_masks(self, pl_module: nn.Module) -> dict[str, torch.Tensor]:
+        """The masks in force: :meth:`masks` (``prune``'s buffers), or the whole masks kept here when sharded."""
+        return self.whole_masks if self.sharded else self.masks(pl_module)
+
+    def set_mask(self, pl_module: nn.Module, name: str, mask: torch.Tensor) -> None:
         """Multiply the mask of ``name`` by ``mask`` (re-parametrizing the parameter on first use)."""
+        if self.sharded:
+            mask = mask.detach().bool().cpu()
+            self.whole_masks[name] = mask if name not in self.whole_masks else self.whole_masks[name] & mask
+            self.apply_to_shards(pl_module, [name])
+            return
         module, pname = split_name(pl_module, name)
         current = getattr(module, pname + "_mask", None)
         if current is None:
@@ -77,24 +94,40 @@ class MaskedPruning(Callback):
         Between forwards the attribute still holds the last forward's value, one optimizer step stale;
         ranking by it would make the masks depend on when the last forward ran (a resumed run has none).
         """
+        if self.sharded:
+            self.apply_to_shards(pl_module)
+            return
         for name, mask in self.masks(pl_module).items():
             module, pname = split_name(pl_module, name)
             setattr(module, pname, getattr(module, pname + "_orig") * mask)
 
+    @torch.no_grad()
+    def apply_to_shards(self, pl_module: nn.Module, names: list[str] | None = None) -> None:
+        """Sharded mode: zero the masked entries of each rank's shard (its part of the whole mask)."""
+        for name in self.whole_masks if names is None else names:
+            module, pname = split_name(pl_module, name)
+            param = getattr(module, pname)
+            param.mul_(like(param, self.whole_masks[name].to(param.device, param.dtype)))
+
     def layer_sparsity(self, pl_module: nn.Module) -> dict[str, float]:
-        return {n: 1.0 - m.sum().item() / m.numel() for n, m in self.masks(pl_module).items()}
+        return {n: 1.0 - m.sum().item() / m.numel() for n, m in self.current_masks(pl_module).items()}
 
     def remove_masks(self, pl_module: nn.Module) -> None:
         """Make pruning permanent: plain parameters with the zeros baked in, no hooks, no buffers."""
+        if self.sharded:
+            self.apply_to_shards(pl_module)
+            self.whole_masks = {}
+            return
         for name in self.masks(pl_module):
             prune.remove(*split_name(pl_module, name))
 
-    @staticmethod
-    def _sync(pl_module: nn.Module) -> None:
+    def _sync(self, pl_module: nn.Module) -> None:
         """Broadcast every mask from rank 0 so that all ranks prune the same entries."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for module_mask in MaskedPruning.masks(pl_module).values():
+            for module_mask in self.current_masks(pl_module).values():
                 dist.broadcast(module_mask, src=0)
+            if self.sharded:
+                self.apply_to_shards(pl_module)
 
     # -- schedule ------------------------------------------------------------------------------
     def _time(self, trainer: Trainer) -> int:
@@ -107,7 +140,10 @@ class MaskedPruning(Callback):
         self._pending = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from torch.distributed.tensor import DTensor
+
         self.reported = False
+        self.sharded = any(isinstance(p, DTensor) for p in pl_module.parameters())
         self._apply_pending(pl_module)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -127,6 +163,10 @@ class MaskedPruning(Callback):
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics({"pruning/scheduled": target, "pruning/measured": measured}, step=trainer.global_step)
 
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.sharded:  # the optimizer step moved the masked entries of the shards: zero them again
+            self.apply_to_shards(pl_module)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log_figures(trainer, pl_module)
         if self.make_permanent:
@@ -138,7 +178,7 @@ class MaskedPruning(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         module = getattr(self, "_module", None)
-        masks = {n: m.detach().bool().cpu() for n, m in self.masks(module).items()} if module is not None else {}
+        masks = {n: m.detach().bool().cpu() for n, m in self.current_masks(module).items()} if module is not None else {}
         return {"applied": self.applied, "history": list(self.history), "masks": masks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -149,7 +189,7 @@ class MaskedPruning(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Plain weights in the model state, so that every checkpoint loads without this callback.
         state = checkpoint["state_dict"]
-        for name in self.masks(pl_module):
+        for name in self.current_masks(pl_module):
             if name + "_orig" in state and name + "_mask" in state:
                 state[name] = state.pop(name + "_orig") * state.pop(name + "_mask")
 

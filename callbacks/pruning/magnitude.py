@@ -13,6 +13,7 @@ from torch import nn
 from callbacks.pruning.base import MaskedPruning
 from callbacks.pruning.selection import plain_names, select_parameters, split_name
 from callbacks.pruning_schedules import Exponential, PruningSchedule
+from zoo.sharding import copy_whole, whole
 
 
 class MagnitudePruning(MaskedPruning):
@@ -79,8 +80,8 @@ class MagnitudePruning(MaskedPruning):
         out = []
         cached = getattr(self, "_owners", (None, []))
         owners = cached[1] if cached[0] is pl_module and len(cached[1]) == len(self.targets) else [split_name(pl_module, n) for n in self.targets]
-        for module, pname in owners:
-            mask = getattr(module, pname + "_mask", None)
+        for name, (module, pname) in zip(self.targets, owners):
+            mask = self.whole_masks.get(name) if self.sharded else getattr(module, pname + "_mask", None)
             numel = getattr(module, pname).numel()
             out.append((module, pname, numel, 0 if mask is None else numel - int(mask.sum().item())))
         return out
@@ -95,8 +96,8 @@ class MagnitudePruning(MaskedPruning):
             amount = round(sparsity * sum(p[2] for _, p in group)) - sum(p[3] for _, p in group)
             if amount <= 0:
                 continue
-            weights = [getattr(m, n).detach() for _, (m, n, _, _) in group]
-            masks = [getattr(m, n + "_mask", None) for _, (m, n, _, _) in group]
+            weights = [whole(getattr(m, n).detach()) for _, (m, n, _, _) in group]  # whole tensors when sharded
+            masks = [self.whole_masks.get(name) if self.sharded else getattr(m, n + "_mask", None) for name, (m, n, _, _) in group]
             scores = torch.cat([w.abs().flatten() for w in weights])
             keep = torch.cat([(torch.ones_like(w) if k is None else k).flatten() for w, k in zip(weights, masks)]).bool()
             scores[~keep] = float("inf")  # pruned weights stay pruned and are not counted again
@@ -146,8 +147,8 @@ class LotteryTicket(MagnitudePruning):
         self.rewind_schedule: dict[str, list] | None = None  # scheduler state_dicts and param-group hyperparameters at step k
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.rewind_weights is None and trainer.global_step >= self.rewind_step:
-            self.rewind_weights = {n: p.detach().clone() for n, p in plain_names(pl_module).items() if p.requires_grad}
+        if self.rewind_weights is None and trainer.global_step >= self.rewind_step:  # whole tensors when sharded
+            self.rewind_weights = {n: whole(p.detach()).clone() for n, p in plain_names(pl_module).items() if p.requires_grad}
             if self.rewind_lr:
                 self.rewind_schedule = self.schedule_state(trainer)
         rounds_done = len(self.history)
@@ -181,7 +182,7 @@ class LotteryTicket(MagnitudePruning):
         """Set every saved weight back to its step-``rewind_step`` value (pruned entries stay masked)."""
         params = plain_names(pl_module)
         for name, value in self.rewind_weights.items():
-            params[name].copy_(value)
+            copy_whole(params[name], value)  # this rank's part of the whole saved tensor when sharded
         self.refresh(pl_module)  # the masked weights the hooks expose
 
     def state_dict(self) -> dict[str, Any]:

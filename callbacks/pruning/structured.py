@@ -68,6 +68,10 @@ class StructuredPruning(MaskedPruning):
                   init_args: {final_sparsity: 0.5, start: 0, end: 2, frequency: 1, interval: epoch}
     """
 
+    # zoo.sharding.check_strategy refuses a sharding strategy with this reason
+    sharding = ("Torch-Pruning traces the whole model and resizes whole layers, which a sharded (DTensor) model cannot "
+                "give it; prune once before training instead (zoo.pruning.PruneStructured surgery runs before sharding)")
+
     def __init__(self, schedule: PruningSchedule, ignore: list[str] = ("head",), prune_heads: bool = True, global_pruning: bool = False, round_to: int | None = None, make_permanent: bool = True):
         super().__init__(schedule, make_permanent)
         self.ignore = list(ignore)

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from datamodules.continual import ContinualDataModule
 from datamodules.tensor import eval_batches
+from zoo import sharding
 from zoo.batch import Batch
 from zoo.classifier import Classifier
 from zoo.continual.buffer import ReplayBuffer
@@ -37,7 +38,8 @@ def module_drift(model: nn.Module, anchor: dict[str, torch.Tensor]) -> dict[str,
         params = list(module.named_parameters(prefix=name, recurse=False))
         if params:
             numel = sum(p.numel() for _, p in params)
-            drift[name] = sum((p.detach() - anchor[n].to(p.device)).abs().sum().item() for n, p in params) / numel
+            # whole sums when sharded (DTensor: the shards' sums added over ranks, a collective)
+            drift[name] = sum(sharding.whole((p.detach() - anchor[n].to(p.device)).abs().sum()).item() for n, p in params) / numel
     return drift
 
 
@@ -258,8 +260,14 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"FPF diverged (loss {loss.item()}) on modules {self.forgetting_prone_modules()}: "
                                          f"fpf_lr={self.hparams.fpf_lr} is too large for them; lower it")
-            grads = list(torch.autograd.grad(loss, params))
-            _all_reduce_mean(grads)
+            if sharding.is_sharded(self):  # FSDP2: backward fills the shards' .grad, averaged over ranks
+                self.zero_grad(set_to_none=True)
+                loss.backward()
+                grads = [p.grad for p in params]
+                self.zero_grad(set_to_none=True)
+            else:
+                grads = list(torch.autograd.grad(loss, params))
+                _all_reduce_mean(grads)
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.sub_(self.hparams.fpf_lr * g)
@@ -274,7 +282,7 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             shares = gather_object(self.buffer.state_dict()) if self._saved_shares is None else self._saved_shares
         checkpoint["continual"] = {
             "tasks_finished": self.tasks_finished, "acc_matrix": self.acc_matrix, "drift": dict(self.drift),
-            "anchor": {n: p.cpu() for n, p in self.anchor.items()}, "buffer_shares": shares,
+            "anchor": {n: sharding.whole(p).cpu() for n, p in self.anchor.items()}, "buffer_shares": shares,  # whole when sharded
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -284,7 +292,8 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         if state is None:
             return
         self.tasks_finished, self.acc_matrix, self.drift = state["tasks_finished"], state["acc_matrix"], dict(state["drift"])
-        self.anchor = {n: p.to(self.device) for n, p in state["anchor"].items()}
+        params = dict(self.named_parameters())  # sharded already on a resume under FSDP2: the anchors take their layout
+        self.anchor = {n: sharding.like(params.get(n), p.to(self.device)) for n, p in state["anchor"].items()}
         self._saved_shares = state["buffer_shares"] or None
 
     def _restore_buffer(self, shares: list[dict[str, Any]]) -> None:

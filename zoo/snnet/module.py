@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from zoo import losses as L
+from zoo import sharding
 from zoo.batch import Batch, as_batch
 from zoo.classifier import Classifier
 from zoo.distillation.losses import HardDistill, SoftTargetKL
@@ -54,6 +55,15 @@ from zoo.distillation.teachers import HeadedBackbone, pool_of
 from zoo.snnet.net import StitchableNet
 from zoo.snnet.sampler import StitchSampler
 from zoo.snnet.surgery import Anchors, Stitch
+
+
+def check_sharded_sampling(sample_per_rank: bool, strategy: Strategy, world_size: int) -> None:
+    """Under sharding every rank must run the same blocks (FSDP gathers a block's shards on all ranks together), so
+    each rank cannot train its own stitch: refuse ``sample_per_rank`` before training."""
+    if sample_per_rank and world_size > 1 and sharding.is_sharding(strategy):
+        raise ValueError(f"SNNetModule: sample_per_rank=true cannot train under {type(strategy).__name__} (each rank would run "
+                         "a different stitch, but a sharded block is gathered by all ranks together); set "
+                         "`model.init_args.sample_per_rank: false` (one stitch per step on every rank) or use DDP")
 
 
 def check_find_unused(strategy: Strategy) -> None:
@@ -222,6 +232,10 @@ class SNNetModule(Classifier):
         return {n for b in self.net.anchors if callable(getattr(b, "no_weight_decay", None)) for n in b.no_weight_decay()}
 
     # -- training -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        check_sharded_sampling(self.sample_per_rank, self.trainer.strategy, self.trainer.world_size)
+        super().setup(stage)
+
     def on_fit_start(self) -> None:
         check_find_unused(self.trainer.strategy)  # the first hook after DDP wrapped the model, before any step
 
@@ -247,7 +261,18 @@ class SNNetModule(Classifier):
         return torch.cat(images)[:n].to(self.device)
 
     def init_stitching(self, images: torch.Tensor) -> None:
-        """Least-squares init of the stitching layers on ``images`` (anchors in ``init_mode``), rank 0's solution on every rank."""
+        """Least-squares init of the stitching layers on ``images`` (anchors in ``init_mode``), rank 0's solution on every rank.
+
+        Sharded (FSDP2): solved with the stitchable net's own parameters gathered (its blocks gather theirs as they
+        run), then rank 0's whole solution is written into every rank's shards."""
+        if sharding.is_sharded(self.net):
+            with sharding.unsharded(self.backbone):
+                self.net.init_stitching_layers(images, train=self.init_mode == "train")
+                solved = {n: p.detach().cpu().clone() for n, p in self.net.stitch_layers.named_parameters()}
+            solved = self.trainer.strategy.broadcast(solved, src=0)
+            for name, param in self.net.stitch_layers.named_parameters():
+                sharding.copy_whole(param, solved[name])
+            return
         self.net.init_stitching_layers(images, train=self.init_mode == "train")
         if self.trainer.world_size > 1:
             state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in self.net.stitch_layers.state_dict().items()}, src=0)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from zoo import families
+from zoo import families, sharding
 from zoo.snnet import parts
 from zoo.snnet.layers import (
     FLOP_MAPPING,
@@ -217,8 +217,13 @@ class StitchableNet(nn.Module):
         The stitches form a prefix tree (anchor blocks, then a stitching layer, then the next anchor's
         blocks...); a depth-first walk runs every node once and branches off at each stitching
         position, so the cost is the size of the tree rather than the sum of all paths, and only one
-        path of activations is alive at a time.
+        path of activations is alive at a time. Sharded (FSDP2), the net's own parameters are gathered for the call
+        (it runs outside ``forward``): every rank must call it as many times.
         """
+        with sharding.unsharded(self):
+            return self._forward_all(x, stitches)
+
+    def _forward_all(self, x: torch.Tensor, stitches: list[int] | None) -> dict[int, torch.Tensor]:
         ids = list(range(len(self.stitches))) if stitches is None else [self._check(i) for i in stitches]
         wanted = {self.stitches[i].key: i for i in ids}
         children: dict[tuple, dict[int, list[tuple]]] = defaultdict(lambda: defaultdict(list))
