@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules.tensor import eval_batches
+from zoo import sharding
 from zoo.batch import as_batch
 from zoo.snnet import StitchableNet
 
@@ -222,7 +223,7 @@ class StitchSweep(Callback):
         counts = trainer.strategy.reduce(counts.double().to(trainer.strategy.root_device), reduce_op="sum").cpu()
         net, latency = pl_module.net, None
         if self.measure_latency:
-            if trainer.is_global_zero:
+            if trainer.is_global_zero or sharding.is_sharded(net):  # sharded: a forward is a collective, every rank runs it
                 latency = stitch_latency(net, net.example_input(self.latency_batch_size).normal_(), self.latency_repeats)
             latency = trainer.strategy.broadcast(latency, src=0)
         self.rows = table_rows(net, accuracy_from_counts(counts), latency)
