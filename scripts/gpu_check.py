@@ -33,18 +33,19 @@ sys.path.insert(0, str(ROOT))
 SHRINK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--data.init_args.batch_size=8"]
 CONTINUAL = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",  # crosses a task end
              "--data.init_args.epochs_per_task=1", "--data.init_args.data.init_args.batch_size=4"]
-# technique -> (main config, CLI arguments for a short run, extra CLI arguments under DDP)
+# technique -> (main config, CLI arguments for a short run, extra CLI arguments under DDP, extra under sharding)
 TECHNIQUES = {
-    "classifier": ("quickstart.yaml", SHRINK, []),
-    "distillation": ("distill/vit_to_small_vit.yaml", SHRINK, []),
+    "classifier": ("quickstart.yaml", SHRINK, [], []),
+    "distillation": ("distill/vit_to_small_vit.yaml", SHRINK, [], []),
+    # DDP: one stitch per rank and step (official); sharded: every rank runs the same stitch (a block is gathered by all)
     "snnet": ("snnet/stitch.yaml", [*SHRINK, "--callbacks.sweep.init_args.latency_repeats=1"],
-              ["--trainer.strategy.init_args.find_unused_parameters=true"]),  # one stitch per rank and step
-    "subtuning": ("subtuning/lite0_fmnist.yaml", SHRINK, []),
-    "emoe": ("emoe/vit_fmnist.yaml", SHRINK, []),
-    "continual_er": ("continual/er_split_fmnist.yaml", CONTINUAL, []),
+              ["--trainer.strategy.init_args.find_unused_parameters=true"], ["--model.init_args.sample_per_rank=false"]),
+    "subtuning": ("subtuning/lite0_fmnist.yaml", SHRINK, [], []),
+    "emoe": ("emoe/vit_fmnist.yaml", SHRINK, [], []),
+    "continual_er": ("continual/er_split_fmnist.yaml", CONTINUAL, [], []),
     "pruning": ("pruning/vit_fmnist_gradual.yaml", [*SHRINK, "--callbacks.pruning.init_args.schedule.init_args.start=0",
                                                    "--callbacks.pruning.init_args.schedule.init_args.end=2",
-                                                   "--callbacks.pruning.init_args.schedule.init_args.frequency=1"], []),
+                                                   "--callbacks.pruning.init_args.schedule.init_args.frequency=1"], [], []),
 }
 STRATEGIES = ("ddp", "sharded")
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -60,7 +61,7 @@ def case_args(technique: str, strategy: str, precision: str, accelerator: str, d
 
     from tests.standin import point_data_dirs, standin_args
 
-    config, short, ddp_extra = TECHNIQUES[technique]
+    config, short, ddp_extra, sharded_extra = TECHNIQUES[technique]
     text = (ROOT / "configs" / config).read_text()
     conf = yaml.safe_load(text)
     conf["data"] = point_data_dirs(conf["data"], str(standin))
@@ -71,7 +72,7 @@ def case_args(technique: str, strategy: str, precision: str, accelerator: str, d
         how = ["--trainer.strategy=lightning.pytorch.strategies.DDPStrategy", pg_timeout, *ddp_extra]
     else:
         snippet = ROOT / "configs" / "strategies" / ("sharded_cpu.yaml" if accelerator == "cpu" else "sharded_gpu.yaml")
-        how = ["--config", str(snippet), f"--trainer.strategy.init_args.data_parallel_size={devices}", pg_timeout]
+        how = ["--config", str(snippet), f"--trainer.strategy.init_args.data_parallel_size={devices}", pg_timeout, *sharded_extra]
     return ["fit", "--config", str(run_dir / "config.yaml"), *standin_args(text), *short, *how, *QUIET,
             f"--trainer.accelerator={'cpu' if accelerator == 'cpu' else 'gpu'}", f"--trainer.devices={devices}",
             f"--trainer.precision={precision}"]
@@ -120,10 +121,23 @@ def launch(plan: list[dict], devices: int, out: Path, k: int) -> list[subprocess
                              stderr=subprocess.STDOUT) for r in range(devices)]
 
 
+def where(text: str) -> str:
+    """The innermost frame of a traceback in this repository's code: ``path:line in function``."""
+    frames = [(f, n, fn) for f, n, fn in re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
+              if f.startswith(str(ROOT)) and "site-packages" not in f]
+    return f"{Path(frames[-1][0]).relative_to(ROOT)}:{frames[-1][1]} in {frames[-1][2]}" if frames else "?"
+
+
 def error_line(texts: list[str]) -> str:
-    """The last line of the most telling traceback: the first rank's that is not a collective's timeout."""
-    lines = [next((l.strip() for l in reversed(t.splitlines()) if l.strip()), "?") for t in texts if t and t != "ok"]
-    return next((l for l in lines if not COLLECTIVE.search(l)), lines[0] if lines else "?")[:300]
+    """The last line of the most telling rank's traceback (the first that is not a collective's timeout) and where in
+    the zoo it was; when every rank timed out in a collective, where each rank was (they waited in different ones)."""
+    failed = [(r, t, next((l.strip() for l in reversed(t.splitlines()) if l.strip()), "?")) for r, t in enumerate(texts) if t and t != "ok"]
+    if not failed:
+        return "?"
+    own = [(r, t, line) for r, t, line in failed if not COLLECTIVE.search(line)]
+    if own:
+        return f"{own[0][2][:300]} (rank {own[0][0]}, {where(own[0][1])})"
+    return f"{failed[0][2][:200]} (" + "; ".join(f"rank {r} in {where(t)}" for r, t, _ in failed) + ")"
 
 
 def statuses(item: dict, devices: int) -> list[str]:

@@ -67,7 +67,7 @@ def test_a_failed_case_is_reported_and_the_next_runs_in_a_new_group(tmp_path, mo
     plan = [{"name": n, "technique": n, "strategy": "sharded", "precision": "32-true", "dir": str(tmp_path / n)} for n in "abc"]
     for item in plan:
         Path(item["dir"]).mkdir()
-    error = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: EMoEModule: Moefy cannot train under X\n"
+    error = f'Traceback (most recent call last):\n  File "{ROOT}/zoo/emoe/surgery.py", line 12, in apply\nValueError: EMoEModule: Moefy cannot train under X\n'
     groups = {0: {"a": ["ok", "ok"], "b": ["Traceback ...\nRuntimeError: [Rank 0] Watchdog caught collective operation timeout\n", error]},
               1: {"c": ["ok", "ok"]}}
     launched = []
@@ -84,7 +84,7 @@ def test_a_failed_case_is_reported_and_the_next_runs_in_a_new_group(tmp_path, mo
     lines = []
     results = gpu_check.run_all(plan, 2, 60, tmp_path, lambda item, status, detail, s: lines.append((item["name"], status, detail)))
     assert launched == [["a", "b", "c"], ["c"]]
-    assert lines == [("a", "ok", ""), ("b", "FAILED", "ValueError: EMoEModule: Moefy cannot train under X"), ("c", "ok", "")]
+    assert lines == [("a", "ok", ""), ("b", "FAILED", "ValueError: EMoEModule: Moefy cannot train under X (rank 1, zoo/emoe/surgery.py:12 in apply)"), ("c", "ok", "")]
     assert results["b"][0] == "FAILED" and results["c"] == ("ok", "")
 
 
@@ -96,7 +96,16 @@ def test_a_group_that_cannot_start_fails_every_case(tmp_path, monkeypatch):
     assert results == {n: ("FAILED", "processes did not start: ModuleNotFoundError: No module named 'lightning'") for n in "ab"}
 
 
-@pytest.mark.parametrize("texts,expected", [(["ok", "E\nKeyError: 'x'\n"], "KeyError: 'x'"),
-                                            (["E\nDistBackendError: gloo connection closed\n"], "DistBackendError: gloo connection closed")])
+def frame(path: str, line: int, fn: str) -> str:
+    return f'  File "{path}", line {line}, in {fn}\n'
+
+
+@pytest.mark.parametrize("texts,expected", [
+    (["ok", "T\n" + frame(f"{ROOT}/cli.py", 3, "main") + frame("/usr/lib/site-packages/x.py", 9, "f") + "KeyError: 'x'\n"],
+     "KeyError: 'x' (rank 1, cli.py:3 in main)"),
+    ([f"T\n{frame(f'{ROOT}/callbacks/stitch_sweep.py', 73, 'stitch_latency')}RuntimeError: Timed out waiting 120000ms for send\n",
+      f"T\n{frame(f'{ROOT}/callbacks/stitch_sweep.py', 227, 'on_fit_end')}RuntimeError: Timed out waiting 120000ms for recv\n"],
+     "RuntimeError: Timed out waiting 120000ms for send (rank 0 in callbacks/stitch_sweep.py:73 in stitch_latency; "
+     "rank 1 in callbacks/stitch_sweep.py:227 in on_fit_end)")], ids=["own error", "both in collectives"])
 def test_error_line(texts, expected):
     assert gpu_check.error_line(texts) == expected
