@@ -65,3 +65,32 @@ def tiny_emoe(**moefy) -> torch.nn.Module:
 def test_bad_inputs_fail_before_training(make, surgery, message):
     with pytest.raises(ValueError, match=message):
         surgery.apply(make())
+
+
+def test_checkpoint_holds_only_the_adapters_and_reloads(tmp_path):
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from zoo.backbones import load_zoo_module
+    from zoo.batch import Batch, collate
+    from zoo.classifier import Classifier
+
+    data = DataLoader([Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % 4)) for i in range(16)], batch_size=8, collate_fn=collate)
+
+    def fit(module, path):
+        trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          accelerator="cpu", devices=1, limit_val_batches=0)
+        trainer.fit(module, data)
+        trainer.save_checkpoint(path)
+
+    torch.manual_seed(0)
+    fit(Classifier(TINY_VIT, num_classes=4, model_kwargs=TINY_VIT_KWARGS), tmp_path / "base.ckpt")  # the "pretrained" base
+    moefy = Moefy(num_experts=4, top_k=2, layers=[1], gate="learned", router="linear", cluster_inits=1)
+    module = Classifier(str(tmp_path / "base.ckpt"), num_classes=4, surgery=[moefy, ExpertLoRA(r=2, alpha=4)])
+    fit(module, tmp_path / "adapted.ckpt")
+    saved = torch.load(tmp_path / "adapted.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.endswith(("fc1_weight", "fc2_weight", ".router", "qkv.weight")) for k in saved)  # the frozen base is not saved
+    assert {n for n, p in module.named_parameters() if p.requires_grad} <= set(saved)
+    reloaded = load_zoo_module(tmp_path / "adapted.ckpt").eval()
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(reloaded(x), module.eval()(x))
