@@ -33,6 +33,8 @@ from zoo.adapters import checkpoint as ckpt
 from zoo.adapters.lora import LoRA, lora_layers
 from zoo.adapters.targets import block_names
 
+__all__ = ["ExpertLoRA"]
+
 GATE_MODES = ("lora", "train", "frozen")
 
 
