@@ -48,6 +48,13 @@ CASES = {
     "emoe/vit_fmnist.yaml": ({"ExpertLoad": {"log_every_n_steps": 1}}, [*SHORT, *SMALL_BATCHES]),
     "snnet/stitch.yaml": ({"StitchSweep": {"latency_repeats": 1}}, [*SHORT, *SMALL_BATCHES, "--trainer.strategy.init_args.find_unused_parameters=true"]),
     "subtuning/profile.yaml": ({"SubTuningProfile": {"steps": 1, "batch_size": 8, "k": 1, "max_val_samples": 8, "start": "best"}}, [*SHORT, *SMALL_BATCHES]),
+    "adapters/lora_vit.yaml": ({}, [*SHORT, *SMALL_BATCHES]),
+    "adapters/e3va_vit.yaml": ({}, [*SHORT, *SMALL_BATCHES]),
+    # components pruned at both steps
+    "adapters/dynamic_dora.yaml": ({"RankSchedule": {"interval": 1, "start_ratio": 0.0, "end_ratio": 0.0}}, [*SHORT, *SMALL_BATCHES]),
+    # fake quantisation from step 0, int8 at the end
+    "quantize/qat_vit.yaml": ({"QuantizationAwareTraining": {"start_step": 0, "freeze_step": 1}}, [*SHORT, *SMALL_BATCHES]),
+    "quantize/ptq_vit.yaml": ({"PostTrainingQuantization": {"calibration_batches": 1}}, [*SHORT, *SMALL_BATCHES]),
 }
 
 
@@ -269,6 +276,38 @@ def test_subtuning_profile(ddp_runs):
     assert {n.split(".")[0] for n in states[0]["trainable"]} == {"head", "backbone"}
     assert all(n.startswith(("head.", f"backbone.{chosen[0]}.")) for n in states[0]["trainable"])
     assert _one(run_dir, "profile.csv").exists() and "subtuning/profile" in _tags(run_dir)["images"]
+
+
+def test_lora(ddp_runs):
+    run_dir, states = _result(ddp_runs, "adapters/lora_vit.yaml")
+    assert {"lora_A", "lora_B"} <= {part for k in states[0]["trainable"] for part in k.split(".")}
+    _assert_same_weights(states)
+    assert "val/acc" in _tags(run_dir)["scalars"]
+
+
+def test_e3va(ddp_runs):
+    run_dir, states = _result(ddp_runs, "adapters/e3va_vit.yaml")
+    _assert_same_weights(states)
+    assert all(n.startswith(("head.", "backbone.e3va.")) for n in states[0]["trainable"])
+
+
+def test_dynamic_rank_prunes_the_same_components_on_both_ranks(ddp_runs):
+    run_dir, states = _result(ddp_runs, "adapters/dynamic_dora.yaml")
+    _assert_same_weights(states)  # the masks (buffers) too
+    scalers = [v for k, v in states[0]["state_dict"].items() if k.endswith("lora_scaler")]
+    assert scalers and sum(int((s == 0).sum()) for s in scalers) > 0  # the schedule pruned components (their scalars are zero)
+
+
+def test_qat_then_int8(ddp_runs):
+    run_dir, states = _result(ddp_runs, "quantize/qat_vit.yaml")
+    _assert_same_weights(states)
+    assert "val/acc" in _tags(run_dir)["scalars"]
+
+
+def test_ptq_saves_the_int8_model(ddp_runs):
+    run_dir, states = _result(ddp_runs, "quantize/ptq_vit.yaml")
+    _assert_same_weights(states)
+    assert _one(run_dir, "quantized.ckpt").stat().st_size > 0
 
 
 def test_one_rank_collective_ends_within_the_timeout(tmp_path):
