@@ -67,7 +67,7 @@ def case_args(technique: str, strategy: str, precision: str, accelerator: str, d
     conf["data"] = point_data_dirs(conf["data"], str(standin))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(conf))
-    pg_timeout = f"--trainer.strategy.init_args.timeout=0:00:{timeout}" if timeout < 60 else f"--trainer.strategy.init_args.timeout=0:{timeout // 60:02d}:{timeout % 60:02d}"
+    pg_timeout = f"--trainer.strategy.init_args.timeout={timeout // 3600}:{timeout // 60 % 60:02d}:{timeout % 60:02d}"  # H:MM:SS
     if strategy == "ddp":
         how = ["--trainer.strategy=lightning.pytorch.strategies.DDPStrategy", pg_timeout, *ddp_extra]
     else:
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     devices = args.devices or (torch.cuda.device_count() if args.accelerator == "cuda" else 2)
     techniques, strategies, precisions = (a.split(",") for a in (args.techniques, args.strategies, args.precision))
-    unknown = [t for t in techniques if t not in TECHNIQUES] + [s for s in strategies if s not in STRATEGIES] + [p for p in precisions if p not in PRECISIONS]
+    unknown = ([t for t in techniques if t not in TECHNIQUES] + [s for s in strategies if s not in STRATEGIES]
+               + [p for p in precisions if p not in PRECISIONS])
     if unknown:
         parser.error(f"unknown {unknown}: techniques {list(TECHNIQUES)}, strategies {list(STRATEGIES)}, precisions {list(PRECISIONS)}")
     out = Path(args.out or tempfile.mkdtemp(prefix="zoo_gpu_check_")).resolve()

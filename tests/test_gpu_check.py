@@ -67,7 +67,7 @@ def test_a_failed_case_is_reported_and_the_next_runs_in_a_new_group(tmp_path, mo
     plan = [{"name": n, "technique": n, "strategy": "sharded", "precision": "32-true", "dir": str(tmp_path / n)} for n in "abc"]
     for item in plan:
         Path(item["dir"]).mkdir()
-    error = f'Traceback (most recent call last):\n  File "{ROOT}/zoo/emoe/surgery.py", line 12, in apply\nValueError: EMoEModule: Moefy cannot train under X\n'
+    error = f'Traceback (most recent call last):\n{frame(f"{ROOT}/zoo/emoe/surgery.py", 12, "apply")}ValueError: EMoEModule: Moefy cannot train under X\n'
     groups = {0: {"a": ["ok", "ok"], "b": ["Traceback ...\nRuntimeError: [Rank 0] Watchdog caught collective operation timeout\n", error]},
               1: {"c": ["ok", "ok"]}}
     launched = []
@@ -84,7 +84,8 @@ def test_a_failed_case_is_reported_and_the_next_runs_in_a_new_group(tmp_path, mo
     lines = []
     results = gpu_check.run_all(plan, 2, 60, tmp_path, lambda item, status, detail, s: lines.append((item["name"], status, detail)))
     assert launched == [["a", "b", "c"], ["c"]]
-    assert lines == [("a", "ok", ""), ("b", "FAILED", "ValueError: EMoEModule: Moefy cannot train under X (rank 1, zoo/emoe/surgery.py:12 in apply)"), ("c", "ok", "")]
+    assert lines == [("a", "ok", ""), ("b", "FAILED", "ValueError: EMoEModule: Moefy cannot train under X (rank 1, zoo/emoe/surgery.py:12 in apply)"),
+                     ("c", "ok", "")]
     assert results["b"][0] == "FAILED" and results["c"] == ("ok", "")
 
 
