@@ -37,7 +37,7 @@ def _public(module) -> list[str]:
             if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == module.__name__]
 
 
-for _name in ("dynamic_rank", "e3va"):
+for _name in ("dynamic_rank", "e3va", "emoe_lora"):
     if _util.find_spec(f"zoo.adapters.{_name}") is not None:
         _module = _importlib.import_module(f"zoo.adapters.{_name}")
         _names = [n for n in _public(_module) if n not in globals()]
