@@ -28,17 +28,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 import callbacks  # noqa: F401  (registers the zoo's callbacks for --help and class_path short names)
 import datamodules  # noqa: F401
-import zoo.continual  # noqa: F401  (the technique packages: their modules and parts become known subclasses)
+import zoo.adapters  # noqa: F401  (the technique packages: their modules and parts become known subclasses)
+import zoo.continual  # noqa: F401
 import zoo.distillation  # noqa: F401
 import zoo.emoe  # noqa: F401
 import zoo.pruning  # noqa: F401
+import zoo.quantize  # noqa: F401
 import zoo.snnet  # noqa: F401
 import zoo.subtuning  # noqa: F401
 from callbacks.checkpoint import Checkpoint
 from callbacks.run_dir import RemoveFailedRunDir
 from callbacks.summary import ModelSummary
 from datamodules.base import ClassificationDataModule
-from zoo import runtime
+from zoo import runtime, sharding
 from zoo.classifier import Classifier
 
 
@@ -74,6 +76,7 @@ class ZooCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer with the named callbacks, the run's ``Checkpoint`` and the zoo's model summary."""
         trainer_config = self._section("trainer") or {}
+        sharding.check_accelerator(self.model, trainer_config.get("strategy"), trainer_config.get("accelerator"))
         extra = list(trainer_config.get("callbacks") or []) + list((self._section("callbacks") or {}).values())
         user_checkpoints = [c for c in extra if isinstance(c, ModelCheckpoint)]
         for c in user_checkpoints:

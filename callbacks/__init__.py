@@ -3,6 +3,8 @@
 from callbacks.continual_metrics import ContinualMetrics
 from callbacks.expert_load import ExpertLoad
 from callbacks.pruning import LotteryTicket, MagnitudePruning, StructuredPruning
+from callbacks.quantize import PostTrainingQuantization, QuantizationAwareTraining
+from callbacks.rank_schedule import RankSchedule
 from callbacks.pruning_schedules import Cubic, Exponential, Linear, OneShot, PruningSchedule
 from callbacks.stitch_sweep import StitchSweep
 from callbacks.skip_cached_inputs import SkipCachedInputs
@@ -10,5 +12,5 @@ from callbacks.subtuning_profile import SubTuningProfile
 
 __all__ = [
     "ContinualMetrics", "Cubic", "ExpertLoad", "Exponential", "Linear", "LotteryTicket", "MagnitudePruning", "OneShot",
-    "PruningSchedule", "SkipCachedInputs", "StitchSweep", "StructuredPruning", "SubTuningProfile",
+    "PostTrainingQuantization", "PruningSchedule", "QuantizationAwareTraining", "RankSchedule", "SkipCachedInputs", "StitchSweep", "StructuredPruning", "SubTuningProfile",
 ]

@@ -154,3 +154,9 @@ def test_strategy_snippet_builds_a_trainer_with_a_technique_config(snippet: Path
     else:
         assert isinstance(trainer.strategy, DDPStrategy)
     assert conf["accelerator"] == ("cpu" if "cpu" in snippet.name else "gpu")
+
+
+def test_cli_names_the_module_for_fsdp1_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^Classifier: FSDPStrategy \(FSDP1\) runs on CUDA GPUs only"):
+        cli.main(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.strategy=fsdp", "--trainer.logger=false"], run=False)
