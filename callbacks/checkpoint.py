@@ -23,6 +23,7 @@ YAML::
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -109,5 +110,18 @@ class Checkpoint(ModelCheckpoint):
         tmp = f"{path}.tmp" if local else path
         trainer.save_checkpoint(tmp, self.save_weights_only)  # collective: every rank reaches it
         if local and trainer.is_global_zero:
-            os.replace(tmp, path)
+            replace(tmp, path)
         trainer.strategy.barrier("zoo_last_checkpoint")
+
+
+def replace(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst`` atomically, a file or a distributed-checkpoint folder (a sharded run's ``last.ckpt``):
+    a folder cannot replace a folder, so the old one is moved aside first and removed after."""
+    if os.path.isdir(dst) and not os.path.islink(dst):
+        old = f"{dst}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -177,3 +177,20 @@ def test_bad_inputs_print_the_zoo_message_alone(tmp_path, monkeypatch, capsys, a
     monkeypatch.setenv("ZOO_TRACEBACK", "1")  # the full traceback on request
     with pytest.raises(Exception, match=r"Unknown model|batch_size=0|is empty"):
         cli.console(argv)
+
+
+def test_last_checkpoint_folder_is_replaced_atomically(tmp_path):
+    """A sharded run's last.ckpt is a distributed-checkpoint folder: the next save replaces it (os.replace alone cannot)."""
+    from callbacks.checkpoint import replace
+
+    last, tmp = tmp_path / "last.ckpt", tmp_path / "last.ckpt.tmp"
+    for step in (1, 2):
+        tmp.mkdir()
+        (tmp / "meta.pt").write_text(str(step))
+        replace(str(tmp), str(last))
+        assert (last / "meta.pt").read_text() == str(step) and not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    f = tmp_path / "x.tmp"
+    f.write_text("file")
+    replace(str(f), str(tmp_path / "x.ckpt"))
+    assert (tmp_path / "x.ckpt").read_text() == "file"
