@@ -45,12 +45,13 @@ def _take(x: Any, n: int) -> Any:
     return x
 
 
-def disk_bytes(module: torch.nn.Module) -> tuple[int, int]:
-    """``(bytes, gzip_bytes)`` of ``module``'s state_dict saved with ``torch.save``."""
+def disk_bytes(module: torch.nn.Module, compressed: bool = True) -> tuple[int, int | None]:
+    """``(bytes, gzip_bytes)`` of ``module``'s state_dict saved with ``torch.save`` (gzip level 6; ``None`` if not
+    ``compressed``: gzip takes about 5 s per 100 MB on one core)."""
     buf = io.BytesIO()
     torch.save(module.state_dict(), buf)
     data = buf.getvalue()
-    return len(data), len(gzip.compress(data, compresslevel=6))
+    return len(data), (len(gzip.compress(data, compresslevel=6)) if compressed else None)
 
 
 def sparsity(module: torch.nn.Module) -> float:
@@ -71,14 +72,16 @@ class CompressionReport(Callback):
         latency_repeats: timed forwards per latency (median; 2 untimed warm-ups first).
         backbone_only: measure sizes on ``module.backbone`` (teachers, projectors and loss modules excluded);
             ``false``: the whole module's state_dict.
+        compressed: also measure the gzip-compressed size (``gzip_bytes``; null when off).
     """
 
-    def __init__(self, eval_batches: int | None = None, latency_repeats: int = 20, backbone_only: bool = True):
+    def __init__(self, eval_batches: int | None = None, latency_repeats: int = 20, backbone_only: bool = True, compressed: bool = True):
         if eval_batches is not None and eval_batches < 1:
             raise ValueError(f"eval_batches={eval_batches}: expected at least 1 batch (or null: the whole validation split)")
         if latency_repeats < 1:
             raise ValueError(f"latency_repeats={latency_repeats}: expected at least 1")
         self.eval_batches, self.latency_repeats, self.backbone_only = eval_batches, latency_repeats, backbone_only
+        self.compressed = compressed
         self.rows: list[dict[str, Any]] = []
 
     # -- hooks ---------------------------------------------------------------------------------------------------
@@ -136,7 +139,7 @@ class CompressionReport(Callback):
             total += int(b.targets.numel())
         one = dataclasses.replace(batches[0], inputs=_take(batches[0].inputs, 1), targets=_take(batches[0].targets, 1))
         target = pl_module.backbone if self.backbone_only and hasattr(pl_module, "backbone") else pl_module
-        size, packed = disk_bytes(target)
+        size, packed = disk_bytes(target, self.compressed)
         scheme = next((t.scheme for t in getattr(pl_module, "surgery", []) if type(t).__name__ == "Quantize"), None)
         row = {"stage": stage, "precision": scheme or "float32", "accuracy": correct / max(total, 1), "bytes": size,
                "gzip_bytes": packed, "sparsity": sparsity(target),
@@ -160,7 +163,7 @@ class CompressionReport(Callback):
         """The rows as a Markdown table."""
         lines = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
         for r in self.rows:
-            cells = [r["stage"], r["precision"], f"{r['accuracy']:.4f}", f"{r['bytes'] / 1e6:.3f} MB", f"{r['gzip_bytes'] / 1e6:.3f} MB",
+            cells = [r["stage"], r["precision"], f"{r['accuracy']:.4f}", f"{r['bytes'] / 1e6:.3f} MB", "-" if r["gzip_bytes"] is None else f"{r['gzip_bytes'] / 1e6:.3f} MB",
                      f"{r['sparsity']:.3f}", f"{r['latency_ms_b1']:.2f}", f"{r['latency_ms_batch']:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
@@ -178,7 +181,7 @@ class CompressionReport(Callback):
             Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
             (Path(logger.log_dir) / "compression_report.md").write_text(text + "\n")
         for i, r in enumerate(self.rows):
-            logger.log_metrics({f"compression/{k}": float(v) for k, v in r.items() if k not in ("stage", "precision")}, step=i)
+            logger.log_metrics({f"compression/{k}": float(v) for k, v in r.items() if k not in ("stage", "precision") and v is not None}, step=i)
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text("compression/report", text, trainer.global_step)
@@ -198,7 +201,8 @@ class CompressionReport(Callback):
         axes[0].set_title("val top-1")
         x = range(len(stages))
         axes[1].bar([i - 0.2 for i in x], [r["bytes"] / 1e6 for r in self.rows], width=0.4, label="state_dict")
-        axes[1].bar([i + 0.2 for i in x], [r["gzip_bytes"] / 1e6 for r in self.rows], width=0.4, label="gzip")
+        if all(r["gzip_bytes"] is not None for r in self.rows):
+            axes[1].bar([i + 0.2 for i in x], [r["gzip_bytes"] / 1e6 for r in self.rows], width=0.4, label="gzip")
         axes[1].set_xticks(list(x), stages)
         axes[1].set_title("size on disk (MB)")
         axes[1].legend()

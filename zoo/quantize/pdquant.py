@@ -86,7 +86,6 @@ class PDQuant(Calibrator):
         reference, features = self._float_pass(run, modules, batches)
         scales = dict(peaks)
         current: dict[str, torch.Tensor] = {}
-        outputs: dict[str, list[torch.Tensor]] = {}
 
         def pre(name):
             return lambda m, args: (fake_quant(args[0], scales[name]),) + tuple(args[1:])
