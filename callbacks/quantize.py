@@ -201,11 +201,15 @@ class QuantizationAwareTraining(Callback):
         self.names = select_layers(backbone, self._scheme, self.layers, self.exclude)
         if self.bn_freeze_step is not None and not has_batchnorm(backbone):
             raise ValueError(f"bn_freeze_step={self.bn_freeze_step}: {type(backbone).__name__} has no BatchNorm layer; remove it")
+        fake.attach(backbone, self.names, self._scheme)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not in on_fit_start: there ``estimated_stepping_batches`` would build the training loader before Lightning
+        # restores the checkpoint's loader state, and a run resumed mid-epoch would restart its epoch from batch 0.
         total = trainer.estimated_stepping_batches
         if self.start_step >= total and not trainer.fast_dev_run:
             raise self._last_step_error(int(total), f"max_epochs={trainer.max_epochs} x {trainer.num_training_batches} batches"
                                         + (f" / accumulate_grad_batches={trainer.accumulate_grad_batches}" if trainer.accumulate_grad_batches > 1 else ""))
-        fake.attach(backbone, self.names, self._scheme)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         backbone, step = pl_module.backbone, trainer.global_step

@@ -14,6 +14,8 @@ With :class:`zoo.adapters.dynamic_rank.DynamicRank` layers, the official DoRA sc
 With peft's AdaLoRA (:class:`zoo.adapters.dynamic_rank.AdaLoRA`), the same ``T``, ``start_ratio``, ``end_ratio`` and
 ``interval`` become its ``total_step``, ``tinit``, ``tfinal`` and ``deltaT``, and its ``update_and_allocate(t)`` is
 called after every optimizer step (gradients are still there: Lightning zeroes them before the next backward).
+Its allocator's importance statistics and final rank pattern live outside the module's state dict: they are this
+callback's checkpointed state, so a run resumed mid-schedule continues exactly (DoRA's live in the layers' buffers).
 
     callbacks:
       rank_schedule: {class_path: callbacks.rank_schedule.RankSchedule, init_args: {interval: 100}}
@@ -55,6 +57,8 @@ class RankSchedule(Callback):
         self.beta, self.eps, self.total_steps = float(beta), float(eps), total_steps
         self.total = 0
         self.last_step = -1
+        self.adaloras: list = []
+        self._pending_adalora: list[dict] | None = None
 
     # -- setup -------------------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -65,6 +69,14 @@ class RankSchedule(Callback):
         if not self.layers and not self.adaloras:
             raise ValueError("RankSchedule: the module has no DynamicRank (RankOneLinear) or AdaLoRA layer; add "
                              "zoo.adapters.dynamic_rank.DynamicRank or .AdaLoRA to its `surgery`")
+        budget = sum(m.target_rank for m in self.layers)
+        if budget > sum(m.initial_rank for m in self.layers):
+            raise ValueError(f"RankSchedule: the budget {budget} is larger than the initial rank total "
+                             f"{sum(m.initial_rank for m in self.layers)}")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not in on_fit_start: there ``estimated_stepping_batches`` would build the training loader before Lightning
+        # restores the checkpoint's loader state, and a run resumed mid-epoch would restart its epoch from batch 0.
         estimated = trainer.estimated_stepping_batches
         if self.total_steps is not None and estimated != float("inf") and self.total_steps > estimated:
             raise ValueError(f"RankSchedule: total_steps={self.total_steps} is beyond training ({int(estimated)} optimizer steps "
@@ -72,12 +84,11 @@ class RankSchedule(Callback):
         if self.total_steps is None and estimated == float("inf"):
             raise ValueError("RankSchedule: training has no known length (max_epochs: -1 and no max_steps); set total_steps")
         self.total = int(self.total_steps or estimated)
-        budget = sum(m.target_rank for m in self.layers)
-        if budget > sum(m.initial_rank for m in self.layers):
-            raise ValueError(f"RankSchedule: the budget {budget} is larger than the initial rank total "
-                             f"{sum(m.initial_rank for m in self.layers)}")
         for tuner in self.adaloras:
             self._configure_adalora(tuner)
+        if self._pending_adalora is not None:  # resumed: the allocators' statistics (loaded after on_fit_start under FSDP)
+            self._load_adalora(self._pending_adalora)
+            self._pending_adalora = None
 
     def _configure_adalora(self, tuner) -> None:
         config = tuner.peft_config[tuner.trainable_adapter_name]
@@ -126,11 +137,34 @@ class RankSchedule(Callback):
         for m in self.layers:
             m.prune(threshold, final=p == last)
 
+    # -- checkpointed state ------------------------------------------------------------------------------------------
+    STATISTICS = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # peft's RankAllocator keeps them as attributes, not in a state dict
+
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
+        """The last step seen and, per AdaLoRA, its allocator's importance statistics and final rank pattern (peft keeps
+        them outside the module's state dict, so without them a resumed run would restart them)."""
+        state: dict = {"last_step": self.last_step}
+        if self.adaloras:
+            state["adalora"] = [
+                {**{k: {n: t.detach().clone() for n, t in getattr(tuner.rankallocator, k).items()} for k in self.STATISTICS},
+                 "rank_pattern": tuner.peft_config[tuner.trainable_adapter_name].rank_pattern}
+                for tuner in self.adaloras]
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_step = state_dict.get("last_step", -1)
+        self._pending_adalora = state_dict.get("adalora")  # applied in on_train_start, once the tuners are known
+
+    def _load_adalora(self, states: list[dict]) -> None:
+        if len(states) != len(self.adaloras):
+            raise ValueError(f"RankSchedule: the checkpoint holds the statistics of {len(states)} AdaLoRA surgeries, the module "
+                             f"has {len(self.adaloras)}")
+        for tuner, state in zip(self.adaloras, states):
+            params = dict(tuner.model.named_parameters())
+            allocator = tuner.rankallocator
+            for k in self.STATISTICS:
+                setattr(allocator, k, {n: t.to(params[n].device) for n, t in state[k].items()})
+            tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
 
 
 def total_rank(module: torch.nn.Module) -> int:

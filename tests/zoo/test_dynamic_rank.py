@@ -169,3 +169,32 @@ def test_trained_only_checkpoint_keeps_components_and_importance(tmp_path):
     assert torch.equal(reloaded(x), module.eval()(x))
     for (_, a), (_, b) in zip(rank_one_layers(reloaded), rank_one_layers(module)):
         assert torch.equal(a.importance, b.importance) and torch.equal(a.mask_fixed, b.mask_fixed)
+
+
+def test_adalora_resumed_mid_schedule_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """peft's RankAllocator statistics (before the final mask) and rank pattern (after it) cross a checkpoint: resumed
+    from step 2 (statistics) or step 6 (final pattern, masked every step) of 8, AdaLoRA ends bit-identical."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, checkpoints=False):
+        module = _module(AdaLoRA(target_rank=2, initial_rank=3), losses=[CrossEntropy(), AdaLoraOrthogonality()])
+        schedule = RankSchedule(interval=1)  # T = 8: tinit 1, tfinal 4, budgeting at steps 2-3, final mask at step 4
+        callbacks = [schedule, *([ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")] if checkpoints else [])]
+        Trainer(max_steps=8, logger=False, enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
+                limit_val_batches=0, callbacks=callbacks, gradient_clip_val=1.0
+                ).fit(module, datamodule=Digits(samples_per_class=4, batch_size=8), ckpt_path=ckpt_path)
+        return {k: v.clone() for k, v in module.state_dict().items()}
+
+    whole = run(checkpoints=True)
+    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=False)
+    loops = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert [s["batches"] for s in loops] == [2]  # mid-epoch (5 batches an epoch)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("RankSchedule"))["adalora"][0]
+    assert len(state["exp_avg_ipt"]) == 3 * 8 and all(t.abs().sum() > 0 for t in state["exp_avg_unc"].values())  # A, E, B of 8 layers
+    for step in (2, 6):
+        resumed = run(ckpt_path=tmp_path / f"step={step}.ckpt")
+        assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole), step
+    # the statistics matter: a resume that restarts them (as peft alone would) allocates the budget differently
+    monkeypatch.setattr(RankSchedule, "_load_adalora", lambda self, states: None)
+    forgetful = run(ckpt_path=tmp_path / "step=2.ckpt")
+    assert any(not torch.equal(whole[k], forgetful[k]) for k in whole if "lora_E" in k)
