@@ -144,7 +144,8 @@ def test_qat_resumed_mid_qat_ends_with_the_weights_of_an_uninterrupted_run(tmp_p
     def run(ckpt_path=None, callbacks=()):
         seed_everything(0)
         module = tiny_vit()
-        trainer([qat() if not callbacks else callbacks[0], *callbacks[1:]], tmp_path, max_steps=6, enable_checkpointing=bool(callbacks)
+        # max_epochs too: estimated_stepping_batches then reads the train loader (it must keep the checkpoint's loader state)
+        trainer([qat() if not callbacks else callbacks[0], *callbacks[1:]], tmp_path, max_steps=6, max_epochs=2, enable_checkpointing=bool(callbacks)
                 ).fit(module, Digits(batch_size=32), ckpt_path=ckpt_path)
         return module.state_dict()
 

@@ -180,7 +180,8 @@ def test_adalora_resumed_mid_schedule_ends_with_the_weights_of_an_uninterrupted_
         module = _module(AdaLoRA(target_rank=2, initial_rank=3), losses=[CrossEntropy(), AdaLoraOrthogonality()])
         schedule = RankSchedule(interval=1)  # T = 8: tinit 1, tfinal 4, budgeting at steps 2-3, final mask at step 4
         callbacks = [schedule, *([ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")] if checkpoints else [])]
-        Trainer(max_steps=8, logger=False, enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
+        # max_epochs too: estimated_stepping_batches then reads the train loader (it must keep the checkpoint's loader state)
+        Trainer(max_steps=8, max_epochs=2, logger=False, enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
                 limit_val_batches=0, callbacks=callbacks, gradient_clip_val=1.0
                 ).fit(module, datamodule=Digits(samples_per_class=4, batch_size=8), ckpt_path=ckpt_path)
         return {k: v.clone() for k, v in module.state_dict().items()}
