@@ -62,7 +62,9 @@ def block_units(module: nn.Module) -> list[nn.Module]:
 
 
 def shard(module: nn.Module, mesh: Any, units: list[nn.Module] | None = None, mp_policy: Any = None) -> list[str]:
-    """``fully_shard`` the ``units`` (default: :func:`block_units`), then each top-level child that holds parameters.
+    """``fully_shard`` the ``units`` (default: :func:`block_units`), then each top-level child that holds trainable
+    parameters (the items of a ``ModuleList``/``ModuleDict`` child, e.g. loss terms with projectors); a child frozen
+    whole (a distillation preset's ``teachers``) is not sharded: each rank keeps a whole copy, outside the optimizer.
 
     Returns the names of the top-level parts sharded. Fails naming any trainable parameter left unsharded (its
     gradient would not be reduced across ranks)."""
@@ -75,11 +77,12 @@ def shard(module: nn.Module, mesh: Any, units: list[nn.Module] | None = None, mp
         fully_shard(unit, **kwargs)
     parts = []
     for name, child in _parts(module):
-        if any(True for _ in child.parameters()):
+        if any(p.requires_grad for p in child.parameters()):  # a frozen part (a teacher) stays whole on every rank
             fully_shard(child, **kwargs)
             parts.append(name)
-        if any(True for _ in child.buffers()):
-            child.register_forward_pre_hook(_broadcast_buffers)
+    for owner in module.modules():  # each module that owns buffers, so that a part run piecewise (SubTuning's) is covered
+        if any(True for _ in owner.buffers(recurse=False)) and not isinstance(owner, nn.ModuleList):
+            owner.register_forward_pre_hook(_broadcast_buffers)
     left = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if left:
         raise RuntimeError(f"{type(module).__name__}: parameters {left[:5]} are not sharded (not inside a top-level submodule)")
@@ -87,15 +90,16 @@ def shard(module: nn.Module, mesh: Any, units: list[nn.Module] | None = None, mp
 
 
 @torch.no_grad()
-def _broadcast_buffers(part: nn.Module, args: Any) -> None:
-    """Rank 0's buffers (BatchNorm statistics, ...) on every rank before each training forward, as DDP's
-    ``broadcast_buffers``: FSDP shards parameters only, and buffers updated from each rank's batch would drift apart."""
+def _broadcast_buffers(owner: nn.Module, args: Any) -> None:
+    """Rank 0's buffers (BatchNorm statistics, ...) on every rank before the module that owns them runs in training
+    mode, as DDP's ``broadcast_buffers`` does at each forward: FSDP shards parameters only, and buffers updated from
+    each rank's batch would drift apart."""
     import torch.distributed as dist
 
-    if not (part.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not (owner.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
     by_kind: dict[tuple, list[torch.Tensor]] = {}
-    for b in part.buffers():
+    for b in owner.buffers(recurse=False):
         by_kind.setdefault((b.dtype, b.device), []).append(b)
     for buffers in by_kind.values():  # one broadcast per dtype
         flat = torch.cat([b.reshape(-1) for b in buffers])
@@ -176,10 +180,21 @@ def check_accelerator(module: nn.Module, strategy: Any, accelerator: Any) -> Non
 
 
 def is_sharded(module: nn.Module) -> bool:
-    """Whether ``module`` holds sharded parameters (``DTensor``: ``fully_shard`` was applied)."""
-    from torch.distributed.tensor import DTensor
+    """Whether ``fully_shard`` was applied in ``module`` (its parameters are ``DTensor`` shards, except while FSDP holds
+    them gathered: a unit's inside its forward, the root's after a forward until the backward)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP unit in ``module`` back to its shards (FSDP's root keeps its parameters gathered after a forward
+    until a backward, e.g. after validation), so that writes to the parameters reach the shards. Outside forward/backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 @contextmanager
@@ -221,3 +236,39 @@ def like(reference: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
 def copy_whole(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy the whole tensor ``value`` into ``param``: into this rank's shard when ``param`` is sharded (no communication)."""
     param.copy_(like(param, value.to(param.device, param.dtype)))
+
+
+def fill_optimizer_states(checkpoint: dict, module: nn.Module) -> None:
+    """Give every parameter an optimizer state in a sharded checkpoint: a parameter that has had no gradient yet (an
+    SN-Net stitch not sampled so far) has none, but resuming a distributed checkpoint expects one for each parameter
+    (torch.distributed.checkpoint loads into a fresh optimizer whose states were all created). The state added is the
+    optimizer's own first state (zeros, step 0: what Adam/AdamW create at the first gradient; SGD's momentum buffer as
+    zeros, the same with dampening 0), so the resumed run trains as the uninterrupted one. Called from
+    ``on_save_checkpoint`` on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    for optimizer in checkpoint.get("optimizer_states", []):
+        state = optimizer.get("state")
+        names = [n for group in optimizer.get("param_groups", []) for n in group.get("params", [])]
+        if state is None or not all(isinstance(n, str) for n in [*names, *state]):  # not the name-keyed state of a sharded run
+            continue
+        if not state:  # a stateless optimizer (SGD without momentum): empty states, which Lightning's resume needs
+            state.update({n: {} for n in names})  # (its single-file loader reads the first key) and which load as nothing
+            continue
+        template = next(iter(state.values()))
+        for group in optimizer.get("param_groups", []):
+            for name in group.get("params", []):
+                if name in state or not isinstance(name, str):
+                    continue
+                param = module.get_parameter(name)
+                first = {}
+                for key, value in template.items():
+                    if isinstance(value, DTensor):
+                        first[key] = torch.zeros_like(param.detach(), dtype=value.dtype).to(value.device)
+                    elif torch.is_tensor(value) and value.dim() > 0:
+                        first[key] = torch.zeros(param.shape, dtype=value.dtype, device=value.device)
+                    elif torch.is_tensor(value):
+                        first[key] = torch.zeros_like(value)
+                    else:
+                        first[key] = value
+                state[name] = first

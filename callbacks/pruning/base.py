@@ -25,7 +25,7 @@ from torch.nn.utils import prune
 from callbacks.pruning import selection
 from callbacks.pruning.selection import split_name
 from callbacks.pruning_schedules import PruningSchedule
-from zoo.sharding import like
+from zoo.sharding import like, reshard
 
 
 class MaskedPruning(Callback):
@@ -104,6 +104,7 @@ class MaskedPruning(Callback):
     @torch.no_grad()
     def apply_to_shards(self, pl_module: nn.Module, names: list[str] | None = None) -> None:
         """Sharded mode: zero the masked entries of each rank's shard (its part of the whole mask)."""
+        reshard(pl_module)  # parameters gathered after a validation forward would take the zeros only until resharded
         for name in self.whole_masks if names is None else names:
             module, pname = split_name(pl_module, name)
             param = getattr(module, pname)

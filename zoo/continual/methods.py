@@ -177,9 +177,28 @@ class KFPF(ContinualClassifier):
                          surgery=surgery, losses=losses)
         self._fpf_step = -1  # the optimizer step of the last periodic FPF
 
+    def _fpf_due(self) -> bool:
+        step = self.global_step  # unchanged over accumulated batches: FPF once per optimizer step
+        return step > 0 and step % self.hparams.fpf_every == 0 and step != self._fpf_step
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
-        step = self.global_step  # unchanged over accumulated batches: FPF once per optimizer step
-        if step % self.hparams.fpf_every == 0 and step != self._fpf_step:
-            self._fpf_step = step
+        if self._fpf_due():
+            self._fpf_step = self.global_step
+            self.fpf(self.hparams.fpf_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # a step checkpoint is written before this hook's FPF of the same step (callbacks' on_train_batch_end run first)
+        checkpoint["kfpf_pending"] = self._fpf_due()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._fpf_pending = bool(checkpoint.get("kfpf_pending", False))
+
+    def on_train_start(self) -> None:
+        super().on_train_start()  # the replay buffer is restored
+        if getattr(self, "_fpf_pending", False):  # resumed from a checkpoint taken just before a periodic FPF: run it now
+            self._fpf_pending = False
+            self._fpf_step = self.global_step
             self.fpf(self.hparams.fpf_steps)

@@ -38,8 +38,8 @@ def module_drift(model: nn.Module, anchor: dict[str, torch.Tensor]) -> dict[str,
         params = list(module.named_parameters(prefix=name, recurse=False))
         if params:
             numel = sum(p.numel() for _, p in params)
-            # whole sums when sharded (DTensor: the shards' sums added over ranks, a collective)
-            drift[name] = sum(sharding.whole((p.detach() - anchor[n].to(p.device)).abs().sum()).item() for n, p in params) / numel
+            # whole tensors when sharded (anchors are kept whole; gathering is a collective, every rank in the same order)
+            drift[name] = sum((sharding.whole(p.detach()) - anchor[n].to(p.device)).abs().sum().item() for n, p in params) / numel
     return drift
 
 
@@ -180,7 +180,7 @@ class ContinualClassifier(FrozenPrefix, Classifier):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         if not self.anchor:
-            self.anchor = {n: p.detach().clone() for n, p in self.named_parameters()}
+            self.anchor = {n: sharding.whole(p.detach()).clone() for n, p in self.named_parameters()}  # whole when sharded
         self._finish_tasks(self.stream.task_of_epoch(self.current_epoch), final=False)
 
     def on_train_end(self) -> None:
@@ -207,7 +207,7 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         """Measure each module's drift over the task, then FPF if ``fpf_steps``."""
         for name, d in module_drift(self, self.anchor).items():
             self.drift[name] = self.drift.get(name, 0.0) + d
-        self.anchor = {n: p.detach().clone() for n, p in self.named_parameters()}
+        self.anchor = {n: sharding.whole(p.detach()).clone() for n, p in self.named_parameters()}  # whole when sharded
         if self.hparams.fpf_steps:
             self.fpf(self.hparams.fpf_steps)
 
@@ -245,6 +245,9 @@ class ContinualClassifier(FrozenPrefix, Classifier):
     def fpf(self, steps: int) -> None:
         """Finetune only the forgetting-prone modules on the buffer with plain SGD (Zhao et al. 2023); frozen
         parameters (e.g. SubTuning's) stay as they are."""
+        sharded = sharding.is_sharded(self)
+        if sharded:  # the shards themselves (FSDP's root keeps its parameters gathered after a forward, e.g. validation)
+            sharding.reshard(self)
         modules = dict(self.named_modules())
         params = [p for n in self.forgetting_prone_modules() for p in modules[n].parameters(recurse=False) if p.requires_grad]
         if not params:
@@ -260,7 +263,7 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"FPF diverged (loss {loss.item()}) on modules {self.forgetting_prone_modules()}: "
                                          f"fpf_lr={self.hparams.fpf_lr} is too large for them; lower it")
-            if sharding.is_sharded(self):  # FSDP2: backward fills the shards' .grad, averaged over ranks
+            if sharded:  # FSDP2: backward fills the shards' .grad, averaged over ranks
                 self.zero_grad(set_to_none=True)
                 loss.backward()
                 grads = [p.grad for p in params]
@@ -282,8 +285,10 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             shares = gather_object(self.buffer.state_dict()) if self._saved_shares is None else self._saved_shares
         checkpoint["continual"] = {
             "tasks_finished": self.tasks_finished, "acc_matrix": self.acc_matrix, "drift": dict(self.drift),
-            "anchor": {n: sharding.whole(p).cpu() for n, p in self.anchor.items()}, "buffer_shares": shares,  # whole when sharded
+            "anchor": {n: p.cpu() for n, p in self.anchor.items()}, "buffer_shares": shares,
         }
+        if sharding.is_sharded(self):  # parameters without optimizer state yet: a distributed checkpoint needs one
+            sharding.fill_optimizer_states(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The stream's state; the buffer shares wait for the run's ranks (restored when training starts)."""
@@ -292,8 +297,7 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         if state is None:
             return
         self.tasks_finished, self.acc_matrix, self.drift = state["tasks_finished"], state["acc_matrix"], dict(state["drift"])
-        params = dict(self.named_parameters())  # sharded already on a resume under FSDP2: the anchors take their layout
-        self.anchor = {n: sharding.like(params.get(n), p.to(self.device)) for n, p in state["anchor"].items()}
+        self.anchor = {n: p.to(self.device) for n, p in state["anchor"].items()}
         self._saved_shares = state["buffer_shares"] or None
 
     def _restore_buffer(self, shares: list[dict[str, Any]]) -> None:

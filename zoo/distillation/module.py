@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from zoo import sharding
 from zoo import losses as L
 from zoo.classifier import Classifier
 from zoo.distillation.cache import build_cache
@@ -109,6 +110,10 @@ class DistillationModule(Classifier):
             raise ValueError("DistillationModule: teachers is empty; give at least one teacher (.ckpt or model name) to fit")
         self.register_teachers()
         super().setup(stage)
+        if sharding.is_sharding(self.trainer.strategy) and not self.save_teachers:
+            # Lightning's sharded single-file loader checks every key of the module itself (not through load_state_dict
+            # below), and the teachers are not in the checkpoint: they load from their own files
+            self.strict_loading = False
         if stage == "fit" and self.cache_teacher:
             build_cache(self, pool_of(self), self.cache_dir, self.approximate_cache_targets)
 

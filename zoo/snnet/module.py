@@ -293,10 +293,12 @@ class SNNetModule(Classifier):
     # -- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        if self.sharded:  # stitches not sampled yet have no optimizer state, which a sharded checkpoint needs
+            sharding.fill_optimizer_states(checkpoint, self)
         checkpoint["snnet"] = {"sampler": self.sampler.state_dict(), "active": self.net.active}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        weights = checkpoint["state_dict"]
+        weights = checkpoint.get("state_dict", {})  # none in a sharded run's folder (the weights load from the shards)
         for key in [k for k in weights if k.startswith("teacher.")]:  # checkpoints of before zoo.snnet kept the teacher
             del weights[key]
         for key in [k for k in weights if k.startswith("net.")]:  # and the stitchable network at `net` (now the stitched backbone)

@@ -25,6 +25,7 @@ import torch
 
 from zoo.batch import Batch
 from zoo.resume import gather_object, rank_and_world
+from zoo import sharding
 from zoo.subtuning.cache import FeatureCache, index_space
 from zoo.subtuning.chain import LayerChain
 from zoo.subtuning.layers import Freeze, freeze_except, frozen_eval, resolve_layers
@@ -143,7 +144,23 @@ class FrozenPrefix:
 
     def cached_prefix(self, x: Any, index: torch.Tensor, split: str = "train") -> torch.Tensor:
         """The frozen prefix's output for samples ``index`` of ``split``, computed only for samples not seen before."""
-        return self.caches.setdefault(split, FeatureCache(cache_device=self.freeze_spec.cache_device)).lookup(index, x, self._uncached_prefix)
+        cache = self.caches.setdefault(split, FeatureCache(cache_device=self.freeze_spec.cache_device))
+        if sharding.is_sharded(self):
+            self._prefix_in_step(cache, index, x)
+        return cache.lookup(index, x, self._uncached_prefix)
+
+    def _prefix_in_step(self, cache: FeatureCache, index: torch.Tensor, x: Any) -> None:
+        """Sharded: the prefix's blocks gather their shards with every rank, so when any rank has samples to compute,
+        a rank with none runs the prefix too (on one sample, discarded) instead of leaving the others waiting."""
+        import torch.distributed as dist
+
+        index = torch.as_tensor(index).long()
+        filled = cache.filled
+        missing = filled is None or int(index.max()) >= len(filled) or not bool(filled.to(index.device)[index].all())
+        anyone = torch.tensor([float(missing)], device=x.device if torch.is_tensor(x) else index.device)
+        dist.all_reduce(anyone, op=dist.ReduceOp.MAX)
+        if anyone.item() and not missing:
+            self._uncached_prefix(x[:1] if torch.is_tensor(x) else x)
 
     def cached_rows(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(cached mask, placeholder input)`` of the samples of ``dataset`` whose prefix outputs are cached (a CPU
