@@ -63,3 +63,19 @@ def test_bad_arguments_fail_naming_them(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):
         PDQuant(**kwargs)
+
+
+def test_pdquant_plugs_into_the_ptq_callback_from_yaml(tmp_path, monkeypatch):
+    from callbacks.quantize import PostTrainingQuantization
+    from tests.helpers import ROOT
+    from tests.standin import fit_config
+
+    q = "--callbacks.quantize.init_args"
+    run = fit_config(ROOT / "configs" / "quantize" / "ptq_vit.yaml", tmp_path, monkeypatch, "--trainer.max_steps=1",
+                     "--data.init_args.batch_size=16", f"{q}.scheme=int8_static", f"{q}.calibration_batches=1",
+                     f"{q}.calibrator=zoo.quantize.pdquant.PDQuant", f"{q}.calibrator.grid=4", f"{q}.calibrator.min_ratio=0.5",
+                     "--model.init_args.model_kwargs.depth=1")
+    (cb,) = [c for c in run.trainer.callbacks if isinstance(c, PostTrainingQuantization)]
+    quantizer = run.model.surgery[-1]
+    assert isinstance(cb.calibrator, PDQuant) and set(cb.calibrator.ratios) == set(quantizer.act_scales)
+    assert cb.calibrator.kl <= cb.calibrator.kl_minmax and cb.report.scheme == "int8_static"
