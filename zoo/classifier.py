@@ -35,6 +35,7 @@ from zoo import losses as L
 from zoo import sharding
 from zoo import surgery as S
 from zoo.backbones import build_backbone
+from zoo.batch import FIELDS as BATCH_FIELDS
 from zoo.batch import Batch, as_batch
 
 
@@ -52,14 +53,21 @@ class TopKAccuracy(Metric):
         self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        if self.top_k == 1:
-            hit = preds.argmax(-1) == target
-        else:
-            hit = (preds.topk(self.top_k, -1).indices == target.unsqueeze(-1)).any(-1)
+    def update(self, preds: torch.Tensor | None = None, target: torch.Tensor | None = None,
+               counts: tuple[torch.Tensor, int] | None = None) -> None:
+        """Count the hits of ``preds`` (logits) against ``target``, or add ``counts`` = ``(hits, samples)`` counted
+        elsewhere with :meth:`hits` (the zoo's modules count per step and update once per epoch: torchmetrics'
+        per-call bookkeeping costs more than the count itself for a small model)."""
+        correct, total = counts if counts is not None else (self.hits(preds, target), target.numel())
         # out of place: a state reset under inference mode (validation) cannot be updated in place in training
-        self.correct = self.correct + hit.sum()
-        self.total = self.total + target.numel()
+        self.correct = self.correct + correct
+        self.total = self.total + total
+
+    def hits(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """How many of ``target`` are in the top ``k`` of ``preds`` (a device tensor: no host sync)."""
+        if self.top_k == 1:
+            return (preds.argmax(-1) == target).sum()
+        return (preds.topk(self.top_k, -1).indices == target.unsqueeze(-1)).any(-1).sum()
 
     def compute(self) -> torch.Tensor:
         return self.correct.float() / self.total
@@ -262,8 +270,29 @@ class Classifier(LightningModule):
         if self.log_every_step or (every and (self.global_step + 1) % every == 0) or self.trainer.should_stop:
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
             self.log("train/loss", loss, logger=False, on_step=True, on_epoch=False, batch_size=len(y))
-        self.train_metrics.update(logits.detach(), y)
+        self.count_hits(self.train_metrics, logits.detach(), y)
         return loss
+
+    def count_hits(self, metrics: MetricCollection, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add this batch's hits of every accuracy in ``metrics`` to running device counts (:meth:`flush_hits` hands
+        them to the metrics once per epoch): the same values as ``metrics.update`` per step, at a fraction of its cost."""
+        sums = self.__dict__.setdefault("hit_sums", {})
+        for name, metric in metrics.items():
+            key = (id(metrics), name)
+            hits = metric.hits(logits, targets)
+            old = sums.get(key)
+            sums[key] = (hits, len(targets)) if old is None else (old[0] + hits, old[1] + len(targets))
+
+    def flush_hits(self, metrics: MetricCollection) -> bool:
+        """Update ``metrics`` with the counts of :meth:`count_hits`; whether there were any."""
+        sums = self.__dict__.setdefault("hit_sums", {})
+        found = False
+        for name, metric in metrics.items():
+            counts = sums.pop((id(metrics), name), None)
+            if counts is not None:
+                metric.update(counts=counts)
+                found = True
+        return found or any(m.update_count for m in metrics.values())
 
     def accumulate(self, key: str, value: torch.Tensor, batch_size: int) -> None:
         """Add a step value to its epoch mean (weighted by the batch size, as ``self.log(on_epoch=True)``
@@ -285,18 +314,19 @@ class Classifier(LightningModule):
                 self.log(key, mean, logger=False, on_step=False, on_epoch=True, batch_size=1)
             else:
                 self.log(key, mean, on_step=False, on_epoch=True, batch_size=1)
-        if any(m.update_count for m in self.train_metrics.values()):
+        if self.flush_hits(self.train_metrics):
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
 
     def _eval_step(self, batch: Any, metrics: MetricCollection, split: str) -> torch.Tensor:
         batch = as_batch(batch)
         logits = self.mask_logits(self.batch_logits(batch), batch.task)
         loss = self.criterion(logits, batch.targets)
-        metrics.update(logits, batch.targets)
         if len(self.trainer.num_val_batches if split == "val" else self.trainer.num_test_batches) > 1:  # keys per loader
+            metrics.update(logits, batch.targets)
             self.log(f"{split}/loss", loss, prog_bar=split == "val", on_epoch=True, sync_dist=True, batch_size=len(batch))
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
         else:
+            self.count_hits(metrics, logits, batch.targets)
             self.accumulate(f"{split}/loss", loss, len(batch))
         return loss
 
@@ -308,6 +338,7 @@ class Classifier(LightningModule):
         reduce = self.trainer.strategy.reduce
         mean = reduce(total, reduce_op="mean") / reduce(torch.tensor(float(n), dtype=total.dtype, device=total.device), reduce_op="mean")
         self.log(f"{split}/loss", mean, prog_bar=split == "val", on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        self.flush_hits(metrics)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
 
     def on_validation_epoch_end(self) -> None:
@@ -325,6 +356,14 @@ class Classifier(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         batch = as_batch(batch)
         return self.mask_logits(self.batch_logits(batch), batch.task).softmax(-1)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A :class:`~zoo.batch.Batch` field by field (Lightning's generic walk over a dataclass costs tens of
+        microseconds a step, more than a small model's data); anything else as Lightning moves it."""
+        if not isinstance(batch, Batch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        moved = {f: _to(getattr(batch, f), device) for f in BATCH_FIELDS}
+        return batch if all(moved[f] is getattr(batch, f) for f in BATCH_FIELDS) else batch.replace(**moved)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay beyond norms and biases: what any submodule declares with its
@@ -349,3 +388,18 @@ class Classifier(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets zoo.backbones.load_zoo_module rebuild any zoo module from its checkpoint alone.
         checkpoint["zoo_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """``value`` on ``device``: a tensor (itself when it is there already), a dict of tensors (tokenizer outputs), or
+    anything else through Lightning's ``move_data_to_device`` (e.g. deferred inputs)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device, non_blocking=True)
+    if type(value) is dict and all(isinstance(v, torch.Tensor) for v in value.values()):
+        out = {k: _to(v, device) for k, v in value.items()}
+        return value if all(out[k] is value[k] for k in value) else out
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(value, device)

@@ -152,3 +152,24 @@ def test_top1_and_top5_stay_apart_after_a_perfect_first_batch():
     metrics.update(wrong, y)
     out = metrics.compute()
     assert out["val/acc"] == 0.5 and out["val/acc_top5"] == 1.0
+
+
+def test_batches_move_field_by_field_and_stay_put_where_they_are():
+    from zoo.batch import Batch
+    from zoo.classifier import TopKAccuracy
+
+    module = Classifier(model="zoo/mlp", num_classes=10, model_kwargs={"img_size": 8, "in_chans": 1, "hidden": [8]})
+    batch = Batch(inputs=torch.randn(4, 1, 8, 8), targets=torch.arange(4), index=torch.arange(4))
+    assert module.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch  # nothing to move: the same object
+    text = Batch(inputs={"input_ids": torch.ones(2, 3, dtype=torch.long)}, targets=torch.arange(2))
+    assert module.transfer_batch_to_device(text, torch.device("cpu"), 0) is text
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)  # a device without data: every field moved
+    assert moved is not batch and all(getattr(moved, f).device.type == "meta" for f in ("inputs", "targets", "index"))
+    assert moved.task is None and batch.inputs.device.type == "cpu"
+    # counted hits handed over once equal per-batch updates
+    logits, y = torch.randn(32, 10), torch.randint(0, 10, (32,))
+    a, b = TopKAccuracy(top_k=5), TopKAccuracy(top_k=5)
+    a.update(logits[:16], y[:16])
+    a.update(logits[16:], y[16:])
+    b.update(counts=(b.hits(logits[:16], y[:16]) + b.hits(logits[16:], y[16:]), 32))
+    assert a.compute() == b.compute() and b.update_count == 1
