@@ -11,9 +11,13 @@ scheme                 torchao 0.18 config                           layer types
 ``int8_static``        ``Int8StaticActivationInt8WeightConfig``      Linear               one activation scale
                        (per-tensor activations, per-row weights)                          per layer, from the
                                                                                           calibration set
+``int8_pt2e``           none: PT2E (``torch.export``, ``prepare_pt2e``  Conv1d/2d/3d, Linear  activation statistics
+                       / ``convert_pt2e``, X86 Inductor quantizer;                        (histograms) of every
+                       :mod:`zoo.quantize.pt2e`)                                          quantised op's input
 =====================  ============================================  ===================  ======================
 
-The calibration set of the dynamic and weight-only schemes measures the quantisation error (float logits vs int8
+``int8_pt2e`` quantises the whole exported backbone (every convolution and Linear the X86 quantizer annotates, BatchNorm
+folded), not single layers: ``layers`` must be left unset, ``exclude`` leaves modules in float. The calibration set of the dynamic and weight-only schemes measures the quantisation error (float logits vs int8
 logits, logged) and nothing else. For QAT, :func:`fake_quant_configs` gives torchao's ``IntxFakeQuantizeConfig``
 pair that simulates a scheme (torchao's per-token activation fake-quant is asymmetric only, so QAT of
 ``int8_dynamic`` simulates asymmetric per-token activations where the converted model uses symmetric ones).
@@ -35,6 +39,7 @@ class Scheme:
     static: bool  # needs one calibrated activation scale per layer
     qat: bool  # has a fake-quant simulation
     config: Callable[..., Any]  # (act_scale or None) -> torchao config
+    pt2e: bool = False  # whole-graph PT2E quantisation (torch.export) rather than torchao quantize_ on layers
 
 
 def _weight_only(scale=None):
@@ -62,17 +67,26 @@ SCHEMES: dict[str, Scheme] = {
     "int8_static": Scheme("int8_static", (nn.Linear,), static=True, qat=False, config=_static),
 }
 
+# Whole-graph schemes (PT2E, :mod:`zoo.quantize.pt2e`): they quantise the exported backbone, not layers one by one, so
+# they are kept apart from SCHEMES (whose per-layer checks and messages they do not follow).
+PT2E_SCHEMES: dict[str, Scheme] = {
+    "int8_pt2e": Scheme("int8_pt2e", (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear), static=False, qat=False, config=lambda scale=None: None,
+                        pt2e=True),
+}
+
 
 def get_scheme(name: str, qat: bool = False) -> Scheme:
     """The scheme called ``name``; an unknown name (or one without QAT, for ``qat``) fails listing the valid ones."""
-    valid = [n for n, s in SCHEMES.items() if s.qat or not qat]
+    every = {**SCHEMES, **PT2E_SCHEMES}
+    valid = [n for n, s in every.items() if s.qat or not qat]
     if name not in valid:
         raise ValueError(f"scheme={name!r}: expected one of {', '.join(valid)}" + (" (the schemes with quantisation-aware training)" if qat else ""))
-    return SCHEMES[name]
+    return every[name]
 
 
 def schemes_for(layer: nn.Module) -> list[str]:
-    """The schemes that handle ``layer``'s type (exact type: subclasses such as HF's ``Conv1D`` are not Linears)."""
+    """The per-layer schemes that handle ``layer``'s type (exact type: HF's ``Conv1D`` is not a Linear). Convolutions are
+    quantised by the whole-graph ``int8_pt2e`` (:data:`PT2E_SCHEMES`)."""
     return [n for n, s in SCHEMES.items() if type(layer) in s.handles]
 
 
