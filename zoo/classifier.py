@@ -388,6 +388,8 @@ class Classifier(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets zoo.backbones.load_zoo_module rebuild any zoo module from its checkpoint alone.
         checkpoint["zoo_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.sharded:  # parameters without a gradient yet have no optimizer state, which a sharded resume needs
+            sharding.fill_optimizer_states(checkpoint, self)
 
 
 def _to(value: Any, device: torch.device) -> Any:

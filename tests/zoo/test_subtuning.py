@@ -84,7 +84,7 @@ def test_freeze_surgery_on_any_classifier_undo_and_preset():
     model.configure_model()
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in before if n.startswith(("backbone.blocks.2.", "head."))}
     assert model.hparams.surgery == [{"class_path": "zoo.subtuning.layers.Freeze", "init_args": {
-        "trainable_layers": ["blocks.2"], "granularity": "block", "cache_frozen_features": False, "checkpoint_feature_cache": True}}]
+        "trainable_layers": ["blocks.2"], "granularity": "block", "cache_frozen_features": False, "checkpoint_feature_cache": True, "cache_device": "auto"}}]
     model.unload_surgery()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     preset = _vit(["blocks.2"])  # the preset is the same Freeze, applied when it is built
