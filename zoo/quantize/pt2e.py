@@ -118,7 +118,16 @@ class PT2EBackbone(nn.Module):
         return self._converted[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.converted()(x)
+        graph = self.converted()
+        if not self.compile_converted:
+            return graph(x)
+        # Inductor's freezing (the PT2E X86 recipe) folds the int8 weights into prepacked oneDNN weights and lowers q/dq +
+        # conv to int8 convolutions; without it the compiled graph runs float convolutions between q/dq. It is read when a
+        # graph (re)compiles, at a call (a new batch size may recompile), so every call sets it; inference only.
+        from torch._inductor import config
+
+        with config.patch(freezing=True), torch.no_grad():
+            return graph(x)
 
     def float_model(self) -> nn.Module:
         """The float graph without observers (BatchNorm stays folded): the plain model :meth:`Quantize.undo` gives."""
