@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--vit-steps", type=int, default=400)
     parser.add_argument("--minilm-steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--vit-samples", type=int, default=2000, help="Fashion-MNIST test images for top-1")
+    parser.add_argument("--minilm-samples", type=int, default=1000, help="Austen validation passages for top-1")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 on a machine shared with other jobs (oversubscribed OpenMP is 100x slower)")
     args = parser.parse_args()
@@ -158,7 +160,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     smoke = args.smoke
     steps = {"vit": 3 if smoke else args.vit_steps, "minilm": 3 if smoke else args.minilm_steps}
-    samples = {"vit": 64 if smoke else 2000, "minilm": 32 if smoke else 1000}
+    samples = {"vit": 64 if smoke else args.vit_samples, "minilm": 32 if smoke else args.minilm_samples}
     repeats, train_repeats = (2, 2) if smoke else (args.repeats, 10)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = {}
