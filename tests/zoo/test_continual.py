@@ -13,6 +13,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy.stats import chisquare
 
+from callbacks.checkpoint import Checkpoint
 from callbacks.continual_metrics import ContinualMetrics, average_accuracy, average_forgetting, backward_transfer
 from datamodules import Digits
 from datamodules.continual import ContinualDataModule
@@ -277,3 +278,26 @@ def test_joint_needs_a_cumulative_stream(tmp_path):
     stream = ContinualDataModule(Digits(batch_size=16), classes_per_task=2, cumulative=True)
     Trainer(**kw, callbacks=[Tasks()]).fit(Joint(**MLP), stream)
     assert seen == [(t, t == 4, 4 - t) for t in range(5)]
+
+
+@pytest.mark.parametrize("limits", [{"max_epochs": 2}, {"max_epochs": 5, "max_steps": 4}], ids=["stream_end", "max_steps_mid_epoch"])
+def test_last_ckpt_is_the_final_state_with_the_final_task_end_and_fpf(limits, tmp_path):
+    """The final task end (drift, FPF, accuracy row) happens before any checkpoint callback writes its last
+    epoch-end / train-end ``last.ckpt``: both ours and Lightning's hold the module's state after ``fit``."""
+    seed_everything(0)
+    model = KFPF(**MLP, buffer_size=40, replay_batch_size=8, fpf_every=1000, fpf_steps=3)
+    stream = ContinualDataModule(Digits(batch_size=16), classes_per_task=2)
+    callbacks = [Checkpoint(dirpath=tmp_path / "zoo", every_n_epochs=1), ModelCheckpoint(dirpath=tmp_path / "pl", save_last=True, every_n_epochs=1)]
+    trainer = Trainer(**limits, reload_dataloaders_every_n_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    before = {}
+    fpf = model.fpf
+    model.fpf = lambda steps: (before.update({model.tasks_finished: copy.deepcopy(model.state_dict())}), fpf(steps))
+    trainer.fit(model, stream)
+    assert model.tasks_finished == 2 and not torch.isnan(model.acc_matrix[1, :2]).any()
+    assert any(not torch.equal(before[1][k], v) for k, v in model.state_dict().items())  # the final FPF changed the weights
+    for path in (tmp_path / "zoo" / "last.ckpt", tmp_path / "pl" / "last.ckpt"):
+        ckpt = torch.load(path, weights_only=False)
+        assert ckpt["global_step"] == trainer.global_step and ckpt["continual"]["tasks_finished"] == 2, path
+        assert torch.equal(ckpt["continual"]["acc_matrix"].nan_to_num(-1), model.acc_matrix.nan_to_num(-1)), path
+        assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in model.state_dict().items()), path

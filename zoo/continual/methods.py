@@ -181,8 +181,8 @@ class KFPF(ContinualClassifier):
         step = self.global_step  # unchanged over accumulated batches: FPF once per optimizer step
         return step > 0 and step % self.hparams.fpf_every == 0 and step != self._fpf_step
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
+    def step_end(self) -> None:
+        super().step_end()
         if self._fpf_due():
             self._fpf_step = self.global_step
             self.fpf(self.hparams.fpf_steps)
@@ -196,9 +196,11 @@ class KFPF(ContinualClassifier):
         super().on_load_checkpoint(checkpoint)
         self._fpf_pending = bool(checkpoint.get("kfpf_pending", False))
 
-    def on_train_start(self) -> None:
-        super().on_train_start()  # the replay buffer is restored
-        if getattr(self, "_fpf_pending", False):  # resumed from a checkpoint taken just before a periodic FPF: run it now
+    def resume_pending(self) -> None:
+        """Resumed from a checkpoint taken just before a periodic FPF (the buffer is restored): run it now, before
+        any task end the resumed run catches up (the uninterrupted run ran it first)."""
+        super().resume_pending()
+        if getattr(self, "_fpf_pending", False):
             self._fpf_pending = False
             self._fpf_step = self.global_step
             self.fpf(self.hparams.fpf_steps)

@@ -176,6 +176,13 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         self._saved_shares = None
         if self.buffer is not None:
             self.buffer.to(self.device)
+        self.resume_pending()
+        # a run resumed from a checkpoint of an epoch's last batch starts the next epoch without on_train_epoch_start
+        # (Lightning counts it as restarted mid-epoch): the task that ended with that epoch is finished here
+        self._finish_tasks(self.stream.task_of_epoch(self.current_epoch), final=False)
+
+    def resume_pending(self) -> None:
+        """Work a resumed run owes before its first batch (the checkpoint was written before it); none here."""
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -183,7 +190,30 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             self.anchor = {n: sharding.whole(p.detach()).clone() for n, p in self.named_parameters()}  # whole when sharded
         self._finish_tasks(self.stream.task_of_epoch(self.current_epoch), final=False)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """The step's own work (:meth:`step_end`), then the final task end (drift, FPF, accuracy row) after the run's
+        last batch: before validation and every epoch-end or train-end checkpoint, so ``last.ckpt`` is the final state."""
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.step_end()
+        trainer = self.trainer
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        if (0 <= trainer.max_steps <= self.global_step
+                or (last_batch and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.current_epoch + 1)):
+            self._finish_tasks(min(math.ceil((self.current_epoch + 1) / self.stream.epochs_per_task), self.stream.num_tasks), final=True)
+
+    def step_end(self) -> None:
+        """Work after each optimizer step (KFPF: its periodic FPF); none here."""
+
+    def on_train_epoch_end(self) -> None:
+        """Final task end of a run stopped early (``trainer.should_stop``, e.g. early stopping on validation): module
+        hooks run before the checkpoint callbacks' epoch-end hooks."""
+        super().on_train_epoch_end()
+        if self.trainer.should_stop:
+            self._finish_tasks(min(math.ceil((self.current_epoch + 1) / self.stream.epochs_per_task), self.stream.num_tasks), final=True)
+
     def on_train_end(self) -> None:
+        """Fallback for a stop decided after this module's on_train_epoch_end (e.g. early stopping on training
+        metrics; a no-op otherwise): the final task end is then missing from a last.ckpt written before it."""
         super().on_train_end()
         self._finish_tasks(min(math.ceil(self.current_epoch / self.stream.epochs_per_task), self.stream.num_tasks), final=True)
 
