@@ -54,7 +54,8 @@ def quantize_module(module: nn.Module, quantizer: Quantize, batches: list, calib
     training = module.training
     module.eval()
     batches = [module.transfer_batch_to_device(b, module.device, 0) if hasattr(module, "transfer_batch_to_device") else b for b in batches]
-    reference = _logits(module, batches)
+    with quantizer.recording(module.backbone) as inputs:  # int8_pt2e: the float backbone's inputs calibrate its observers
+        reference = _logits(module, batches)
     if quantizer._scheme.static:
         calibrator = calibrator or MinMax()
         run = lambda b: _logits(module, [b])  # noqa: E731
@@ -62,6 +63,8 @@ def quantize_module(module: nn.Module, quantizer: Quantize, batches: list, calib
         quantizer.calibrated(scales, {n: s.ndim for n, s in scales.items()})
     float_bytes = state_bytes(module.backbone)
     module.backbone = quantizer.apply(module.backbone)
+    if quantizer._scheme.pt2e:
+        quantizer.observe(module.backbone, inputs)
     module.surgery.append(quantizer)
     module.hparams["surgery"] = [t.config() for t in module.surgery]
     quantized = _logits(module, batches)
