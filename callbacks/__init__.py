@@ -1,5 +1,6 @@
 """Callbacks of the zoo: one purpose each, attachable to any zoo module from YAML."""
 
+from callbacks.compression_report import CompressionReport
 from callbacks.continual_metrics import ContinualMetrics
 from callbacks.expert_load import ExpertLoad
 from callbacks.pruning import LotteryTicket, MagnitudePruning, StructuredPruning
@@ -11,6 +12,6 @@ from callbacks.skip_cached_inputs import SkipCachedInputs
 from callbacks.subtuning_profile import SubTuningProfile
 
 __all__ = [
-    "ContinualMetrics", "Cubic", "ExpertLoad", "Exponential", "Linear", "LotteryTicket", "MagnitudePruning", "OneShot",
+    "CompressionReport", "ContinualMetrics", "Cubic", "ExpertLoad", "Exponential", "Linear", "LotteryTicket", "MagnitudePruning", "OneShot",
     "PostTrainingQuantization", "PruningSchedule", "QuantizationAwareTraining", "RankSchedule", "SkipCachedInputs", "StitchSweep", "StructuredPruning", "SubTuningProfile",
 ]

@@ -22,6 +22,8 @@ from zoo.quantize.layers import BATCHNORMS, has_batchnorm, select_layers
 from zoo.quantize.ptq import QuantizeReport, check_reloadable, quantize_module
 from zoo.quantize.schemes import get_scheme
 from zoo.quantize.surgery import Quantize
+from zoo.surgery import Surgery
+from zoo.surgery import instantiate as instantiate_surgery
 
 SPLITS = ("train", "val")
 
@@ -70,11 +72,15 @@ class PostTrainingQuantization(Callback):
         fold_bn: fold BatchNorm into convolutions first, where the model has BatchNorm.
         compile: ``torch.compile`` the int8 backbone (CPU int8 is only fast compiled).
         save_to: file name in the run's checkpoint folder (or an absolute path); null: not saved.
+        prepare: surgery applied to the trained backbone right before quantising (and recorded in the module's
+            surgery, so the int8 checkpoint reloads), e.g. ``zoo.quantize.splitquant.SplitQuant`` (SplitQuant splits
+            outlier-heavy layers after training, where their ranges are known).
     """
 
     def __init__(self, scheme: str = "int8_dynamic", layers: list[str] | None = None, exclude: list[str] = (),
                  calibration_split: str = "train", calibration_batches: int = 8, calibrator: Calibrator | None = None,
-                 fold_bn: bool = True, compile: bool = False, save_to: str | None = "quantized.ckpt"):
+                 fold_bn: bool = True, compile: bool = False, save_to: str | None = "quantized.ckpt",
+                 prepare: list[Surgery] | None = None):
         get_scheme(scheme)
         if calibration_split not in SPLITS:
             raise ValueError(f"calibration_split={calibration_split!r}: expected one of {', '.join(SPLITS)}")
@@ -84,6 +90,7 @@ class PostTrainingQuantization(Callback):
         self.calibration_split, self.calibration_batches = calibration_split, calibration_batches
         self.calibrator = calibrator or MinMax()
         self.fold_bn, self.compile, self.save_to = fold_bn, compile, save_to
+        self.prepare = [instantiate_surgery(t) for t in prepare or []]
         self.report: QuantizeReport | None = None
         self.path: str | None = None
 
@@ -119,6 +126,9 @@ class PostTrainingQuantization(Callback):
             return
         what = f"{self.calibration_split} split"
         batches = take_batches(calibration_loader(trainer, self.calibration_split), self.calibration_batches, what)
+        for t in self.prepare:
+            pl_module.backbone = t.apply(pl_module.backbone)
+            pl_module.surgery.append(t)
         self.report = quantize_module(pl_module, self.quantizer(pl_module.backbone), batches, self.calibrator)
         self.path = save_quantized(trainer, self.save_to)
         publish(trainer, self.report, self.path, "PostTrainingQuantization")

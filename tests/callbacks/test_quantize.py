@@ -221,3 +221,20 @@ def test_qat_freezes_batchnorm_statistics_then_folds_them(tmp_path):
     assert hasattr(module.backbone.proj.weight, "qdata") and qat.report.logit_rel_error < TOLERANCE
     with pytest.raises(ValueError, match="bn_freeze_step=1: VisionTransformer has no BatchNorm layer"):
         trainer([QuantizationAwareTraining(bn_freeze_step=1)], tmp_path).fit(tiny_vit(), Digits(batch_size=32))
+
+
+def test_ptq_prepares_with_splitquant_after_training_and_the_int8_split_model_reloads(tmp_path):
+    from zoo.quantize.splitquant import SplitQuant
+
+    seed_everything(0)
+    module, data = tiny_vit(), Digits(batch_size=32)
+    cb = PostTrainingQuantization("int8_dynamic", calibration_batches=2, prepare=[SplitQuant(layers=["blocks.*.mlp.*"], min_peak_ratio=0.0)])
+    trainer([cb], tmp_path).fit(module, data)
+    names = [type(t).__name__ for t in module.surgery]
+    assert names[-2:] == ["SplitQuant", "Quantize"]  # split after training, then quantised; both in the hyperparameters
+    split = [n for n, m in module.backbone.named_modules() if n.startswith("blocks.0.mlp.fc1.")]
+    assert split, "the FFN layers were not split"
+    loaded = load_zoo_module(cb.path).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), module.eval()(x))

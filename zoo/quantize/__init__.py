@@ -19,3 +19,5 @@ from zoo.quantize.layers import fold_batchnorm, has_batchnorm, select_layers
 from zoo.quantize.ptq import QuantizeReport, quantize_module
 from zoo.quantize.schemes import SCHEMES, Scheme, get_scheme
 from zoo.quantize.surgery import Quantize
+from zoo.quantize.pdquant import PDQuant
+from zoo.quantize.splitquant import SplitQuant
