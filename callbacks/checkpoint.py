@@ -96,12 +96,15 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        self.save_last_state(trainer)  # the final state, however the run stopped
+        # the final state, however the run stopped; written again even when last.ckpt holds this step already, since
+        # the module's own batch-end work (k-FPF's final FPF, a stream's last task end) runs after a step save
+        self.save_last_state(trainer, force=True)
 
     # -- how ----------------------------------------------------------------------------------------
-    def save_last_state(self, trainer: Trainer) -> None:
-        """Write the current state to ``last.ckpt`` unless it holds this step already (all ranks call this)."""
-        if not self.keep_last or not self._fitting(trainer) or self.last_saved_step == trainer.global_step:
+    def save_last_state(self, trainer: Trainer, force: bool = False) -> None:
+        """Write the current state to ``last.ckpt`` unless it holds this step already (``force``: even then; all ranks
+        call this)."""
+        if not self.keep_last or not self._fitting(trainer) or (self.last_saved_step == trainer.global_step and not force):
             return
         path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
         self.last_model_path = path  # part of the state being saved, as in ModelCheckpoint

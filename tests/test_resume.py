@@ -30,6 +30,8 @@ CASES = {
     "pruning": ("pruning/vit_fmnist_gradual.yaml", {"callbacks.pruning_schedules.Cubic": {"start": 0, "end": 5, "frequency": 1, "final_sparsity": 0.9}}),
     "continual_er": ("continual/er_split_fmnist.yaml", {}),
     "continual_derpp": ("continual/derpp_split_fmnist.yaml", {}),
+    # an FPF before and after the kill, task-end FPFs at steps 2 and 4, a final one at step 5
+    "continual_kfpf": ("continual/kfpf_split_fmnist.yaml", {"zoo.continual.KFPF": {"fpf_every": 2, "fpf_steps": 2}}),
     "distill": ("distill/vit_to_small_vit.yaml", {}),
     "emoe": ("emoe/vit_fmnist.yaml", {}),
     "snnet": ("snnet/stitch.yaml", {}),
@@ -72,6 +74,9 @@ def shrunk_args(config: str, data_dir: Path, out: Path, init_args: dict[str, dic
     text = (ROOT / "configs" / config).read_text()
     conf = yaml.safe_load(text)
     conf = {k: (_patched(v, str(data_dir), init_args) if k != "model" else v) for k, v in conf.items()}
+    model = conf["model"]
+    if model.get("class_path") in init_args:  # a technique's model arguments too (e.g. k-FPF's fpf_every)
+        model["init_args"] = {**(model.get("init_args") or {}), **init_args[model["class_path"]]}
     patched = out / Path(config).name
     out.mkdir(parents=True, exist_ok=True)
     patched.write_text(yaml.safe_dump(conf))
