@@ -39,8 +39,17 @@ def module_drift(model: nn.Module, anchor: dict[str, torch.Tensor]) -> dict[str,
         if params:
             numel = sum(p.numel() for _, p in params)
             # whole tensors when sharded (anchors are kept whole; gathering is a collective, every rank in the same order)
-            drift[name] = sum((sharding.whole(p.detach()) - anchor[n].to(p.device)).abs().sum().item() for n, p in params) / numel
+            drift[name] = sum((sharding.whole(p.detach()) - _anchored(anchor, n).to(p.device)).abs().sum().item() for n, p in params) / numel
     return drift
+
+
+def _anchored(anchor: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The anchor of parameter ``name``, also across ``torch.nn.utils.prune``'s renaming (``weight`` <-> ``weight_orig``:
+    a pruning callback may start or bake in its masks between the anchor and the drift)."""
+    for key in (name, name.removesuffix("_orig"), name + "_orig"):
+        if key in anchor:
+            return anchor[key]
+    raise KeyError(f"no anchor for parameter {name!r}")
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
