@@ -20,6 +20,7 @@ message; use ``checkpoint: full`` on the surgery there.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,3 +96,14 @@ def release(handles: list[RemovableHandle]) -> list[RemovableHandle]:
     for h in handles:
         h.remove()
     return []
+
+
+def release_and_thaw(surgery: Any, model: nn.Module) -> nn.Module:
+    """The end of an adapter's ``undo``: drop ``surgery.handles`` (the trained-only checkpoint hooks) and thaw the
+    parameters of ``model`` named in ``surgery.frozen`` (what ``transform`` froze)."""
+    surgery.handles = release(getattr(surgery, "handles", []))
+    params = dict(model.named_parameters())
+    for name in getattr(surgery, "frozen", []):
+        if name in params:
+            params[name].requires_grad_(True)
+    return model

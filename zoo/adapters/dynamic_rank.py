@@ -202,7 +202,7 @@ class DynamicRank(Surgery):
         what :meth:`transform` froze."""
         for name, layer in rank_one_layers(model):
             _replace(model, name, layer.merged())
-        return _release_and_thaw(self, model)
+        return ckpt.release_and_thaw(self, model)
 
 
 class ComponentVariance(LossTerm):
@@ -273,7 +273,7 @@ class AdaLoRA(Surgery):
         if self.tuner is not None:
             self.tuner.merge_and_unload()  # the root's layers are replaced in place
             self.tuner = None
-        return _release_and_thaw(self, model)
+        return ckpt.release_and_thaw(self, model)
 
 
 def adalora_tuners(module: nn.Module) -> list:
@@ -297,13 +297,3 @@ class AdaLoraOrthogonality(LossTerm):
         if not terms:
             raise ValueError("AdaLoraOrthogonality: the module has no trainable lora_A / lora_B (add AdaLoRA to its surgery)")
         return torch.stack(terms).mean()
-
-
-def _release_and_thaw(surgery, model: nn.Module) -> nn.Module:
-    """The end of an ``undo``: drop the trained-only checkpoint hooks and thaw what ``transform`` froze."""
-    surgery.handles = ckpt.release(getattr(surgery, "handles", []))
-    params = dict(model.named_parameters())
-    for name in getattr(surgery, "frozen", []):
-        if name in params:
-            params[name].requires_grad_(True)
-    return model

@@ -176,11 +176,7 @@ class E3VA(Surgery):
         if isinstance(highway, Highway) and highway.is_zero():
             highway.detach_hooks()
             del root.e3va
-        self.handles = ckpt.release(getattr(self, "handles", []))
-        params = dict(root.named_parameters())
-        for name in getattr(self, "frozen", []):
-            if name in params:
-                params[name].requires_grad_(True)
+        ckpt.release_and_thaw(self, root)
         return model
 
 
