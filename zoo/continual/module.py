@@ -291,6 +291,9 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         params = [p for n in self.forgetting_prone_modules() for p in modules[n].parameters(recurse=False) if p.requires_grad]
         if not params:
             return
+        # the shards, listed now: after a forward FSDP's roots register their gathered parameters instead, so
+        # ``self.zero_grad()`` there would miss the shards' .grad (the main step's, which backward would add to)
+        shards = list(self.parameters()) if sharded else []
         was_training = self.training
         self.train()
         for _ in range(steps):
@@ -302,11 +305,13 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"FPF diverged (loss {loss.item()}) on modules {self.forgetting_prone_modules()}: "
                                          f"fpf_lr={self.hparams.fpf_lr} is too large for them; lower it")
-            if sharded:  # FSDP2: backward fills the shards' .grad, averaged over ranks
-                self.zero_grad(set_to_none=True)
+            if sharded:  # FSDP2: backward fills the shards' .grad (adding to one already there), averaged over ranks
+                for p in shards:
+                    p.grad = None
                 loss.backward()
                 grads = [p.grad for p in params]
-                self.zero_grad(set_to_none=True)
+                for p in shards:
+                    p.grad = None
             else:
                 grads = list(torch.autograd.grad(loss, params))
                 _all_reduce_mean(grads)
