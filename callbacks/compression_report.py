@@ -10,9 +10,10 @@ stage              recorded                   model
 ``int8``           ``on_fit_end``             after post-training quantisation (or QAT's conversion)
 =================  =========================  ===========================================================
 
-Each row: top-1 accuracy on the validation split, ``bytes`` (the backbone's state_dict as ``torch.save`` writes it,
-int8 tensors as plain int8), ``gzip_bytes`` (the same file gzip-compressed: where pruning's zeros pay off on disk),
-the share of zero weights, and CPU latency (median ms) at batch 1 and at the validation batch size. The table goes
+Each row: the precision (``float32`` or the int8 scheme), whether the int8 model runs compiled (the quantisation
+callback's ``compile: true``; CPU int8 is fast only compiled), top-1 accuracy on the validation split, ``bytes`` (the
+backbone's state_dict as ``torch.save`` writes it, int8 tensors as plain int8), ``gzip_bytes`` (the same file
+gzip-compressed: where pruning's zeros pay off on disk), the share of zero weights, and CPU latency (median ms) at batch 1 and at the validation batch size. The table goes
 to the log (text, and ``compression_report.md`` in the logger's folder) and, with a TensorBoard logger, to its text
 tab and as a figure. List this callback after the pruning and quantisation callbacks (checked in ``setup``).
 """
@@ -33,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from zoo.batch import as_batch
 
-FIELDS = ("stage", "precision", "accuracy", "bytes", "gzip_bytes", "sparsity", "latency_ms_b1", "latency_ms_batch")
+FIELDS = ("stage", "precision", "compiled", "accuracy", "bytes", "gzip_bytes", "sparsity", "latency_ms_b1", "latency_ms_batch")
 
 
 def _take(x: Any, n: int) -> Any:
@@ -140,8 +141,9 @@ class CompressionReport(Callback):
         one = dataclasses.replace(batches[0], inputs=_take(batches[0].inputs, 1), targets=_take(batches[0].targets, 1))
         target = pl_module.backbone if self.backbone_only and hasattr(pl_module, "backbone") else pl_module
         size, packed = disk_bytes(target, self.compressed)
-        scheme = next((t.scheme for t in getattr(pl_module, "surgery", []) if type(t).__name__ == "Quantize"), None)
-        row = {"stage": stage, "precision": scheme or "float32", "accuracy": correct / max(total, 1), "bytes": size,
+        quantize = next((t for t in getattr(pl_module, "surgery", []) if type(t).__name__ == "Quantize"), None)
+        row = {"stage": stage, "precision": quantize.scheme if quantize else "float32",
+               "compiled": bool(quantize and getattr(quantize, "compile", False)), "accuracy": correct / max(total, 1), "bytes": size,
                "gzip_bytes": packed, "sparsity": sparsity(target),
                "latency_ms_b1": self._latency(run, one), "latency_ms_batch": self._latency(run, batches[0])}
         pl_module.train(training)
@@ -163,7 +165,7 @@ class CompressionReport(Callback):
         """The rows as a Markdown table."""
         lines = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
         for r in self.rows:
-            cells = [r["stage"], r["precision"], f"{r['accuracy']:.4f}", f"{r['bytes'] / 1e6:.3f} MB", "-" if r["gzip_bytes"] is None else f"{r['gzip_bytes'] / 1e6:.3f} MB",
+            cells = [r["stage"], r["precision"], "yes" if r["compiled"] else "no", f"{r['accuracy']:.4f}", f"{r['bytes'] / 1e6:.3f} MB", "-" if r["gzip_bytes"] is None else f"{r['gzip_bytes'] / 1e6:.3f} MB",
                      f"{r['sparsity']:.3f}", f"{r['latency_ms_b1']:.2f}", f"{r['latency_ms_batch']:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
@@ -181,7 +183,7 @@ class CompressionReport(Callback):
             Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
             (Path(logger.log_dir) / "compression_report.md").write_text(text + "\n")
         for i, r in enumerate(self.rows):
-            logger.log_metrics({f"compression/{k}": float(v) for k, v in r.items() if k not in ("stage", "precision") and v is not None}, step=i)
+            logger.log_metrics({f"compression/{k}": float(v) for k, v in r.items() if k not in ("stage", "precision", "compiled") and v is not None}, step=i)
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text("compression/report", text, trainer.global_step)

@@ -36,6 +36,7 @@ def test_report_has_one_row_per_stage_and_sizes_shrink(tmp_path, monkeypatch):
     assert all(tuple(r) == FIELDS for r in report.rows)
     start, pruned, int8 = report.rows
     assert [r["precision"] for r in report.rows] == ["float32", "float32", "int8_dynamic"]
+    assert [r["compiled"] for r in report.rows] == [False, False, False]  # the config's default: eager int8
     # the pipeline really happened: distillation term trained, half the blocks' weights zero, Linears int8
     assert module.loss_term(SoftTargetKL).weight == 0.9 and "train/soft_target_kl" in trainer.logged_metrics
     assert isinstance(module.surgery[-1], Quantize)
@@ -54,7 +55,7 @@ def test_report_has_one_row_per_stage_and_sizes_shrink(tmp_path, monkeypatch):
     # the table in the logs and the figure in TensorBoard
     log_dir = Path(trainer.logger.log_dir)
     table = (log_dir / "compression_report.md").read_text().strip().splitlines()
-    assert len(table) == 2 + 3 and table[2].startswith("| start | float32 |") and table[4].startswith("| int8 | int8_dynamic |")
+    assert len(table) == 2 + 3 and table[2].startswith("| start | float32 |") and table[4].startswith("| int8 | int8_dynamic | no |")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0}).Reload()
