@@ -246,6 +246,8 @@ class QuantizationAwareTraining(Callback):
             return
         batches = take_batches(calibration_loader(trainer, "train"), self.report_batches, "train split")
         quantizer = Quantize(self.scheme, self.layers, self.exclude, fold_bn=has_batchnorm(backbone), compile=self.compile)
+        if self.frozen is not None:  # the int8 weights use the scales QAT froze, as its fake quantizers did
+            quantizer.use_weight_scales({name: qp["scale"] for name, qp in self.frozen.items()})
         self.report = quantize_module(pl_module, quantizer, batches)
         self.path = save_quantized(trainer, self.save_to)
         publish(trainer, self.report, self.path, "QuantizationAwareTraining")

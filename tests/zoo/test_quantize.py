@@ -145,9 +145,16 @@ def test_fake_quant_is_torchaos_int8_and_freezing_keeps_the_scales():
     from torchao.quantization.qat import IntxFakeQuantizeConfig
     from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 
-    w_fq = IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True))
-    a_fq = IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False))
+    eps = torch.finfo(torch.float32).eps
+    w_fq = IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True, eps=eps))
+    a_fq = fake.fake_quantizer(IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=True, eps=eps))
     assert torch.equal(fc1(x), nn.functional.linear(a_fq(x), w_fq(weight), fc1.bias)) and not torch.equal(fc1(x), plain)
+    plain_copy = copy.deepcopy(backbone)
+    fake.detach(plain_copy)
+    int8 = Quantize("int8_dynamic", layers=["blocks.0.mlp.fc1"]).apply(plain_copy).blocks[0].mlp.fc1
+    assert torch.equal(w_fq(weight), int8.weight.dequantize())  # the converted layer's int8 weights, bit for bit
+    with torch.no_grad():
+        assert relative_error(fc1(x), int8(x)) < 1e-6  # and its symmetric per-token activations (summation order aside)
     frozen = fake.freeze(backbone)
     with torch.no_grad():
         weight.mul_(1.5)  # the weights move on; the frozen scale does not

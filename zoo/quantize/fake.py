@@ -8,12 +8,15 @@ without QAT. :func:`detach` turns them back into plain ``nn.Linear``.
 
 Weight quantizers are dynamic (scales from the current weights at each step) until :func:`freeze`, which keeps
 each layer's current scale and zero point from then on (observer freezing, as ``torch.ao``'s
-``disable_observer``); activation scales are per token, computed for each input (nothing to freeze).
+``disable_observer``); activation scales are per token, computed for each input (nothing to freeze). The configs
+simulate the converted scheme exactly (:func:`zoo.quantize.schemes.fake_quant_configs`); with frozen scales the
+conversion uses them too (:meth:`zoo.quantize.Quantize.use_weight_scales`), so the int8 model computes what QAT trained.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -27,18 +30,52 @@ def _fq_class():
     return FakeQuantizedLinear
 
 
-def attach(model: nn.Module, names: list[str], scheme: Scheme) -> None:
-    """Make each named ``nn.Linear`` of ``model`` a torchao ``FakeQuantizedLinear`` in place (disabled)."""
+@functools.cache
+def _per_token_class():
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    class SymmetricPerToken(IntxFakeQuantizer):
+        """torchao's ``IntxFakeQuantizer`` with its missing branch, per-token *symmetric*, filled in with torchao's own
+        primitives and the qparams ``Int8Tensor.from_hp`` computes for ``int8_dynamic``'s activations at run time
+        (``choose_qparams_affine`` symmetric over each token's last dimension, int8 [-128, 127]); rounding is
+        torchao's straight-through ``_Round``, so gradients flow as through its other fake quantizers."""
+
+        def _per_token_forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.config.is_symmetric:
+                return super()._per_token_forward(x)
+            from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, MappingType, _fake_quantize_affine, choose_qparams_affine
+
+            qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[self.config.dtype]
+            block = (1,) * (x.ndim - 1) + (x.shape[-1],)
+            self.scale, self.zero_point = choose_qparams_affine(x, MappingType.SYMMETRIC, block, self.config.dtype, qmin, qmax,
+                                                                eps=self.config.eps, scale_dtype=self.config.scale_precision,
+                                                                zero_point_dtype=torch.int8)
+            return _fake_quantize_affine(x, block, self.scale, self.zero_point, quant_dtype=torch.int32, quant_min=qmin,
+                                         quant_max=qmax).to(x.dtype)
+
+    return SymmetricPerToken
+
+
+def fake_quantizer(config) -> nn.Module:
+    """torchao's fake quantizer for ``config`` (per-token symmetric: :class:`SymmetricPerToken`)."""
+    from torchao.quantization.granularity import PerToken
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
+    if isinstance(getattr(config, "granularity", None), PerToken) and config.is_symmetric:
+        return _per_token_class()(config)
+    return FakeQuantizerBase.from_config(config)
+
+
+def attach(model: nn.Module, names: list[str], scheme: Scheme) -> None:
+    """Make each named ``nn.Linear`` of ``model`` a torchao ``FakeQuantizedLinear`` in place (disabled)."""
     cls = _fq_class()
     act, weight = fake_quant_configs(scheme)
     for name in names:
         m = model.get_submodule(name)
         if type(m) is cls:
             continue
-        m.activation_fake_quantizer = FakeQuantizerBase.from_config(act) if act is not None else None
-        m.weight_fake_quantizer = FakeQuantizerBase.from_config(weight)
+        m.activation_fake_quantizer = fake_quantizer(act) if act is not None else None
+        m.weight_fake_quantizer = fake_quantizer(weight)
         m.__class__ = cls
     set_enabled(model, False)
 

@@ -19,8 +19,10 @@ scheme                 torchao 0.18 config                           layer types
 ``int8_pt2e`` quantises the whole exported backbone (every convolution and Linear the X86 quantizer annotates, BatchNorm
 folded), not single layers: ``layers`` must be left unset, ``exclude`` leaves modules in float. The calibration set of the dynamic and weight-only schemes measures the quantisation error (float logits vs int8
 logits, logged) and nothing else. For QAT, :func:`fake_quant_configs` gives torchao's ``IntxFakeQuantizeConfig``
-pair that simulates a scheme (torchao's per-token activation fake-quant is asymmetric only, so QAT of
-``int8_dynamic`` simulates asymmetric per-token activations where the converted model uses symmetric ones).
+pair that simulates a scheme exactly as its converted model computes (torchao ``Int8Tensor.from_hp``: symmetric, int8
+range [-128, 127], scale = absmax / 127.5, float32 eps): per-row weights, and for ``int8_dynamic`` per-token
+activations, which torchao 0.18's ``IntxFakeQuantizer`` leaves unimplemented when symmetric
+(:class:`zoo.quantize.fake.SymmetricPerToken` fills that one branch with torchao's own primitives).
 """
 
 from __future__ import annotations
@@ -91,9 +93,12 @@ def schemes_for(layer: nn.Module) -> list[str]:
 
 
 def fake_quant_configs(scheme: Scheme):
-    """torchao ``(activation, weight)`` fake-quantize configs simulating ``scheme`` (per-row symmetric int8 weights)."""
+    """torchao ``(activation, weight)`` fake-quantize configs simulating ``scheme`` as converted: int8 per-row symmetric
+    weights, and for ``int8_dynamic`` int8 per-token symmetric activations (``Int8DynamicActivationInt8WeightConfig``'s
+    default ``act_mapping_type``), with the float32 eps ``Int8Tensor.from_hp`` uses (it matters for all-zero rows)."""
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
-    weight = IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)
-    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if scheme.name == "int8_dynamic" else None
+    eps = torch.finfo(torch.float32).eps
+    weight = IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True, eps=eps)
+    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=True, eps=eps) if scheme.name == "int8_dynamic" else None
     return act, weight

@@ -57,12 +57,18 @@ class Quantize(Surgery):
             raise ValueError(f"scheme 'int8_pt2e' quantises the whole exported backbone: leave layers unset (got layers={layers}); "
                              "use `exclude` to keep modules in float")
         self.act_scales: dict[str, torch.Tensor] = {}  # int8_static: calibrated scales (a state_dict carries them)
+        self.weight_scales: dict[str, torch.Tensor] = {}  # QAT's frozen per-row weight scales (a state_dict carries them)
         self.quantized: list[str] = []
         self._hooks: list = []
 
     def calibrated(self, scales: dict[str, torch.Tensor], ranks: dict[str, int]) -> None:
         """Activation scales from a calibrator (``int8_static``) and the rank of each layer's input."""
         self.act_scales, self.act_ranks = dict(scales), dict(ranks)
+
+    def use_weight_scales(self, scales: dict[str, torch.Tensor]) -> None:
+        """Quantise these layers' weights with the given per-row scales (QAT's frozen ones, :func:`zoo.quantize.fake.freeze`)
+        instead of their current absmax, so the int8 model rounds and clamps each weight as the fake quantizer did."""
+        self.weight_scales = {name: s.detach().reshape(-1, 1).float() for name, s in scales.items()}
 
     @contextmanager
     def recording(self, model: nn.Module):
@@ -117,7 +123,10 @@ class Quantize(Surgery):
                 quantize_(model, self._scheme.config(scale), filter_fn=lambda m, fqn, n=name: fqn == n)
         else:
             chosen = set(names)
+            floats = {n: model.get_submodule(n).weight.detach().clone() for n in self.weight_scales if n in chosen}
             quantize_(model, self._scheme.config(), filter_fn=lambda m, fqn: fqn in chosen)
+            for name, weight in floats.items():
+                _requantize(model.get_submodule(name), weight, self.weight_scales[name])
         self.quantized = names
         self._hooks = [h for name in names for h in plain_state(model.get_submodule(name))]
         if self.compile:
@@ -136,3 +145,15 @@ class Quantize(Surgery):
             h.remove()
         self.quantized, self._hooks = [], []
         return model
+
+
+def _requantize(layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    """``layer``'s torchao ``Int8Tensor`` weight made again from the float ``weight`` with a given per-row ``scale``
+    (same activation quantisation, same kernels)."""
+    from torchao.quantization import Int8Tensor
+    from torchao.quantization.granularity import PerRow
+
+    old = layer.weight
+    new = Int8Tensor.from_hp(weight, PerRow(), scale=scale.to(weight.device), act_quant_kwargs=old.act_quant_kwargs,
+                             act_quant_scale=old.act_quant_scale, reduce_range=old.reduce_range)
+    layer.weight = nn.Parameter(new, requires_grad=False)
