@@ -46,3 +46,21 @@ def run_ddp(args: list[str], out_dir: Path, cwd: Path | str | None = None, timeo
         cwd=cwd, timeout=timeout, env={"OMP_NUM_THREADS": "1"},
     )
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def tiny_base_checkpoint(path: Path, num_classes: int = 4):
+    """A tiny ViT trained one step and saved at ``path`` (the base an adapter starts from), a 16-sample loader of
+    random 8x8 images and the Trainer arguments of a quiet run: ``(data, trainer_kwargs)``."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    import zoo
+    from zoo.batch import Batch, collate
+
+    data = DataLoader([Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % num_classes)) for i in range(16)],
+                      batch_size=8, collate_fn=collate)
+    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    base = zoo.Classifier(model=TINY_VIT, model_kwargs=TINY_VIT_KWARGS, num_classes=num_classes)
+    Trainer(max_steps=1, **kw).fit(base, data)
+    base.trainer.save_checkpoint(path)
+    return data, kw

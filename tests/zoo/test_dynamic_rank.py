@@ -12,7 +12,7 @@ from torch import nn
 import zoo
 from callbacks.rank_schedule import RankSchedule, total_rank
 from datamodules import Digits
-from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
+from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, tiny_base_checkpoint
 from zoo.adapters.dynamic_rank import AdaLoRA, AdaLoraOrthogonality, ComponentVariance, DynamicRank, RankOneLinear, rank_one_layers
 from zoo.losses import CrossEntropy
 
@@ -148,16 +148,9 @@ def test_bad_inputs_fail_before_training():
 
 
 def test_trained_only_checkpoint_keeps_components_and_importance(tmp_path):
-    from torch.utils.data import DataLoader
-
     from zoo.backbones import load_zoo_module
-    from zoo.batch import Batch, collate
 
-    data = DataLoader([Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % 4)) for i in range(16)], batch_size=8, collate_fn=collate)
-    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    base = zoo.Classifier(model=TINY_VIT, model_kwargs=TINY_VIT_KWARGS, num_classes=4)
-    Trainer(max_steps=1, **kw).fit(base, data)
-    base.trainer.save_checkpoint(tmp_path / "base.ckpt")
+    data, kw = tiny_base_checkpoint(tmp_path / "base.ckpt")
     module = zoo.Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[DynamicRank(rank=2)])
     trainer = Trainer(max_steps=4, callbacks=[RankSchedule(interval=1)], **kw)
     trainer.fit(module, data)

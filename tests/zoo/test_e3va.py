@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer
 
 import zoo
 from datamodules import Digits
-from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
+from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, tiny_base_checkpoint
 from tests.zoo.test_families import TINY
 from zoo import families
 from zoo.adapters.e3va import E3VA, highway_of
@@ -140,16 +140,9 @@ def test_bad_arguments():
 
 
 def test_trained_only_checkpoint_reloads_the_highway(tmp_path):
-    from torch.utils.data import DataLoader
-
     from zoo.backbones import load_zoo_module
-    from zoo.batch import Batch, collate
 
-    data = DataLoader([Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % 4)) for i in range(16)], batch_size=8, collate_fn=collate)
-    kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    base = zoo.Classifier(model=TINY_VIT, model_kwargs=TINY_VIT_KWARGS, num_classes=4)
-    Trainer(max_steps=1, **kw).fit(base, data)
-    base.trainer.save_checkpoint(tmp_path / "base.ckpt")
+    data, kw = tiny_base_checkpoint(tmp_path / "base.ckpt")
     module = zoo.Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[E3VA(rank=4)],
                             optimizer=lambda p: torch.optim.AdamW(p, lr=0.01))
     trainer = Trainer(max_steps=2, **kw)
