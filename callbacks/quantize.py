@@ -16,16 +16,18 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from zoo.quantize import fake
-from zoo.quantize.calibration import Calibrator, MinMax, take_batches
+from zoo.quantize import fake, pt2e_qat
+from zoo.quantize.calibration import Calibrator, MinMax, relative_error, state_bytes, take_batches
 from zoo.quantize.layers import BATCHNORMS, has_batchnorm, select_layers
-from zoo.quantize.ptq import QuantizeReport, check_reloadable, quantize_module
+from zoo.quantize.pt2e import pt2e_layers
+from zoo.quantize.ptq import QuantizeReport, _logits, check_reloadable, quantize_module
 from zoo.quantize.schemes import get_scheme
 from zoo.quantize.surgery import Quantize
 from zoo.surgery import Surgery
 from zoo.surgery import instantiate as instantiate_surgery
 
 SPLITS = ("train", "val")
+SHARDED_CONVERSION = None  # set below once PTQ/QAT under sharding is decided
 
 
 def calibration_loader(trainer: Trainer, split: str):
@@ -147,10 +149,19 @@ class QuantizationAwareTraining(Callback):
 
     Composes with distillation (only the student's backbone is touched; teachers stay float) and with gradual pruning
     (the fake quantizers act on the masked weight; list the pruning callback first so its masks are made permanent
-    before conversion).
+    before conversion). The fake quantizers compute what the converted int8 layers compute (frozen scales included).
+
+    ``int8_pt2e`` (convolutional backbones, :mod:`zoo.quantize.pt2e_qat`): at fit start the backbone is exported in
+    training mode and prepared by torchao's ``prepare_qat_pt2e`` (X86 Inductor quantizer, QAT config: Conv+BN trained
+    through the folded, fake-quantised weights); outside the window its fake quantizers and observers are off, from
+    ``freeze_step`` the observers are off (ranges frozen), from ``bn_freeze_step`` the graph's BatchNorm uses running
+    statistics; ``convert_pt2e`` at the end folds BatchNorm. Checkpoints hold the float backbone (its keys) and this
+    callback's quantizer state; a resumed run prepares again and restores it. Not with pruning callbacks or feature
+    distillation taps (the exported graph runs no module hooks), nor under sharding (``torch.export`` needs whole
+    parameters).
 
     Args:
-        scheme: ``int8_dynamic`` or ``int8_weight_only`` (the schemes with a fake-quant simulation).
+        scheme: ``int8_dynamic``, ``int8_weight_only`` (Linears) or ``int8_pt2e`` (the whole exported backbone).
         start_step, end_step, freeze_step, bn_freeze_step: the schedule, in optimizer steps.
         layers, exclude: globs of the backbone's layer names (default: every ``nn.Linear``).
         convert: end the fit with the int8 model; ``false`` leaves a float model trained with fake quantisation.
@@ -162,6 +173,12 @@ class QuantizationAwareTraining(Callback):
                  bn_freeze_step: int | None = None, layers: list[str] | None = None, exclude: list[str] = (), convert: bool = True,
                  report_batches: int = 2, compile: bool = False, save_to: str | None = "quantized.ckpt"):
         self._scheme = get_scheme(scheme, qat=True)
+        if self._scheme.pt2e and layers is not None:
+            raise ValueError(f"scheme 'int8_pt2e' quantises the whole exported backbone: leave layers unset (got layers={layers}); "
+                             "use `exclude` to keep modules in float")
+        # read by zoo.sharding.check_strategy: refused under sharding strategies before training
+        self.sharding = ("torch.export traces the whole backbone for int8_pt2e QAT, which a sharded (DTensor) backbone is not"
+                         if self._scheme.pt2e else SHARDED_CONVERSION)
         if start_step < 0:
             raise ValueError(f"start_step={start_step}: expected a step >= 0")
         if end_step is not None and end_step <= start_step:
@@ -176,6 +193,9 @@ class QuantizationAwareTraining(Callback):
         self.bn_freeze_step, self.layers, self.exclude, self.convert = bn_freeze_step, layers, list(exclude), convert
         self.report_batches, self.compile, self.save_to = report_batches, compile, save_to
         self.frozen: dict[str, dict[str, torch.Tensor]] | None = None  # weight scales since freeze_step (checkpointed)
+        self.quantizer_state: dict[str, torch.Tensor] | None = None  # int8_pt2e: the QAT graph's quantizers (checkpointed)
+        self.example_shape: list[int] | None = None
+        self._graph = None
         self._frozen_applied = False
         self.names: list[str] = []
         self.active_steps: list[int] = []  # global steps trained with fake quantisation on (for tests and logs)
@@ -200,6 +220,10 @@ class QuantizationAwareTraining(Callback):
             check_reloadable(pl_module)
         from callbacks.pruning.base import MaskedPruning
 
+        pruning = [type(c).__name__ for c in trainer.callbacks if isinstance(c, MaskedPruning)]
+        if self._scheme.pt2e and pruning:
+            raise ValueError(f"QuantizationAwareTraining(scheme='int8_pt2e') runs the exported graph, where {', '.join(pruning)}'s "
+                             "masking hooks do not run: prune in an earlier fit, or use scheme int8_dynamic / int8_weight_only")
         mine = trainer.callbacks.index(self)
         late = [type(c).__name__ for c in trainer.callbacks[mine + 1:] if isinstance(c, MaskedPruning)]
         if late and self.convert:
@@ -208,10 +232,26 @@ class QuantizationAwareTraining(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         backbone = pl_module.backbone  # after the module's surgery (configure_model)
-        self.names = select_layers(backbone, self._scheme, self.layers, self.exclude)
+        if self._scheme.pt2e:
+            self.names = pt2e_layers(backbone, self._scheme, self.exclude)
+        else:
+            self.names = select_layers(backbone, self._scheme, self.layers, self.exclude)
         if self.bn_freeze_step is not None and not has_batchnorm(backbone):
             raise ValueError(f"bn_freeze_step={self.bn_freeze_step}: {type(backbone).__name__} has no BatchNorm layer; remove it")
-        fake.attach(backbone, self.names, self._scheme)
+        if not self._scheme.pt2e:
+            fake.attach(backbone, self.names, self._scheme)
+            return
+        with torch.random.fork_rng(devices=[]):  # a look at one training batch, leaving the run's random stream as it was
+            batch = take_batches(calibration_loader(trainer, "train"), 1, "train split")
+            with Quantize("int8_pt2e").recording(backbone) as inputs:
+                pl_module.eval()
+                _logits(pl_module, [pl_module.transfer_batch_to_device(batch[0], pl_module.device, 0)])
+                pl_module.train()
+        self.example_shape = list(inputs[0].shape[1:])
+        example = torch.zeros(2, *self.example_shape, device=inputs[0].device)
+        pl_module.backbone = self._graph = pt2e_qat.prepare(backbone, example, self.exclude)
+        if self.quantizer_state is not None:  # a resumed run: the quantizers as they were saved
+            pt2e_qat.load_quantizer_state(self._graph, self.quantizer_state)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Not in on_fit_start: there ``estimated_stepping_batches`` would build the training loader before Lightning
@@ -224,9 +264,14 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         backbone, step = pl_module.backbone, trainer.global_step
         on = self.active(step)
-        fake.set_enabled(backbone, on)
         if on:
             self.active_steps.append(step)
+        if self._scheme.pt2e:
+            pt2e_qat.set_window(backbone, fake_quant=on, observe=on and (self.freeze_step is None or step < self.freeze_step))
+            if self.bn_freeze_step is not None and step >= self.bn_freeze_step:
+                pt2e_qat.freeze_batchnorm(backbone)
+            return
+        fake.set_enabled(backbone, on)
         if self.freeze_step is not None and step >= self.freeze_step:
             if self.frozen is None:
                 self.frozen = fake.freeze(backbone)
@@ -241,6 +286,8 @@ class QuantizationAwareTraining(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         backbone = pl_module.backbone
+        if self._scheme.pt2e:
+            return self._finish_pt2e(trainer, pl_module)
         fake.detach(backbone)
         if not self.convert:
             return
@@ -252,9 +299,37 @@ class QuantizationAwareTraining(Callback):
         self.path = save_quantized(trainer, self.save_to)
         publish(trainer, self.report, self.path, "QuantizationAwareTraining")
 
+    def _finish_pt2e(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Convert the QAT graph (``convert_pt2e``: BatchNorm folded, int8 weights, the trained activation ranges)."""
+        graph = pl_module.backbone
+        if not self.convert:
+            return
+        batches = take_batches(calibration_loader(trainer, "train"), self.report_batches, "train split")
+        batches = [pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in batches]
+        training = pl_module.training
+        pl_module.eval()
+        pt2e_qat.set_window(graph, fake_quant=False, observe=False)
+        reference, float_bytes = _logits(pl_module, batches), state_bytes(graph)
+        pl_module.backbone = pt2e_qat.finish(graph, self.example_shape, compile=self.compile)
+        quantizer = Quantize("int8_pt2e", exclude=self.exclude, compile=self.compile, example_shape=self.example_shape, qat=True)
+        quantizer.quantized = list(self.names)
+        pl_module.surgery.append(quantizer)
+        pl_module.hparams["surgery"] = [t.config() for t in pl_module.surgery]
+        quantized = _logits(pl_module, batches)
+        pl_module.train(training)
+        self.report = QuantizeReport("int8_pt2e", len(self.names), relative_error(reference, quantized),
+                                     float((quantized.argmax(-1) == reference.argmax(-1)).float().mean()), float_bytes,
+                                     pl_module.backbone.int8_bytes())
+        self.path = save_quantized(trainer, self.save_to)
+        publish(trainer, self.report, self.path, "QuantizationAwareTraining")
+
     def state_dict(self) -> dict[str, Any]:
-        return {"frozen": self.frozen}
+        state = {"frozen": self.frozen}
+        if self._graph is not None and pt2e_qat.quantizers(self._graph):
+            state["quantizers"], state["example_shape"] = pt2e_qat.quantizer_state(self._graph), self.example_shape
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.frozen = state_dict.get("frozen")
+        self.quantizer_state = state_dict.get("quantizers")
         self._frozen_applied = False

@@ -25,13 +25,14 @@ from torch import nn
 OBSERVER_PREFIX = "activation_post_process_"
 
 
-def _quantizer(model: nn.Module, exclude: list[str] = ()):
-    """torchao's X86 Inductor quantizer (static, per-channel weights); modules matching ``exclude`` globs stay float."""
+def _quantizer(model: nn.Module, exclude: list[str] = (), qat: bool = False):
+    """torchao's X86 Inductor quantizer (static, per-channel weights; its QAT config for ``qat``); modules matching
+    ``exclude`` globs stay float."""
     import fnmatch
 
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
 
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=qat))
     for name, _ in model.named_modules():
         if name and any(fnmatch.fnmatchcase(name, p) for p in exclude):
             quantizer.set_module_name_qconfig(name, None)
@@ -68,23 +69,38 @@ class PT2EBackbone(nn.Module):
         example_shape: one sample's input shape (``[C, H, W]``); the batch dimension is exported dynamic.
         exclude: names of the float model's modules left in float.
         compile: ``torch.compile`` the converted graph (Inductor's int8 oneDNN kernels; the fast CPU path).
+        qat: the graph is prepared for quantisation-aware training (:mod:`zoo.quantize.pt2e_qat`: exported in training
+            mode, fake quantizers whose state comes from training); its weights are saved in float.
     """
 
-    def __init__(self, model: nn.Module, example_shape: list[int], exclude: list[str] = (), compile: bool = False):
+    def __init__(self, model: nn.Module | None, example_shape: list[int], exclude: list[str] = (), compile: bool = False,
+                 qat: bool = False, prepared: nn.Module | None = None):
         super().__init__()
-        from torch.export import Dim
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+        if prepared is None:
+            example = torch.randn(2, *example_shape)
+            if qat:
+                from zoo.quantize.pt2e_qat import export_prepared
 
-        model.eval()
-        example = torch.randn(2, *example_shape)
-        exported = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=65536)},))
-        self.prepared = prepare_pt2e(exported.module(), _quantizer(model, exclude))
+                prepared = export_prepared(model, example, exclude)
+            else:
+                from torch.export import Dim
+                from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+                model.eval()
+                exported = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=65536)},))
+                prepared = prepare_pt2e(exported.module(), _quantizer(model, exclude))
+        self.prepared, self.qat = prepared, qat
         self.example_shape, self.compile_converted = list(example_shape), compile
         self._converted: list[nn.Module] = []  # not a submodule: the state_dict is the prepared graph's
-        self._weights = _weight_observers(self.prepared)
+        self._weights = {} if qat else _weight_observers(self.prepared)
         self.register_state_dict_post_hook(_to_int8)
         self.register_load_state_dict_pre_hook(_from_int8)
         self.register_load_state_dict_post_hook(lambda module, keys: module._converted.clear())
+
+    @classmethod
+    def wrap(cls, prepared: nn.Module, example_shape: list[int], compile: bool = False, qat: bool = False) -> PT2EBackbone:
+        """A backbone around a graph prepared already (QAT's, after training)."""
+        return cls(None, example_shape, compile=compile, qat=qat, prepared=prepared)
 
     def train(self, mode: bool = True) -> PT2EBackbone:
         """Only this module's flag: the exported graphs run as exported, in eval mode (BatchNorm folded, no dropout);
@@ -102,7 +118,8 @@ class PT2EBackbone(nn.Module):
         self._converted.clear()
 
     def calibrated(self) -> bool:
-        mins = [m.min_val for n, m in self.prepared.named_children() if n.startswith(OBSERVER_PREFIX) and n not in self._weights.values()]
+        mins = [getattr(m, "activation_post_process", m).min_val for n, m in self.prepared.named_children()
+                if n.startswith(OBSERVER_PREFIX) and n not in self._weights.values()]
         return bool(mins) and all(torch.isfinite(v).all() for v in mins)
 
     def converted(self) -> nn.Module:
@@ -113,7 +130,12 @@ class PT2EBackbone(nn.Module):
             if not self.calibrated():
                 raise RuntimeError("PT2EBackbone: the observers have seen no data; calibrate (Quantize.observe) or load a "
                                    "quantised checkpoint first")
-            graph = convert_pt2e(copy.deepcopy(self.prepared))
+            graph = copy.deepcopy(self.prepared)
+            if self.qat:
+                from torchao.quantization.pt2e import move_exported_model_to_eval
+
+                move_exported_model_to_eval(graph)  # BatchNorm on running statistics, no dropout; then folded
+            graph = convert_pt2e(graph)
             self._converted.append(torch.compile(graph) if self.compile_converted else graph)
         return self._converted[0]
 

@@ -72,7 +72,7 @@ SCHEMES: dict[str, Scheme] = {
 # Whole-graph schemes (PT2E, :mod:`zoo.quantize.pt2e`): they quantise the exported backbone, not layers one by one, so
 # they are kept apart from SCHEMES (whose per-layer checks and messages they do not follow).
 PT2E_SCHEMES: dict[str, Scheme] = {
-    "int8_pt2e": Scheme("int8_pt2e", (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear), static=False, qat=False, config=lambda scale=None: None,
+    "int8_pt2e": Scheme("int8_pt2e", (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear), static=False, qat=True, config=lambda scale=None: None,
                         pt2e=True),
 }
 

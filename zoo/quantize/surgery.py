@@ -40,11 +40,13 @@ class Quantize(Surgery):
             torchao's int8 kernels are fast only compiled (eager int8 dynamic-activation is slower than float).
         example_shape: ``int8_pt2e``: one sample's input shape the backbone is exported with; recorded by
             :meth:`recording` from the calibration inputs, stored so that a reloaded model exports the same graph.
+        qat: ``int8_pt2e``: the model was quantisation-aware trained (:mod:`zoo.quantize.pt2e_qat`); reloading prepares
+            the float backbone for QAT, loads the trained quantizers' state and converts.
     """
 
     def __init__(self, scheme: str = "int8_dynamic", layers: list[str] | None = None, exclude: list[str] = (),
                  fold_bn: bool = False, act_ranks: dict[str, int] | None = None, compile: bool = False,
-                 example_shape: list[int] | None = None):
+                 example_shape: list[int] | None = None, qat: bool = False):
         self.scheme = scheme
         self.layers = None if layers is None else list(layers)
         self.exclude = list(exclude)
@@ -52,6 +54,7 @@ class Quantize(Surgery):
         self.act_ranks = None if act_ranks is None else dict(act_ranks)
         self.compile = compile
         self.example_shape = None if example_shape is None else list(example_shape)
+        self.qat = qat
         self._scheme = get_scheme(scheme)
         if self._scheme.pt2e and layers is not None:
             raise ValueError(f"scheme 'int8_pt2e' quantises the whole exported backbone: leave layers unset (got layers={layers}); "
@@ -113,7 +116,7 @@ class Quantize(Surgery):
                 raise ValueError("Quantize('int8_pt2e') needs example_shape (one sample's input shape, e.g. [3, 224, 224]) to export "
                                  "the backbone; Quantize.recording records it from the calibration inputs")
             self.quantized = names
-            return PT2EBackbone(model, self.example_shape, self.exclude, compile=self.compile)
+            return PT2EBackbone(model, self.example_shape, self.exclude, compile=self.compile, qat=self.qat)
         if self.fold_bn:
             fold_batchnorm(model)
         if self._scheme.static:

@@ -1,0 +1,100 @@
+"""Quantisation-aware training of convolutional backbones for ``int8_pt2e``: torchao's PT2E QAT flow (``torch.export`` in
+training mode -> ``prepare_qat_pt2e`` with the X86 Inductor quantizer's QAT config -> train -> ``convert_pt2e``), driven
+by :class:`callbacks.quantize.QuantizationAwareTraining` on its schedule.
+
+``prepare_qat_pt2e`` keeps the backbone's own parameters and buffers (same objects, same names: the optimizer, DDP's
+buckets and the float state_dict keys stay valid) and adds fake-quantize modules (``activation_post_process_<i>``:
+``FusedMovingAvgObsFakeQuantize``, observer + fake quant) on every annotated op's input, weights (per channel) and
+outputs; each Conv + BatchNorm pair becomes torchao's QAT pattern (the convolution sees BN-scaled, fake-quantised weights,
+BatchNorm still trains), folded by ``convert_pt2e``. BatchNorm freezing sets the graph's ``batch_norm`` ops to use their
+running statistics (the PT2E QAT tutorial's recipe).
+
+Checkpoints while training (:func:`prepare`): the backbone's state_dict holds only the float keys (the fake quantizers'
+state is the callback's), so ``last.ckpt`` is a float model any process loads; a resumed run exports and prepares the
+restored float backbone again (deterministic) and loads the quantizers' state back: the same graph, the same state. The
+converted model (:func:`finish`) is a :class:`~zoo.quantize.pt2e.PT2EBackbone` with ``qat=True``: its state is the QAT
+graph with the quantizers, and reloading prepares the float backbone the same way and converts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PREFIX = "activation_post_process_"
+
+
+def export_prepared(model: nn.Module, example: torch.Tensor, exclude: list[str] = ()) -> torch.fx.GraphModule:
+    """``model`` exported in training mode (batch dimension dynamic) and prepared for QAT; ``train()``/``eval()`` of the
+    result switch its dropout and BatchNorm ops (torchao's ``allow_exported_model_train_eval``)."""
+    from torch.export import Dim
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from zoo.quantize.pt2e import _quantizer
+
+    model.train()
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=65536)},))
+    graph = prepare_qat_pt2e(exported.module(), _quantizer(model, exclude, qat=True))
+    return allow_exported_model_train_eval(graph)
+
+
+def _drop_quantizers(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k[len(prefix):].startswith(PREFIX)]:
+        del state_dict[key]
+
+
+def prepare(model: nn.Module, example: torch.Tensor, exclude: list[str] = ()) -> torch.fx.GraphModule:
+    """The training graph: :func:`export_prepared` whose state_dict leaves out the fake quantizers (:func:`quantizer_state`
+    carries them), with fake quantisation and observers off until :func:`set_window` turns them on."""
+    graph = export_prepared(model, example, exclude)
+    graph._zoo_hook = graph.register_state_dict_post_hook(_drop_quantizers)
+    set_window(graph, fake_quant=False, observe=False)
+    return graph
+
+
+def quantizers(graph: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in graph.named_children() if n.startswith(PREFIX)}
+
+
+def quantizer_state(graph: nn.Module) -> dict[str, torch.Tensor]:
+    """The fake quantizers' buffers (scales, zero points, observed ranges, on/off flags), by ``<quantizer>.<buffer>``."""
+    return {f"{n}.{k}": v.detach().clone() for n, m in quantizers(graph).items() for k, v in m.state_dict().items()}
+
+
+def load_quantizer_state(graph: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for n, m in quantizers(graph).items():
+        m.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
+
+
+def set_window(graph: nn.Module, fake_quant: bool, observe: bool) -> None:
+    """Fake quantisation on/off, and observers (range statistics) on/off, in every quantizer."""
+    for m in quantizers(graph).values():
+        m.enable_fake_quant(fake_quant)
+        m.enable_observer(observe)
+
+
+def freeze_batchnorm(graph: torch.fx.GraphModule) -> int:
+    """Every ``batch_norm`` op of the graph uses (and no longer updates) its running statistics; returns how many.
+    Again after each ``train()``: torchao's mode switch rewrites the BatchNorm ops."""
+    count = 0
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default):
+            if node.args[5]:
+                args = list(node.args)
+                args[5] = False  # training
+                node.args = tuple(args)
+            count += 1
+    graph.recompile()
+    return count
+
+
+def finish(graph: torch.fx.GraphModule, example_shape: list[int], compile: bool = False) -> nn.Module:
+    """The QAT graph as an int8 :class:`~zoo.quantize.pt2e.PT2EBackbone` (converted on first use; its state_dict keeps the
+    quantizers, so a saved int8 module reloads)."""
+    from zoo.quantize.pt2e import PT2EBackbone
+
+    graph._zoo_hook.remove()
+    del graph._zoo_hook
+    set_window(graph, fake_quant=True, observe=False)
+    return PT2EBackbone.wrap(graph, example_shape, compile=compile, qat=True)
