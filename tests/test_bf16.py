@@ -307,6 +307,35 @@ def case_structured_pruning(data, tmp_path, monkeypatch):
     assert sum(p.numel() for p in run.model.backbone.parameters()) < 0.9 * sum(p.numel() for p in dense.parameters())
 
 
+def case_qat(data, tmp_path, monkeypatch):
+    """QAT (int8_dynamic, fake quant from step 0) under bf16 autocast: the per-token activation scales and roundings
+    in float32 (bf16 cannot hold x / scale to the rounding step), the weight scales from the float32 master weights."""
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    from zoo.quantize import fake
+
+    acts, weights = [], []
+    recorder(monkeypatch, fake._per_token_class(), "_per_token_forward", acts, lambda args, out: (args[1].dtype, args[0].scale.dtype, out.dtype))
+    recorder(monkeypatch, IntxFakeQuantizer, "_per_channel_or_group_forward", weights, lambda args, out: (args[1].dtype, args[0].scale.dtype))
+    run = run_config("quantize/qat_vit.yaml", data, tmp_path, monkeypatch,
+                     patch={"callbacks.quantize.QuantizationAwareTraining": {"start_step": 0, "freeze_step": None, "convert": False}})
+    check_trained(run)
+    assert acts and {scale for _, scale, _ in acts} == {torch.float32} and torch.bfloat16 in {x for x, _, _ in acts}
+    assert all(x == out for x, _, out in acts)  # handed on in the dtype it came in
+    assert weights and set(weights) == {(torch.float32, torch.float32)}
+
+
+def case_ptq(data, tmp_path, monkeypatch):
+    """PTQ at fit end after a bf16-mixed fit: int8 weights from the float32 master weights, the int8 model's logits
+    within the int8 tolerance of the float model's."""
+    run = run_config("quantize/ptq_vit.yaml", data, tmp_path, monkeypatch,
+                     patch={"callbacks.quantize.PostTrainingQuantization": {"calibration_batches": 1, "save_to": None}})
+    cb = next(c for c in run.trainer.callbacks if type(c).__name__ == "PostTrainingQuantization")
+    assert cb.report.layers == 16 and 0 < cb.report.logit_rel_error < 0.03
+    assert all(hasattr(m.weight, "qdata") and m.weight.dtype == torch.float32 for m in run.model.backbone.modules()
+               if isinstance(m, torch.nn.Linear))
+
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 

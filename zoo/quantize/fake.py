@@ -47,10 +47,11 @@ def _per_token_class():
 
             qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[self.config.dtype]
             block = (1,) * (x.ndim - 1) + (x.shape[-1],)
-            self.scale, self.zero_point = choose_qparams_affine(x, MappingType.SYMMETRIC, block, self.config.dtype, qmin, qmax,
+            full = x.float()  # under bf16 autocast too: bf16 cannot hold x / scale to the rounding step (0.5 above 64)
+            self.scale, self.zero_point = choose_qparams_affine(full, MappingType.SYMMETRIC, block, self.config.dtype, qmin, qmax,
                                                                 eps=self.config.eps, scale_dtype=self.config.scale_precision,
                                                                 zero_point_dtype=torch.int8)
-            return _fake_quantize_affine(x, block, self.scale, self.zero_point, quant_dtype=torch.int32, quant_min=qmin,
+            return _fake_quantize_affine(full, block, self.scale, self.zero_point, quant_dtype=torch.int32, quant_min=qmin,
                                          quant_max=qmax).to(x.dtype)
 
     return SymmetricPerToken
