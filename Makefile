@@ -18,8 +18,10 @@ data:  ## real data from Debian (Fashion-MNIST, Jane Austen's novels), where apt
 demo: install
 	$(PYTHON) cli.py fit --config configs/quickstart.yaml
 
+TEST_WORKERS ?= 2  # pytest-xdist processes (one torch thread each); each test file stays on one worker
+
 test: install data
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install data
 	@for f in $(filter-out benchmarks/timing.py,$(wildcard benchmarks/*.py)); do echo "== $$f"; $(PYTHON) $$f || exit 1; done
