@@ -53,6 +53,11 @@ CASES = {
     "der": ("continual/der_seq_mnist.yaml", CONTINUAL, False),
     "derpp": ("continual/derpp_split_fmnist.yaml", CONTINUAL, False),
     "kfpf": ("continual/kfpf_split_fmnist.yaml", [*CONTINUAL, "--model.init_args.fpf_every=1", "--model.init_args.fpf_steps=2"], False),
+    "lora": ("adapters/lora_vit.yaml", ["--data.init_args.batch_size=8"], True),
+    # QAT's fake quantizers inside the sharded blocks (whole weights there), its observer freeze gathering whole rows; the
+    # int8 conversion needs whole weights and is refused under sharding (tests/callbacks/test_quantize.py)
+    "qat": ("quantize/qat_vit.yaml", ["--data.init_args.batch_size=8", "--callbacks.quantize.init_args.start_step=1",
+                                      "--callbacks.quantize.init_args.freeze_step=2", "--callbacks.quantize.init_args.convert=false"], True),
 }
 
 # cases also run under DDP: the sharded run must train the same weights (FSDP's reduced gradient on each shard, the
@@ -262,6 +267,33 @@ def test_a_part_that_needs_whole_parameters_is_refused_before_training():
     check_sharded_sampling(False, ModelParallelStrategy(), 2)
     with pytest.raises(ValueError, match="sample_per_rank=true cannot train under ModelParallelStrategy.*sample_per_rank: false"):
         check_sharded_sampling(True, ModelParallelStrategy(), 2)
+    # adapter parts that need whole parameters (E3VA's highway hooks, RankSchedule's pruning of adapter matrices):
+    # Classifier.setup refuses them, before configure_model shards anything
+    from callbacks.rank_schedule import RankSchedule
+    from zoo.adapters.e3va import E3VA
+
+    for part in (E3VA(), RankSchedule()):
+        check_strategy(module, DDPStrategy(), [part])
+        with pytest.raises(ValueError, match=rf"Classifier: {type(part).__name__} cannot train under ModelParallelStrategy \(.*DTensor.*Strategies that work: single device, DDP"):
+            check_strategy(module, ModelParallelStrategy(), [part])
+
+
+def test_lora_adapters_train_shard_and_load_on_one_process(runs):
+    """LoRA (peft layers inside the sharded blocks): only the adapters and the head train, the adapters are sharded
+    too; sharded, the checkpoint holds the whole state (zoo.adapters.checkpoint), and ``zoo.load_zoo_module`` rebuilds
+    the run's weights at that step on one process, base and adapters."""
+    from zoo import load_zoo_module
+    from zoo.adapters.lora import lora_layers
+
+    at_checkpoint = _states(runs, "lora", f"reference_step{EVERY}_")[0]
+    whole, local = at_checkpoint["state_dict"], at_checkpoint["local_numel"]
+    trainable = _states(runs, "lora", "reference")[0]["trainable"]
+    assert trainable and all(".lora_" in n or n.startswith("head.") for n in trainable), trainable
+    assert any(".lora_A." in k and n < whole[k].numel() for k, n in local.items()), "adapters not sharded"
+    module = load_zoo_module(runs["root"] / "lora" / "ckpt" / f"step={EVERY}.ckpt")
+    assert lora_layers(module.backbone)
+    loaded = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    _assert_equal(whole, {k: loaded[k].detach() for k in whole}, "lora: loaded vs the run's")
 
 
 def _worker(plan_file: str) -> None:

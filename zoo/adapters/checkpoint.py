@@ -15,6 +15,11 @@ So a checkpoint holds the head, the adapters and the hyperparameters (the base m
 all-MiniLM-L6-v2 (22.9M parameters) with rank-8 DoRA in every attention and FFN layer is 1.5 MB instead of 92 MB.
 A base that cannot be rebuilt from its name (``pretrained: false`` outside a seeded run) fails loading with a
 message; use ``checkpoint: full`` on the surgery there.
+
+Sharded (FSDP2, :mod:`zoo.sharding`) the checkpoint holds the whole state, as ``checkpoint: full``: torch's
+distributed state dict (``get_model_state_dict``) maps every key to a module attribute, so it cannot carry the
+fingerprint entry, and Lightning's single-file sharded loader requires every parameter. Each rank still writes only
+its shards; such a checkpoint resumes sharded and loads on one process (:func:`zoo.load_zoo_module`) like any other.
 """
 
 from __future__ import annotations
@@ -54,10 +59,19 @@ def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _drop_base(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     if prefix + KEY in state_dict:  # another adapter surgery's hook on the same backbone already did it
         return
+    if _sharded(module):  # the whole state: see the module docstring
+        return
     names = [n for n in base_names(module) if prefix + n in state_dict]
     state_dict[prefix + KEY] = fingerprint([state_dict[prefix + n] for n in names])
     for n in names:
         del state_dict[prefix + n]
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are FSDP2 shards (``DTensor``)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _fill_base(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
