@@ -27,7 +27,10 @@ from zoo.surgery import Surgery
 from zoo.surgery import instantiate as instantiate_surgery
 
 SPLITS = ("train", "val")
-SHARDED_CONVERSION = None  # set below once PTQ/QAT under sharding is decided
+# read by zoo.sharding.check_strategy (a callback's ``sharding`` attribute): refused under sharding before training
+SHARDED_CONVERSION = ("the int8 conversion (torchao quantize_) replaces whole weight tensors, which FSDP2 holds as DTensor "
+                      "shards; under sharding {}, then quantise the saved checkpoint on one process (zoo test --ckpt_path "
+                      "<last.ckpt> with callbacks.quantize.PostTrainingQuantization)")
 
 
 def calibration_loader(trainer: Trainer, split: str):
@@ -93,6 +96,7 @@ class PostTrainingQuantization(Callback):
         self.calibrator = calibrator or MinMax()
         self.fold_bn, self.compile, self.save_to = fold_bn, compile, save_to
         self.prepare = [instantiate_surgery(t) for t in prepare or []]
+        self.sharding = SHARDED_CONVERSION.format("fit without it")  # refused under sharding strategies before training (zoo.sharding.check_strategy)
         self.report: QuantizeReport | None = None
         self.path: str | None = None
 
@@ -178,7 +182,7 @@ class QuantizationAwareTraining(Callback):
                              "use `exclude` to keep modules in float")
         # read by zoo.sharding.check_strategy: refused under sharding strategies before training
         self.sharding = ("torch.export traces the whole backbone for int8_pt2e QAT, which a sharded (DTensor) backbone is not"
-                         if self._scheme.pt2e else SHARDED_CONVERSION)
+                         if self._scheme.pt2e else SHARDED_CONVERSION.format("train with convert: false") if convert else None)
         if start_step < 0:
             raise ValueError(f"start_step={start_step}: expected a step >= 0")
         if end_step is not None and end_step <= start_step:

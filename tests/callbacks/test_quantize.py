@@ -291,3 +291,20 @@ def test_ptq_prepares_with_splitquant_after_training_and_the_int8_split_model_re
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), module.eval()(x))
+
+
+def test_conversions_that_need_whole_weights_are_refused_under_sharding():
+    """PTQ, QAT that converts and int8_pt2e QAT need whole weights: refused under sharding before training, naming the
+    technique, the part and what works; QAT with ``convert: false`` trains sharded (tests/test_sharding.py, case qat)."""
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from zoo.sharding import check_strategy
+
+    module = tiny_vit()
+    for cb, part in ((PostTrainingQuantization(), "int8 conversion"), (QuantizationAwareTraining(), "int8 conversion"),
+                     (QuantizationAwareTraining("int8_pt2e"), "torch.export")):
+        check_strategy(module, DDPStrategy(), [cb])
+        with pytest.raises(ValueError, match=rf"Classifier: {type(cb).__name__} cannot train under ModelParallelStrategy \(.*{part}"
+                                             r".*Strategies that work: single device, DDP"):
+            check_strategy(module, ModelParallelStrategy(), [cb])
+    check_strategy(module, ModelParallelStrategy(), [QuantizationAwareTraining(convert=False)])

@@ -107,12 +107,14 @@ def _static(q: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> None
 @torch.no_grad()
 def freeze(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """Fix each weight quantizer's scale and zero point to those of the current weights; returns them by layer."""
+    from zoo.sharding import whole
+
     out = {}
-    for name, m in fake_layers(model).items():
+    for name, m in fake_layers(model).items():  # the same order on every rank: whole() gathers a sharded weight
         q = m.weight_fake_quantizer
         if q.config.is_dynamic:
             enabled, q.enabled = q.enabled, True
-            q(m.weight)  # computes scale and zero point from the weights now
+            q(whole(m.weight))  # computes scale and zero point from the (whole) weights now
             q.enabled = enabled
             _static(q, q.scale.detach().clone(), q.zero_point.detach().clone())
         out[name] = {"scale": q.scale, "zero_point": q.zero_point}
