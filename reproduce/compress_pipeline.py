@@ -19,6 +19,8 @@ compression_report.md``; this script gathers the three tables into one Markdown 
 and one figure (``--figure``, default ``docs/figures/compress_pipeline.png``: accuracy vs size on disk and vs batch-1
 CPU latency, one line per model through its stages). Accuracy is on the first ``--*-eval-batches`` batches of the
 validation split (not shuffled). Latency as the configs set it: int8 not compiled (eager), unless ``--compile-int8``.
+The report measures each stage when it happens (minutes apart: on a shared machine the load differs), so ``--collect``
+also times the float and int8 checkpoints side by side, interleaved in one process (:func:`side_by_side`).
 
     OMP_NUM_THREADS=1 python reproduce/compress_pipeline.py --parts vit minilm     # parts may run in parallel processes
     OMP_NUM_THREADS=1 python reproduce/compress_pipeline.py --parts lite0
@@ -40,6 +42,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 PARTS = {  # part: (teacher config, its logger version, pipeline config, classes, model label)
     "vit": ("configs/distill/vit_teacher.yaml", "vit_teacher", "configs/compose/compress_vit.yaml", 10, "ViT 3x48 (Fashion-MNIST)"),
@@ -167,9 +170,59 @@ def collect(args) -> None:
                      f"{meta['eval_batches']} validation batches; wall: teacher {teacher['wall_s'] if teacher else 'reused'} s, pipeline "
                      f"{student['wall_s']} s; 1-min load {student['load_before']:.1f} -> {student['load_after']:.1f}")
     text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    if args.latency_rounds:
+        text += (f"\nSide by side (float32 after distill+prune vs int8, reloaded from the checkpoints, interleaved, median and min of "
+                 f"{args.latency_rounds} rounds, 1-min load {os.getloadavg()[0]:.1f}; the float model is not compiled):\n\n" + side_by_side(args, runs) + "\n")
     (Path(args.out) / "compress_pipeline.md").write_text(text)
     print(text)
     figure(runs, Path(args.figure))
+
+
+def example_inputs(part: str, batch: int, max_length: int):
+    """Inputs of the part's shape (latency only: random pixels / token ids, every token attended)."""
+    import torch
+
+    if part == "minilm":
+        ids = torch.randint(1000, 20000, (batch, max_length))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    size = 32 if part == "lite0" else 28
+    return torch.randn(batch, 1, size, size)
+
+
+def side_by_side(args, runs) -> str:
+    """CPU latency of each run's float model (after distill+prune: ``last.ckpt``) and int8 model (``quantized.ckpt``),
+    both reloaded with ``zoo.load_zoo_module`` and timed in one process, interleaved (one forward of each per round,
+    median and min over ``--latency-rounds``; min: the least disturbed forward): on a shared machine the load hits both alike, so the ratio is fair even where
+    the per-stage columns above (measured minutes apart) are not."""
+    import statistics
+
+    import torch
+
+    from zoo import load_zoo_module
+
+    lines = ["| model | int8 compiled | batch | float32 ms (median / min) | int8 ms (median / min) | int8 / float32 (median / min) |",
+             "|---|---|---|---|---|---|"]
+    for part, version, rows, meta in runs:
+        folder = Path(args.out) / part / "lightning_logs" / version / "checkpoints"
+        models = {"float32": load_zoo_module(folder / "last.ckpt").eval(), "int8": load_zoo_module(folder / "quantized.ckpt").eval()}
+        for batch in (1, meta["batch_size"]):
+            x = example_inputs(part, batch, args.minilm_max_length)
+            times = {k: [] for k in models}
+            with torch.no_grad():
+                for _ in range(3):  # warm-up (and compilation, where compiled)
+                    for m in models.values():
+                        m(x)
+                for _ in range(args.latency_rounds):
+                    for k, m in models.items():
+                        t0 = time.perf_counter()
+                        m(x)
+                        times[k].append(time.perf_counter() - t0)
+            f, q = (1000 * statistics.median(times[k]) for k in ("float32", "int8"))
+            f0, q0 = (1000 * min(times[k]) for k in ("float32", "int8"))
+            lines.append(f"| {PARTS[part][4]} | {'yes' if meta['compiled'] else 'no'} | {batch} | {f:.2f} / {f0:.2f} | {q:.2f} / {q0:.2f} | "
+                         f"{q / f:.2f} / {q0 / f0:.2f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 def figure(runs, path: Path) -> None:
@@ -212,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--collect", action="store_true", help="after the parts (or alone): the table and the figure from <out>")
     p.add_argument("--compile-int8", action="store_true", help="the int8 stage compiled (callbacks.quantize compile: true)")
     p.add_argument("--reuse-teacher", action="store_true", help="skip a part's teacher when its best.ckpt exists")
-    p.add_argument("--latency-repeats", type=int, default=20)
+    p.add_argument("--latency-repeats", type=int, default=20, help="the report's timed forwards per stage (median)")
+    p.add_argument("--latency-rounds", type=int, default=30, help="--collect: interleaved float/int8 rounds (0: skip)")
     p.add_argument("--vit-samples-per-class", type=int, default=500)
     p.add_argument("--vit-batch-size", type=int, default=128)
     p.add_argument("--vit-teacher-epochs", type=int, default=6)
