@@ -292,8 +292,10 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         if not params:
             return
         # the shards, listed now: after a forward FSDP's roots register their gathered parameters instead, so
-        # ``self.zero_grad()`` there would miss the shards' .grad (the main step's, which backward would add to)
+        # ``self.zero_grad()`` there would miss the shards' .grad (the main step's, which backward would add to);
+        # that .grad is set aside and put back after FPF, as the unsharded path leaves it untouched
         shards = list(self.parameters()) if sharded else []
+        kept = [p.grad for p in shards]
         was_training = self.training
         self.train()
         for _ in range(steps):
@@ -318,6 +320,8 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.sub_(self.hparams.fpf_lr * g)
+        for p, g in zip(shards, kept):
+            p.grad = g
         _all_reduce_mean([b for b in self.buffers() if b.is_floating_point()])  # e.g. BatchNorm statistics
         self.train(was_training)
 
