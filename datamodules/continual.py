@@ -222,7 +222,8 @@ class ContinualDataModule(LightningDataModule):
         if shuffle:
             return train_loader(dataset, batch_size, seed, workers)
         # Evaluation reads several tasks in one fixed seeded order, so limit_val/test_batches sees every task.
-        return eval_loader(Subset(dataset, eval_order(range(len(dataset)), seed)), batch_size, workers)
+        eval_batch_size = getattr(self.data, "eval_batch_size", None) or batch_size
+        return eval_loader(Subset(dataset, eval_order(range(len(dataset)), seed)), eval_batch_size, workers)
 
     def train_dataloader(self) -> DataLoader:
         t = self.current_task

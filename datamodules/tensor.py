@@ -105,7 +105,8 @@ class BatchTransform:
         if self.random:
             keys = torch.randint(0, 2**32, (len(x),)) if keys is None else keys
             x = crop_flip(x, keys.to(x.device), self.padding, self.flip)
-        x = F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
+        fresh = x.dtype != torch.float32 or self.random or self.size != self.native_size  # x is a new tensor: normalise in place
+        x = F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std, inplace=fresh)
         return x[0] if single else x
 
     def __repr__(self) -> str:

@@ -218,3 +218,27 @@ def test_transform_on_device_gives_the_training_step_the_same_batches():
     stream = lambda **kw: ContinualDataModule(Digits(batch_size=32, augment=True, **kw), classes_per_task=5, cumulative=True)  # noqa: E731
     assert_same(probe_fit(stream(transform_on_device=True), max_epochs=2, reload_dataloaders_every_n_epochs=1),
                 probe_fit(stream(), max_epochs=2, reload_dataloaders_every_n_epochs=1))
+
+
+def test_direct_reading_gives_the_batches_of_dataloaders_own_iterator():
+    """Loaders without workers read their batches directly (no DataLoader iterator): the same batches, in order."""
+    dm = Digits(batch_size=32, augment=True, with_index=True)
+    dm.setup()
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    train.batch_sampler.sampler.set_epoch(1)
+    own = list(DataLoader.__iter__(train))  # the DataLoader machinery, as before
+    assert_same(batches(train, 1), own)
+    assert_same(list(val), list(DataLoader.__iter__(val)))
+
+
+def test_eval_batch_size_reads_the_same_samples_in_larger_batches():
+    small, large = Digits(batch_size=16), Digits(batch_size=16, eval_batch_size=100)
+    small.setup(), large.setup()
+    for split in ("val_dataloader", "test_dataloader"):
+        a, b = list(getattr(small, split)()), list(getattr(large, split)())
+        assert {len(x) for x in b[:-1]} == {100} and all(len(x) == 16 for x in a[:-1])
+        for field in ("inputs", "targets"):
+            assert torch.equal(torch.cat([getattr(x, field) for x in a]), torch.cat([getattr(x, field) for x in b]))
+    assert len(list(large.train_dataloader())[0]) == 16  # training batches keep batch_size
+    with pytest.raises(ValueError, match="eval_batch_size=0"):
+        Digits(eval_batch_size=0)
