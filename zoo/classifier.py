@@ -39,6 +39,9 @@ from zoo.batch import FIELDS as BATCH_FIELDS
 from zoo.batch import Batch, as_batch
 
 
+HIT_BATCH_ELEMENTS = 2**18  # Classifier.count_hits counts kept batches together once they hold this many logits
+
+
 class TopKAccuracy(Metric):
     """Micro top-k accuracy kept as two counters on the device (summed over ranks): the value of torchmetrics'
     ``MulticlassAccuracy(average="micro", top_k=k)`` at a third of its per-batch cost (no per-class stat scores)."""
@@ -255,7 +258,10 @@ class Classifier(LightningModule):
         for term in self.losses:
             term.check_batch(batch)
             values[term.name] = term(step)
-        total = sum(term.weight * values[term.name] for term in self.losses)
+        total = None  # sum(weight * value), without the multiplications by 1 and the initial 0 + (two ops a step)
+        for term in self.losses:
+            value = values[term.name] if term.weight == 1 else term.weight * values[term.name]
+            total = value if total is None else total + value
         for term in self.losses:
             term.after_step(step)
         if len(values) > 1:
@@ -274,24 +280,39 @@ class Classifier(LightningModule):
         return loss
 
     def count_hits(self, metrics: MetricCollection, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add this batch's hits of every accuracy in ``metrics`` to running device counts (:meth:`flush_hits` hands
-        them to the metrics once per epoch): the same values as ``metrics.update`` per step, at a fraction of its cost."""
-        sums = self.__dict__.setdefault("hit_sums", {})
+        """Count this batch's hits of every accuracy in ``metrics`` (:meth:`flush_hits` hands the counts to the metrics
+        once per epoch): the same values as ``metrics.update`` per step, at a fraction of its cost. The batch is kept
+        (a reference, no copy) and counted with the next ones in one go once they hold ``HIT_BATCH_ELEMENTS`` logits."""
+        pending = self.__dict__.setdefault("hit_sums", {}).setdefault(id(metrics), {"batches": [], "size": 0, "counts": {}})
+        pending["batches"].append((logits, targets))
+        pending["size"] += logits.numel()
+        if pending["size"] >= HIT_BATCH_ELEMENTS:
+            self._count_pending(metrics, pending)
+
+    @staticmethod
+    def _count_pending(metrics: MetricCollection, pending: dict[str, Any]) -> None:
+        """Add the kept batches' hits to the running device counts (integers: the same counts as batch by batch)."""
+        batches, pending["batches"], pending["size"] = pending["batches"], [], 0
+        if not batches:
+            return
+        logits = batches[0][0] if len(batches) == 1 else torch.cat([b[0] for b in batches])
+        targets = batches[0][1] if len(batches) == 1 else torch.cat([b[1] for b in batches])
+        counts = pending["counts"]
         for name, metric in metrics.items():
-            key = (id(metrics), name)
-            hits = metric.hits(logits, targets)
-            old = sums.get(key)
-            sums[key] = (hits, len(targets)) if old is None else (old[0] + hits, old[1] + len(targets))
+            hits, old = metric.hits(logits, targets), counts.get(name)
+            counts[name] = (hits, len(targets)) if old is None else (old[0] + hits, old[1] + len(targets))
 
     def flush_hits(self, metrics: MetricCollection) -> bool:
         """Update ``metrics`` with the counts of :meth:`count_hits`; whether there were any."""
-        sums = self.__dict__.setdefault("hit_sums", {})
+        pending = self.__dict__.setdefault("hit_sums", {}).pop(id(metrics), None)
         found = False
-        for name, metric in metrics.items():
-            counts = sums.pop((id(metrics), name), None)
-            if counts is not None:
-                metric.update(counts=counts)
-                found = True
+        if pending is not None:
+            self._count_pending(metrics, pending)
+            for name, metric in metrics.items():
+                counts = pending["counts"].get(name)
+                if counts is not None:
+                    metric.update(counts=counts)
+                    found = True
         return found or any(m.update_count for m in metrics.values())
 
     def accumulate(self, key: str, value: torch.Tensor, batch_size: int) -> None:

@@ -1,6 +1,7 @@
 """Cheap logging (issue 17 item 3): the epoch values are those of per-step ``self.log``, and a training step
 does not wait for the host (no ``.item()`` / ``bool(tensor)`` per step)."""
 
+import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
@@ -64,7 +65,10 @@ def fit(cls, epochs=2, **kw):
     return trainer, {**logged, **trainer.logged_metrics}
 
 
-def test_epoch_values_are_those_of_per_step_logging():
+@pytest.mark.parametrize("count_every", [None, 300])
+def test_epoch_values_are_those_of_per_step_logging(count_every, monkeypatch):
+    if count_every:  # hits counted every ~2 batches of 16 x 10 logits (and the rest at epoch end), not only at epoch end
+        monkeypatch.setattr("zoo.classifier.HIT_BATCH_ELEMENTS", count_every)
     (_, new), (_, old) = fit(Classifier), fit(PerStepLogging)
     keys = ["train/loss_epoch", "train/cross_entropy", "train/smooth", "train/acc", "train/acc_top5",
             "val/loss", "val/acc", "val/acc_top5", "test/loss", "test/acc", "test/acc_top5"]
