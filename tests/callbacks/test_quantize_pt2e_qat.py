@@ -61,6 +61,8 @@ class Probe(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer, pl_module) -> None:
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}  # float keys only
+        self.quantizers = pt2e_qat.quantizer_state(pl_module.backbone)
         pl_module.eval()
         self.fake = pl_module(self.x)
 
@@ -87,10 +89,13 @@ def test_pt2e_qat_window_freezing_fidelity_resume_and_reload(tmp_path):
     # step checkpoints are float models (the quantizers are the callback's state)
     saved = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)
     assert set(saved["state_dict"]) == set(cnn().state_dict())
-    # resumed from step 2 (mid-QAT, observers frozen): the same int8 model as the uninterrupted run
-    resumed = fit([qat()], tmp_path, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
-    with torch.no_grad():
-        assert torch.equal(resumed.eval()(x), int8)
+    # resumed from step 2 (mid-QAT, observers frozen): the uninterrupted run's weights and quantizers (so its int8 model)
+    again = Probe(x)
+    fit([again, QuantizationAwareTraining("int8_pt2e", start_step=1, freeze_step=2, convert=False)], tmp_path,
+        ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    for mine, theirs in ((again.state, probe.state), (again.quantizers, probe.quantizers)):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert any(k.endswith("max_val") for k in again.quantizers)
     # the int8 checkpoint reloads (the Quantize surgery it records prepares the float backbone the same way)
     state = torch.load(tmp_path / "ckpt" / "quantized.ckpt", weights_only=True)
     (args,) = [t["init_args"] for t in state["hyper_parameters"]["surgery"]]

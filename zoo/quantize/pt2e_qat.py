@@ -63,8 +63,12 @@ def quantizer_state(graph: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_quantizer_state(graph: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from collections import OrderedDict
+
     for n, m in quantizers(graph).items():
-        m.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
+        values = OrderedDict((k[len(n) + 1:], v) for k, v in state.items() if k.startswith(n + "."))
+        values._metadata = m.state_dict()._metadata  # the modules' versions: without them the observers reset their eps
+        m.load_state_dict(values)
 
 
 def set_window(graph: nn.Module, fake_quant: bool, observe: bool) -> None:
