@@ -62,6 +62,17 @@ class Surgery:
         return f"{type(self).__name__}({args})"
 
 
+def frozen_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of ``model`` that do not require gradients (what :func:`restore_trainability` restores)."""
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def restore_trainability(model: nn.Module, frozen: set[str] | None) -> None:
+    """Every parameter of ``model`` trainable except those named in ``frozen`` (an undo's way back)."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in (frozen or ()))
+
+
 def frozen_modules(model: nn.Module) -> list[str]:
     """Names of the modules (not the root) that own parameters, all of them frozen."""
     out = []

@@ -32,6 +32,7 @@ from zoo import families
 from zoo.adapters import checkpoint as ckpt
 from zoo.adapters.lora import LoRA, lora_layers
 from zoo.adapters.targets import block_names
+from zoo.surgery import frozen_names
 
 __all__ = ["ExpertLoRA"]
 
@@ -134,7 +135,7 @@ class ExpertLoRA(LoRA):
             raise ValueError("ExpertLoRA: the model already has peft adapters; give one adapter surgery all its targets")
         modules, params, full = self.targets_of(model)
         keep = [root.get_parameter(n) for n in full] + [p for n in self.extra_trainable(model) for p in model.get_submodule(n).parameters()]
-        self.frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}
+        self.frozen_before = frozen_names(model)
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=modules, target_parameters=params)
         self.tuner = LoraModel(root, config, "default")  # wraps the layers in place, freezes all but the adapters
         inside = {id(p) for p in root.parameters()}

@@ -25,7 +25,7 @@ from torch import nn
 from zoo import families
 from zoo.adapters import checkpoint as ckpt
 from zoo.adapters.targets import select
-from zoo.surgery import Surgery
+from zoo.surgery import Surgery, frozen_names, restore_trainability
 
 PARTS = ("keys", "values")
 
@@ -64,7 +64,7 @@ class KeysValues(Surgery):
         names = self.layers(model)
         root = families.root_of(model)
         if self.frozen_before is None:
-            self.frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}
+            self.frozen_before = frozen_names(model)
         model.requires_grad_(False)
         for name in names:
             layer = root.get_submodule(name)
@@ -76,9 +76,7 @@ class KeysValues(Surgery):
         return model
 
     def undo(self, model: nn.Module) -> nn.Module:
-        frozen = self.frozen_before or set()
-        for n, p in model.named_parameters():
-            p.requires_grad_(n not in frozen)
+        restore_trainability(model, self.frozen_before)
         self.frozen_before = None
         self.handles = ckpt.release(self.handles)
         return model

@@ -25,7 +25,7 @@ from torch import nn
 from zoo import families
 from zoo.adapters import checkpoint as ckpt
 from zoo.adapters.targets import describe, layer_dims, select
-from zoo.surgery import Surgery
+from zoo.surgery import Surgery, frozen_names, restore_trainability
 
 BIAS = ("none", "all", "lora_only")
 
@@ -109,7 +109,7 @@ class LoRA(Surgery):
             raise ValueError("LoRA: the model already has peft adapters; give one LoRA surgery all its targets")
         names = self.layers(model)
         extra = self.extra_trainable(model)
-        self.frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}
+        self.frozen_before = frozen_names(model)
         transposed = all(type(root.get_submodule(n)).__name__ == "Conv1D" for n in names)  # GPT-2: weights stored (in, out)
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.dora, bias=self.bias,
                             target_modules=names, fan_in_fan_out=transposed)
@@ -132,7 +132,6 @@ class LoRA(Surgery):
         self.tuner.merge_and_unload(safe_merge=True)  # the root's layers are replaced in place
         self.tuner = None
         self.handles = ckpt.release(self.handles)
-        for n, p in model.named_parameters():
-            p.requires_grad_(n not in self.frozen_before)
+        restore_trainability(model, self.frozen_before)
         return model
 

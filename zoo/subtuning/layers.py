@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from zoo import families
-from zoo.surgery import Surgery
+from zoo.surgery import Surgery, frozen_names, restore_trainability
 
 GRANULARITIES = ("block", "stage")
 
@@ -136,13 +136,11 @@ class Freeze(Surgery):
     def transform(self, model: nn.Module) -> nn.Module:
         names = self.names(model)
         if self.frozen_before is None:
-            self.frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}
+            self.frozen_before = frozen_names(model)
         freeze_except(model, names)
         return model
 
     def undo(self, model: nn.Module) -> nn.Module:
-        frozen = self.frozen_before or set()
-        for n, p in model.named_parameters():
-            p.requires_grad_(n not in frozen)
+        restore_trainability(model, self.frozen_before)
         self.frozen_before = None
         return model
