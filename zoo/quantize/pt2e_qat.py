@@ -78,6 +78,14 @@ def set_window(graph: nn.Module, fake_quant: bool, observe: bool) -> None:
         m.enable_observer(observe)
 
 
+def sync_mode(graph: torch.fx.GraphModule, training: bool) -> None:
+    """Put the graph's dropout and BatchNorm ops in ``training`` mode. Lightning ends validation by setting each module's
+    ``training`` flag back without calling ``train()``, which would leave an exported graph running BatchNorm in eval."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    (move_exported_model_to_train if training else move_exported_model_to_eval)(graph)  # no-ops when already there
+
+
 def freeze_batchnorm(graph: torch.fx.GraphModule) -> int:
     """Every ``batch_norm`` op of the graph uses (and no longer updates) its running statistics; returns how many.
     Again after each ``train()``: torchao's mode switch rewrites the BatchNorm ops."""
