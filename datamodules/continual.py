@@ -74,12 +74,12 @@ class TaskSet(EpochItems, Dataset):
 
     def gather_items(self, indices: torch.Tensor, epoch: int | None = None) -> Batch:
         """The collated ``[item(i, epoch) for i in indices]``, gathered at once from the subset."""
-        p = self.position_tensor[indices]
+        p = self.position_tensor.index_select(0, indices)
         sample = self.subset.load_batch(p, epoch)
         raw = None
         if self.with_raw:
             raw = sample.raw if sample.raw.dtype == torch.uint8 else sample.inputs
-        return Batch(inputs=sample.inputs, targets=self.target_tensor[indices], task=torch.full((len(p),), self.task, dtype=torch.long),
+        return Batch(inputs=sample.inputs, targets=self.target_tensor.index_select(0, indices), task=torch.full((len(p),), self.task, dtype=torch.long),
                      raw=raw, index=p if self.subset.with_index else None)
 
 

@@ -212,6 +212,8 @@ class EpochConcat(EpochItems, ConcatDataset):
         return all(isinstance(d, EpochItems) and d.gatherable() for d in self.datasets)
 
     def gather_items(self, indices: torch.Tensor, epoch: int | None = None) -> Any:
+        if len(self.datasets) == 1:  # one task: its batch as it is (no bucketing)
+            return self.datasets[0].gather_items(indices, epoch)
         which = torch.bucketize(indices, torch.as_tensor(self.cumulative_sizes), right=True)
         parts = []
         for d in which.unique().tolist():
