@@ -320,7 +320,9 @@ class Classifier(LightningModule):
         does), kept on the device: no host sync per step; :meth:`on_train_epoch_end` logs it."""
         value = value.detach()
         value = value if value.dtype in (torch.float32, torch.float64) else value.to(torch.get_default_dtype())
-        total = self.epoch_sums.setdefault(key, [torch.zeros((), device=value.device), 0])
+        total = self.epoch_sums.get(key)
+        if total is None:  # (not setdefault: its default would be a new tensor every step)
+            total = self.epoch_sums[key] = [torch.zeros((), device=value.device), 0]
         total[0] = total[0] + value * batch_size
         total[1] += batch_size
 
