@@ -194,3 +194,13 @@ def test_last_checkpoint_folder_is_replaced_atomically(tmp_path):
     f.write_text("file")
     replace(str(f), str(tmp_path / "x.ckpt"))
     assert (tmp_path / "x.ckpt").read_text() == "file"
+
+
+def test_checkpoint_state_key_is_model_checkpoints_and_follows_its_monitor():
+    """Checkpoint builds its state key once per monitor/mode (Lightning reads it at every hook): the same key."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = Checkpoint(monitor="val/loss", every_n_train_steps=5)
+    assert ckpt.state_key == ModelCheckpoint.state_key.fget(ckpt)
+    ckpt.monitor, ckpt.mode = "val/acc", "max"
+    assert ckpt.state_key == ModelCheckpoint.state_key.fget(ckpt) and "val/acc" in ckpt.state_key
