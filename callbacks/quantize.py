@@ -313,6 +313,11 @@ class QuantizationAwareTraining(Callback):
         batches = [pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in batches]
         training = pl_module.training
         pl_module.eval()
+        if not self.active_steps and not pt2e_qat.observed(graph):  # the window never opened (fast_dev_run, a short run)
+            rank_zero_warn(f"QuantizationAwareTraining: no step trained with fake quantisation (start_step={self.start_step}); "
+                           f"the int8 activation ranges are calibrated on {len(batches)} training batches instead (as PTQ)")
+            pt2e_qat.set_window(graph, fake_quant=False, observe=True)
+            _logits(pl_module, batches)
         pt2e_qat.set_window(graph, fake_quant=False, observe=False)
         reference, float_bytes = _logits(pl_module, batches), state_bytes(graph)
         pl_module.backbone = pt2e_qat.finish(graph, self.example_shape, compile=self.compile)

@@ -71,6 +71,11 @@ def load_quantizer_state(graph: nn.Module, state: dict[str, torch.Tensor]) -> No
         m.load_state_dict(values)
 
 
+def observed(graph: nn.Module) -> bool:
+    """Whether every quantizer has seen data (finite observed ranges)."""
+    return all(bool(torch.isfinite(m.activation_post_process.min_val).all()) for m in quantizers(graph).values())
+
+
 def set_window(graph: nn.Module, fake_quant: bool, observe: bool) -> None:
     """Fake quantisation on/off, and observers (range statistics) on/off, in every quantizer."""
     for m in quantizers(graph).values():
