@@ -272,6 +272,7 @@ class QuantizationAwareTraining(Callback):
             self.active_steps.append(step)
         if self._scheme.pt2e:
             pt2e_qat.sync_mode(backbone, pl_module.training)
+            pt2e_qat.broadcast_quantizers(backbone)
             pt2e_qat.set_window(backbone, fake_quant=on, observe=on and (self.freeze_step is None or step < self.freeze_step))
             if self.bn_freeze_step is not None and step >= self.bn_freeze_step:
                 pt2e_qat.freeze_batchnorm(backbone)

@@ -76,6 +76,17 @@ def observed(graph: nn.Module) -> bool:
     return all(bool(torch.isfinite(m.activation_post_process.min_val).all()) for m in quantizers(graph).values())
 
 
+def broadcast_quantizers(graph: nn.Module) -> None:
+    """Rank 0's quantizer buffers to every rank (as DDP's ``broadcast_buffers`` does for a module's own buffers, which it
+    registered before these quantizers existed): every rank fake-quantises with the same ranges."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for m in quantizers(graph).values():
+            for buffer in m.buffers():
+                dist.broadcast(buffer, src=0)
+
+
 def set_window(graph: nn.Module, fake_quant: bool, observe: bool) -> None:
     """Fake quantisation on/off, and observers (range statistics) on/off, in every quantizer."""
     for m in quantizers(graph).values():
