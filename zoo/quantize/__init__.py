@@ -6,7 +6,10 @@ quantisation-aware training (torchao's fake quantizers on a schedule), issue 20.
 ``layers``          :func:`select_layers` (the check of unsupported layers), :func:`fold_batchnorm`
 ``surgery``         :class:`Quantize`: the int8 model as a surgery (a saved quantised module reloads)
 ``calibration``     :class:`Calibrator`, :class:`MinMax` (pluggable), :func:`take_batches`, :func:`relative_error`
-``fake``            QAT's fake quantizers attached to the model's own Linears, :func:`freeze` (observers)
+``fake``            QAT's fake quantizers attached to the model's own Linears (simulating the converted scheme
+                    exactly), :func:`freeze` (observers)
+``pt2e``            ``int8_pt2e``: PT2E static int8 of a whole exported (convolutional) backbone
+``pt2e_qat``        QAT for ``int8_pt2e``: torchao ``prepare_qat_pt2e`` / ``convert_pt2e`` on the callback's schedule
 ``ptq``             :func:`quantize_module`: calibrate, quantise, measure (shared by both callbacks)
 ==================  ==========================================================================================
 
