@@ -138,6 +138,18 @@ def run_part(part: str, args) -> None:
     (folder / f"{version}.json").write_text(json.dumps(info, indent=1))
 
 
+def teacher_accuracy(part: str, args) -> float | None:
+    """The teacher's best val/acc (its checkpoint callback's ``best_model_score``)."""
+    import torch
+
+    best = Path(args.out) / part / "lightning_logs" / PARTS[part][1] / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        return None
+    states = torch.load(best, map_location="cpu", weights_only=False).get("callbacks", {})
+    scores = [v["best_model_score"] for v in states.values() if v.get("best_model_score") is not None]
+    return float(scores[0]) if scores else None
+
+
 def read_report(path: Path) -> list[dict]:
     lines = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -165,17 +177,21 @@ def collect(args) -> None:
                          f"{r['bytes'].replace(' MB', '')} | {r['gzip_bytes'].replace(' MB', '')} | {r['sparsity']} | {r['latency_ms_b1']} | {r['latency_ms_batch']} |")
         student, teacher = meta["student"], meta.get("teacher")
         notes.append(f"- {PARTS[part][4]}{' (int8 compiled)' if meta['compiled'] else ''}: {meta['samples_per_class']} training samples/class, batch "
-                     f"{meta['batch_size']} (N), {meta['steps_per_epoch']} steps/epoch; teacher {meta['teacher_epochs']} epochs, student "
-                     f"{meta['epochs']} epochs ({meta['epochs'] * meta['steps_per_epoch']} steps); accuracy on the first "
-                     f"{meta['eval_batches']} validation batches; wall: teacher {teacher['wall_s'] if teacher else 'reused'} s, pipeline "
-                     f"{student['wall_s']} s; 1-min load {student['load_before']:.1f} -> {student['load_after']:.1f}")
+                     f"{meta['batch_size']} (N), {meta['steps_per_epoch']} steps/epoch; teacher {meta['teacher_epochs']} epoch(s) "
+                     f"(val acc {teacher_accuracy(part, args):.4f} on the same slice), student "
+                     f"{meta['epochs']} epoch(s) ({meta['epochs'] * meta['steps_per_epoch']} steps); accuracy on the first "
+                     f"{meta['eval_batches'] * meta['batch_size']} validation samples; wall: teacher "
+                     f"{str(teacher['wall_s']) + ' s' if teacher else 'reused from the run above'}, pipeline {student['wall_s']} s; "
+                     f"1-min load {student['load_before']:.1f} -> {student['load_after']:.1f}")
     text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    ratios = []
     if args.latency_rounds:
+        table, ratios = side_by_side(args, runs)
         text += (f"\nSide by side (float32 after distill+prune vs int8, reloaded from the checkpoints, interleaved, median and min of "
-                 f"{args.latency_rounds} rounds, 1-min load {os.getloadavg()[0]:.1f}; float32 compiled where int8 is):\n\n" + side_by_side(args, runs) + "\n")
+                 f"{args.latency_rounds} rounds, 1-min load {os.getloadavg()[0]:.1f}; float32 compiled where int8 is):\n\n" + table + "\n")
     (Path(args.out) / "compress_pipeline.md").write_text(text)
     print(text)
-    figure(runs, Path(args.figure))
+    figure(runs, Path(args.figure), ratios)
 
 
 def example_inputs(part: str, batch: int, max_length: int):
@@ -200,6 +216,7 @@ def side_by_side(args, runs) -> str:
 
     from zoo import load_zoo_module
 
+    ratios = []  # (label, batch, int8/float32 median)
     lines = ["| model | int8 compiled | batch | float32 ms (median / min) | int8 ms (median / min) | int8 / float32 (median / min) |",
              "|---|---|---|---|---|---|"]
     for part, version, rows, meta in runs:
@@ -223,17 +240,20 @@ def side_by_side(args, runs) -> str:
             f0, q0 = (1000 * min(times[k]) for k in ("float32", "int8"))
             lines.append(f"| {PARTS[part][4]} | {'yes' if meta['compiled'] else 'no'} | {batch} | {f:.2f} / {f0:.2f} | {q:.2f} / {q0:.2f} | "
                          f"{q / f:.2f} / {q0 / f0:.2f} |")
+            ratios.append((PARTS[part][4].split(" (")[0] + (" compiled" if meta["compiled"] else ""), batch, q / f))
             print(lines[-1], flush=True)
-    return "\n".join(lines)
+    return "\n".join(lines), ratios
 
 
-def figure(runs, path: Path) -> None:
+def figure(runs, path: Path, ratios=()) -> None:
+    """Accuracy vs size (raw, gzip) and vs batch-1 latency through the stages; with ``ratios``, a fourth panel: the
+    side-by-side int8 / float32 latency ratio per model and batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4 if ratios else 3, figsize=(20 if ratios else 15, 4.2))
     for part, version, rows, meta in runs:
         label = PARTS[part][4] + (" [int8 compiled]" if meta["compiled"] else "")
         acc = [float(r["accuracy"]) for r in rows]
@@ -241,17 +261,24 @@ def figure(runs, path: Path) -> None:
         gz = [float(r["gzip_bytes"].split()[0]) if r["gzip_bytes"] != "-" else math.nan for r in rows]
         ms = [float(r["latency_ms_b1"]) for r in rows]
         style = "--" if meta["compiled"] else "-"
-        for ax, x in zip(axes, (mb, gz, ms)):
+        for ax, x in zip(axes[:3], (mb, gz, ms)):
             line, = ax.plot(x, acc, style, marker="o", label=label)
             for xi, yi, r in zip(x, acc, rows):
                 ax.annotate(r["stage"].replace("distill_prune", "distill+prune"), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points",
                             color=line.get_color())
-    for ax, title in zip(axes, ("state_dict size on disk (MB)", "gzip size on disk (MB)", "CPU latency, batch 1 (ms)")):
+    for ax, title in zip(axes[:3], ("state_dict size on disk (MB)", "gzip size on disk (MB)", "CPU latency, batch 1 (ms)")):
         ax.set_xscale("log")
         ax.set_xlabel(title)
         ax.set_ylabel("val top-1")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    if ratios:
+        labels = [f"{label}, b{batch}" for label, batch, _ in ratios]
+        axes[3].barh(range(len(ratios)), [r for _, _, r in ratios], color=["tab:orange" if "compiled" in l else "tab:gray" for l in labels])
+        axes[3].set_yticks(range(len(ratios)), labels, fontsize=7)
+        axes[3].axvline(1.0, color="k", lw=0.8)
+        axes[3].set_xlabel("int8 / float32 CPU latency (side by side, median)")
+        axes[3].invert_yaxis()
     fig.suptitle("distill -> prune -> int8: start / after distill+prune / after int8 (real data, shortened runs, shared CPU)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
