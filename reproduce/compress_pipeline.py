@@ -22,10 +22,14 @@ validation split (not shuffled). Latency as the configs set it: int8 not compile
 The report measures each stage when it happens (minutes apart: on a shared machine the load differs), so ``--collect``
 also times the float and int8 checkpoints side by side, interleaved in one process (:func:`side_by_side`).
 
-    OMP_NUM_THREADS=1 python reproduce/compress_pipeline.py --parts vit minilm     # parts may run in parallel processes
-    OMP_NUM_THREADS=1 python reproduce/compress_pipeline.py --parts lite0
-    python reproduce/compress_pipeline.py --collect                                # table + figure from <out>
-    OMP_NUM_THREADS=1 python reproduce/compress_pipeline.py --parts vit --compile-int8   # extra run: int8 compiled
+The README's table (each line a process; two ran at a time, ~20 min each on 2 shared cores):
+
+    OMP_NUM_THREADS=1 nice -n 5 python reproduce/compress_pipeline.py --parts vit
+    OMP_NUM_THREADS=1 nice -n 5 python reproduce/compress_pipeline.py --parts minilm
+    OMP_NUM_THREADS=1 nice -n 5 python reproduce/compress_pipeline.py --parts lite0
+    OMP_NUM_THREADS=1 nice -n 5 python reproduce/compress_pipeline.py --parts vit --compile-int8 --reuse-teacher
+    OMP_NUM_THREADS=1 nice -n 5 python reproduce/compress_pipeline.py --parts minilm --compile-int8 --reuse-teacher
+    OMP_NUM_THREADS=1 nice -n 5 python reproduce/compress_pipeline.py --collect     # table + side-by-side latency + figure
 """
 
 from __future__ import annotations
