@@ -65,6 +65,9 @@ class Probe(Callback):
         self.quantizers = pt2e_qat.quantizer_state(pl_module.backbone)
         pl_module.eval()
         self.fake = pl_module(self.x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed: the QAT graph runs in float32 all the same
+            self.under_bf16 = pl_module.backbone(self.x)
+        self.features = pl_module.backbone(self.x)
 
 
 # the converted int8 graph's logits within this relative error of the fake-quantised QAT graph's (the same q/dq math;
@@ -85,6 +88,11 @@ def test_pt2e_qat_window_freezing_fidelity_resume_and_reload(tmp_path):
     with torch.no_grad():
         int8 = module.eval()(x)
     assert relative_error(probe.fake, int8) < FIDELITY
+    assert torch.equal(probe.under_bf16, probe.features)
+    with torch.no_grad():
+        features = module.backbone(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(module.backbone(x), features)  # the int8 graph too runs in float32 under bf16-mixed
     assert len(module.backbone.int8_weights()) == 2  # both convolutions int8
     # step checkpoints are float models (the quantizers are the callback's state)
     saved = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)

@@ -140,6 +140,10 @@ class PT2EBackbone(nn.Module):
         return self._converted[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # the int8 graph's q/dq ops take float32 (under mixed precision too)
+            return self._run(x.float())
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         graph = self.converted()
         if not self.compile_converted:
             return graph(x)

@@ -44,10 +44,29 @@ def _drop_quantizers(module, state_dict, prefix, local_metadata) -> None:
         del state_dict[key]
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def _float32_in(module, args):
+    module._zoo_autocast = [(d, torch.is_autocast_enabled(d)) for d in DEVICES]
+    for d in DEVICES:
+        torch.set_autocast_enabled(d, False)
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _autocast_back(module, args, out):
+    for d, on in getattr(module, "_zoo_autocast", ()):
+        torch.set_autocast_enabled(d, on)
+
+
 def prepare(model: nn.Module, example: torch.Tensor, exclude: list[str] = ()) -> torch.fx.GraphModule:
     """The training graph: :func:`export_prepared` whose state_dict leaves out the fake quantizers (:func:`quantizer_state`
-    carries them), with fake quantisation and observers off until :func:`set_window` turns them on."""
+    carries them), with fake quantisation and observers off until :func:`set_window` turns them on. It runs in float32
+    under mixed precision (autocast off inside it): torchao's fused fake-quantize op takes float32 only, and the int8
+    model it simulates computes from float32 ranges."""
     graph = export_prepared(model, example, exclude)
+    graph.register_forward_pre_hook(_float32_in)
+    graph.register_forward_hook(_autocast_back, always_call=True)
     graph._zoo_hook = graph.register_state_dict_post_hook(_drop_quantizers)
     set_window(graph, fake_quant=False, observe=False)
     return graph
