@@ -336,6 +336,18 @@ def case_ptq(data, tmp_path, monkeypatch):
                if isinstance(m, torch.nn.Linear))
 
 
+
+def case_lora(data, tmp_path, monkeypatch):
+    """DoRA through peft under bf16 autocast: the adapters (float32 master weights) and the head train, the frozen
+    base stays bit-identical."""
+    from zoo.adapters.lora import lora_layers
+
+    run = run_config("adapters/lora_vit.yaml", data, tmp_path, monkeypatch, "--model.init_args.surgery.init_args.dora=true")
+    probe = check_trained(run)
+    layers = lora_layers(run.model.backbone)
+    assert layers and all(run.model.backbone.get_submodule(n).lora_magnitude_vector for n in layers)  # DoRA layers
+    assert probe.first and all("lora_" in n or n.startswith("head.") for n in probe.first), sorted(probe.first)[:5]
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 
