@@ -348,6 +348,26 @@ def case_lora(data, tmp_path, monkeypatch):
     assert layers and all(run.model.backbone.get_submodule(n).lora_magnitude_vector for n in layers)  # DoRA layers
     assert probe.first and all("lora_" in n or n.startswith("head.") for n in probe.first), sorted(probe.first)[:5]
 
+
+def case_e3va(data, tmp_path, monkeypatch):
+    """E3VA's gradient highway under bf16 autocast: only the highway's adapters and the head train."""
+    run = run_config("adapters/e3va_vit.yaml", data, tmp_path, monkeypatch)
+    probe = check_trained(run)
+    assert all(n.startswith(("backbone.e3va.", "head.")) for n in probe.first), sorted(probe.first)[:5]
+
+
+def case_dynamic_rank(data, tmp_path, monkeypatch):
+    """Dynamic-rank DoRA (RankSchedule every step) under bf16 autocast: the component-importance scores, from
+    float32 master weights and gradients, stay float32 and finite."""
+    from zoo.adapters.dynamic_rank import rank_one_layers
+
+    run = run_config("adapters/dynamic_dora.yaml", data, tmp_path, monkeypatch,
+                     patch={"callbacks.rank_schedule.RankSchedule": {"interval": 1, "start_ratio": 0.0, "end_ratio": 0.5}})
+    check_trained(run)
+    layers = [m for _, m in rank_one_layers(run.model)]
+    assert layers and all(m.importance.dtype == torch.float32 and bool(torch.isfinite(m.importance).all()) for m in layers)
+    assert any(bool(m.importance.any()) for m in layers)  # scored during the run
+
 CASES = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 

@@ -223,7 +223,7 @@ class ComponentVariance(LossTerm):
         if not layers:
             raise ValueError("ComponentVariance: the module has no RankOneLinear layer (add DynamicRank to its surgery)")
         if all(bool(m.mask_fixed) for m in layers):
-            return step.logits.new_zeros(())
+            return step.logits.new_zeros((), dtype=torch.float32)  # float32 like the variance (bf16 logits under autocast)
         return sum(m.component_variance() for m in layers) / sum(2 * m.initial_rank for m in layers)
 
 
