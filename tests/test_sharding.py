@@ -54,6 +54,7 @@ CASES = {
     "derpp": ("continual/derpp_split_fmnist.yaml", CONTINUAL, False),
     "kfpf": ("continual/kfpf_split_fmnist.yaml", [*CONTINUAL, "--model.init_args.fpf_every=1", "--model.init_args.fpf_steps=2"], False),
     "lora": ("adapters/lora_vit.yaml", ["--data.init_args.batch_size=8"], True),
+    "keys_values": ("adapters/keys_values.yaml", [], True),  # MiniLM: only the FFN keys and the head train
     # QAT's fake quantizers inside the sharded blocks (whole weights there), its observer freeze gathering whole rows; the
     # int8 conversion needs whole weights and is refused under sharding (tests/callbacks/test_quantize.py)
     "qat": ("quantize/qat_vit.yaml", ["--data.init_args.batch_size=8", "--callbacks.quantize.init_args.start_step=1",
