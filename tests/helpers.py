@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,77 @@ def tiny_base_checkpoint(path: Path, num_classes: int = 4):
     Trainer(max_steps=1, **kw).fit(base, data)
     base.trainer.save_checkpoint(path)
     return data, kw
+
+
+# A pair of ranks started as ``torchrun`` would (gloo, one thread each), running a plan of CLI runs in turn: one
+# process start-up for many runs. ``plan``: ``[{"cwd": <dir>, "runs": [[cli args], ...]}, ...]``; each rank writes
+# ``<cwd>/status{rank}.txt`` ("ok" or the traceback). Used by tests/test_ddp_configs.py and tests/test_sharding.py.
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_pair(module: str, plan: list[dict], root: Path) -> list[subprocess.Popen]:
+    """Start two ranks of ``python -m <module> <root>/plan.json`` (its ``__main__`` calls :func:`run_plan`); logs in
+    ``root/rank{r}.log``."""
+    (root / "plan.json").write_text(json.dumps(plan))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    return [subprocess.Popen([sys.executable, "-m", module, str(root / "plan.json")], cwd=ROOT,
+                             env={**env, "LOCAL_RANK": str(r), "RANK": str(r)}, stdout=open(root / f"rank{r}.log", "w"),
+                             stderr=subprocess.STDOUT) for r in range(2)]
+
+
+def wait_pair(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Wait up to ``timeout`` seconds for both ranks, kill what is left; their exit codes."""
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        kill(procs)
+    return [p.returncode for p in procs]
+
+
+def kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def pair_logs(root: Path, chars: int = 4000) -> str:
+    return "\n".join(f"--- rank {r}\n{(root / f'rank{r}.log').read_text()[-chars:]}" for r in range(2))
+
+
+def run_plan(plan_file: str, keep_going: bool) -> None:
+    """One rank: every planned item in turn, in its ``cwd`` (relative outputs land there). ``keep_going``: after a failed
+    item try the next one (sharded runs leave the process group usable); else stop (DDP's may be unusable)."""
+    import time
+    import traceback
+
+    from cli import main
+
+    rank = int(os.environ["LOCAL_RANK"])
+    sys.argv = sys.argv[:1]  # the CLI reads its arguments from the plan
+    for item in json.loads(Path(plan_file).read_text()):
+        os.chdir(item["cwd"])
+        try:
+            for args in item["runs"]:
+                t = time.time()
+                main(args)
+                print(f"[{item['cwd']}] {time.time() - t:.1f}s", flush=True)
+        except BaseException:
+            Path(item["cwd"], f"status{rank}.txt").write_text(traceback.format_exc())
+            if keep_going:
+                continue
+            raise
+        Path(item["cwd"], f"status{rank}.txt").write_text("ok")

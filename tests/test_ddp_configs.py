@@ -11,14 +11,9 @@ bound on a real ``zoo fit`` run, stopped with SIGTERM as a scheduler stops a job
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -26,7 +21,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, kill, launch_pair, pair_logs, run_plan, wait_pair
 from tests.standin import point_data_dirs, standin_args
 
 CONFIGS = ROOT / "configs"
@@ -124,36 +119,6 @@ def prepare(config: str, run_dir: Path, standin: Path) -> list[str]:
     return ["fit", "--config", str(run_dir / "config.yaml"), *standin_args(text), *RUN, *shrink]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
-
-
-def _launch(plan: list[dict], root: Path) -> list[subprocess.Popen]:
-    """Two ranks running ``plan`` (see ``_worker``), started together as ``torchrun`` would; logs in ``root/rank{r}.log``."""
-    (root / "plan.json").write_text(json.dumps(plan))
-    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", NODE_RANK="0")
-    return [subprocess.Popen([sys.executable, "-m", "tests.test_ddp_configs", str(root / "plan.json")], cwd=ROOT,
-                             env={**env, "LOCAL_RANK": str(r), "RANK": str(r)}, stdout=open(root / f"rank{r}.log", "w"),
-                             stderr=subprocess.STDOUT) for r in range(2)]
-
-
-def _kill(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def _logs(root: Path) -> str:
-    return "\n".join(f"--- rank {r}\n{(root / f'rank{r}.log').read_text()[-5000:]}" for r in range(2))
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> dict[str, Path]:
     """Runs every case in one pair of DDP processes; returns each config's run directory."""
@@ -162,18 +127,10 @@ def ddp_runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
     standin = write_all(root / "standin")
     runs = {config: root / config.replace("/", "_").removesuffix(".yaml") for config in CASES}
-    plan = [{"config": c, "cwd": str(d), "args": prepare(c, d, standin)} for c, d in runs.items()]
-    procs = _launch(plan, root)
-    deadline = time.time() + 240
-    try:
-        for p in procs:
-            p.wait(timeout=max(1, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        _kill(procs)
-    logs = _logs(root)
-    runs["_codes"] = [p.returncode for p in procs]
+    plan = [{"config": c, "cwd": str(d), "runs": [prepare(c, d, standin)]} for c, d in runs.items()]
+    codes = wait_pair(launch_pair("tests.test_ddp_configs", plan, root), timeout=240)
+    logs = pair_logs(root, 5000)
+    runs["_codes"] = codes
     runs["_logs"] = logs
     return runs
 
@@ -317,11 +274,11 @@ def test_one_rank_collective_ends_within_the_timeout(tmp_path):
     args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), *RUN[:4], f"--trainer.strategy.init_args.timeout=0:00:{timeout}",
             "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
             "--trainer.enable_checkpointing=false", "--trainer.callbacks+=tests.test_ddp_configs.OneRankBarrier", f"--trainer.callbacks.marker={marker}"]
-    procs = _launch([{"config": "quickstart.yaml", "cwd": str(tmp_path), "args": args}], tmp_path)
+    procs = launch_pair("tests.test_ddp_configs", [{"config": "quickstart.yaml", "cwd": str(tmp_path), "runs": [args]}], tmp_path)
     try:
         while not marker.exists() and all(p.poll() is None for p in procs):
             time.sleep(0.2)
-        assert marker.exists(), f"the run ended before rank 0 waited:\n{_logs(tmp_path)}"
+        assert marker.exists(), f"the run ended before rank 0 waited:\n{pair_logs(tmp_path, 5000)}"
         for p in procs:  # what `timeout` and schedulers send to a job's processes
             p.send_signal(signal.SIGTERM)
         sent = time.time()
@@ -329,28 +286,12 @@ def test_one_rank_collective_ends_within_the_timeout(tmp_path):
             p.wait(timeout=3 * timeout + 30)
         took = time.time() - sent
     finally:
-        _kill(procs)
+        kill(procs)
     assert procs[0].returncode != 0
     assert took < 3 * timeout + 10, f"took {took:.1f}s to stop after SIGTERM"
     status = (tmp_path / "status0.txt").read_text()
     assert "timed out" in status.lower() or "timeout" in status.lower(), status[-4000:]
 
 
-def _worker(plan_file: str) -> None:
-    """One rank: every planned config in turn; stops at the first failure (the process group is then unusable)."""
-    from cli import main
-
-    rank = int(os.environ["LOCAL_RANK"])
-    sys.argv = sys.argv[:1]  # the CLI reads its arguments from the plan
-    for item in json.loads(Path(plan_file).read_text()):
-        os.chdir(item["cwd"])  # relative outputs (runs/, caches) land in the config's own directory
-        try:
-            main(item["args"])
-        except BaseException:
-            Path(item["cwd"], f"status{rank}.txt").write_text(traceback.format_exc())
-            raise
-        Path(item["cwd"], f"status{rank}.txt").write_text("ok")
-
-
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    run_plan(sys.argv[1], keep_going=False)  # a failed DDP run may leave the process group unusable

@@ -11,13 +11,7 @@ ends with the reference's weights, and that ``zoo.load_zoo_module`` loads the sh
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -25,7 +19,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from tests.helpers import ROOT, TINY_VIT_KWARGS
+from tests.helpers import ROOT, TINY_VIT_KWARGS, launch_pair, pair_logs, run_plan, wait_pair
 from tests.standin import point_data_dirs, standin_args
 
 STEPS, EVERY = 3, 2
@@ -126,12 +120,6 @@ def plan_case(case: str, standin: Path, root: Path) -> dict:
     return {"case": case, "cwd": str(run), "runs": runs}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """Every case in one pair of processes; each case's folder, and the pair's exit codes and logs."""
@@ -140,25 +128,8 @@ def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sharded")
     standin = write_all(root / "standin")
     plan = [plan_case(case, standin, root) for case in CASES]
-    (root / "plan.json").write_text(json.dumps(plan))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "NODE_RANK": "0"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_sharding", str(root / "plan.json")], cwd=ROOT,
-                              env={**env, "LOCAL_RANK": str(r), "RANK": str(r)}, stdout=open(root / f"rank{r}.log", "w"),
-                              stderr=subprocess.STDOUT) for r in range(2)]
-    deadline = time.time() + 400
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    logs = "\n".join(f"--- rank {r}\n{(root / f'rank{r}.log').read_text()[-4000:]}" for r in range(2))
-    return {"root": root, "codes": [p.returncode for p in procs], "logs": logs}
+    codes = wait_pair(launch_pair("tests.test_sharding", plan, root), timeout=400)
+    return {"root": root, "codes": codes, "logs": pair_logs(root)}
 
 
 def _states(runs: dict, case: str, name: str) -> list[dict]:
@@ -297,24 +268,5 @@ def test_lora_adapters_train_shard_and_load_on_one_process(runs):
     _assert_equal(whole, {k: loaded[k].detach() for k in whole}, "lora: loaded vs the run's")
 
 
-def _worker(plan_file: str) -> None:
-    """One rank: every planned case in turn (a failed case is recorded, and the next one tried)."""
-    from cli import main
-
-    rank = int(os.environ["LOCAL_RANK"])
-    sys.argv = sys.argv[:1]
-    for item in json.loads(Path(plan_file).read_text()):
-        os.chdir(item["cwd"])
-        try:
-            for args in item["runs"]:
-                t = time.time()
-                main(args)
-                print(f"[{item['case']}] {time.time() - t:.1f}s", flush=True)
-        except Exception:
-            Path(item["cwd"], f"status{rank}.txt").write_text(traceback.format_exc())
-            continue
-        Path(item["cwd"], f"status{rank}.txt").write_text("ok")
-
-
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    run_plan(sys.argv[1], keep_going=True)  # a failed case is recorded and the next one tried
