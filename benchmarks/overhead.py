@@ -8,7 +8,9 @@ hides everything else and for a small one where the data path and the loop show 
   default logger and callbacks included); training time per step, and the time to evaluate the 10,000 test
   images (``trainer.test`` vs a plain ``no_grad`` loop). Evaluation runs in batches of 1,000 on BOTH sides (the
   datamodule's ``eval_batch_size: 1000``; the plain loop slices the same 1,000): in-memory data evaluates in large
-  batches; the zoo side also computes the test loss and top-5 accuracy, the plain loop top-1 only.
+  batches; the zoo side also computes the test loss and top-5 accuracy, the plain loop top-1 only. Each side's
+  evaluation is timed ``eval_repeats`` times in a row and its median kept (one evaluation is ~0.1 s, within the
+  noise of a shared machine).
 - The floor under Lightning: the same MLP as a minimal ``LightningModule`` (cross-entropy, nothing else) trained by a
   bare ``Trainer`` (no logger, no callbacks) over the plain loop's pre-built batches: ``lightning_floor_vs_plain``
   is what Lightning's own per-step loop costs on this model, which no data path or module can remove.
@@ -37,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo.classifier import Classifier  # noqa: E402
-from timing import PeriodTimer  # noqa: E402
+from timing import PeriodTimer, timed  # noqa: E402
 
 MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "in_chans": 3, "embed_dim": 192, "depth": 6, "num_heads": 3}
 BATCH, STEPS, WARMUP, REPEATS = 64, 30, 5, 3
@@ -93,7 +95,7 @@ def plain_run() -> float:
 
 
 # -- the small-model case ------------------------------------------------------------------
-SMALL = {"batch": 64, "eval_batch": 1000, "steps": 300, "warmup": 30, "repeats": 3, "lr": 0.05}
+SMALL = {"batch": 64, "eval_batch": 1000, "eval_repeats": 3, "steps": 300, "warmup": 30, "repeats": 3, "lr": 0.05}
 MLP_KWARGS = {"img_size": 28, "in_chans": 1, "hidden": [256, 256]}
 
 
@@ -209,9 +211,7 @@ def zoo_small(data_dir: str) -> tuple[float, float]:
             timer = PeriodTimer(warmup=SMALL["warmup"])
             cli.trainer.callbacks.append(timer)
             cli.trainer.fit(cli.model, cli.datamodule)
-            start = time.perf_counter()
-            cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-            evaluate = time.perf_counter() - start
+            evaluate = timed(lambda: cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False), SMALL["eval_repeats"])
         finally:
             os.chdir(here)
     return (timer.end - timer.start) / timer.steps, evaluate
@@ -223,7 +223,8 @@ def small_case(data_dir: str) -> tuple[float, float, float]:
     plain_t, plain_e, zoo_t, zoo_e, floor_t = [], [], [], [], []
     for _ in range(SMALL["repeats"]):
         plain_t.append(plain_small_train(data["train"]))
-        plain_e.append(plain_small_eval(small_model(), data["test"]))
+        model = small_model()
+        plain_e.append(statistics.median(plain_small_eval(model, data["test"]) for _ in range(SMALL["eval_repeats"])))
         floor_t.append(floor_small_train(data["train"]))
         t, e = zoo_small(data_dir)
         zoo_t.append(t)
