@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 
 from zoo import losses as L
 from zoo import sharding
@@ -37,53 +37,10 @@ from zoo import surgery as S
 from zoo.backbones import build_backbone
 from zoo.batch import FIELDS as BATCH_FIELDS
 from zoo.batch import Batch, as_batch
+from zoo.metrics import accuracy_metrics
 
 
 HIT_BATCH_ELEMENTS = 2**18  # Classifier.count_hits counts kept batches together once they hold this many logits
-
-
-class TopKAccuracy(Metric):
-    """Micro top-k accuracy kept as two counters on the device (summed over ranks): the value of torchmetrics'
-    ``MulticlassAccuracy(average="micro", top_k=k)`` at a third of its per-batch cost (no per-class stat scores)."""
-
-    full_state_update = False
-    higher_is_better = True
-    is_differentiable = False
-
-    def __init__(self, top_k: int = 1):
-        super().__init__()
-        self.top_k = top_k
-        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor | None = None, target: torch.Tensor | None = None,
-               counts: tuple[torch.Tensor, int] | None = None) -> None:
-        """Count the hits of ``preds`` (logits) against ``target``, or add ``counts`` = ``(hits, samples)`` counted
-        elsewhere with :meth:`hits` (the zoo's modules count many batches at once: torchmetrics'
-        per-call bookkeeping costs more than the count itself for a small model)."""
-        correct, total = counts if counts is not None else (self.hits(preds, target), target.numel())
-        # out of place: a state reset under inference mode (validation) cannot be updated in place in training
-        self.correct = self.correct + correct
-        self.total = self.total + total
-
-    def hits(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """How many of ``target`` are in the top ``k`` of ``preds`` (a device tensor: no host sync)."""
-        if self.top_k == 1:
-            return (preds.argmax(-1) == target).sum()
-        return (preds.topk(self.top_k, -1).indices == target.unsqueeze(-1)).any(-1).sum()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total
-
-
-def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Top-1 accuracy, and top-5 where there are more than 5 classes."""
-    metrics = {"acc": TopKAccuracy(top_k=1)}
-    if num_classes > 5:
-        metrics["acc_top5"] = TopKAccuracy(top_k=5)
-    # no compute groups: torchmetrics would merge top-1 and top-5 if their counters happened to agree after the
-    # first batch (e.g. all of it right), and then update only one of them
-    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 def param_groups(module: nn.Module, skip: set[str] = frozenset()) -> list[dict[str, Any]]:
@@ -251,9 +208,20 @@ class Classifier(LightningModule):
         """Logits as the loss and the metrics see them (identity; task-incremental streams mask other tasks)."""
         return logits
 
+    def forward_step(self, batch: Batch) -> L.Step:
+        """The step the terms see: one forward over the batch and the samples terms join to it
+        (:meth:`~zoo.losses.LossTerm.join`), the logits split back (``step.logits``: the batch's only)."""
+        joins = [(t.name, s) for t in self.losses if (s := t.join(self, batch)) is not None]
+        if not joins:
+            return L.Step(self, batch, self.batch_logits(batch))
+        parts = [batch, *(s for _, s in joins)]
+        logits = self.batch_logits(Batch(torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts])))
+        logits = logits.split([len(p) for p in parts])
+        return L.Step(self, batch, logits[0], joined={name: (s, z) for (name, s), z in zip(joins, logits[1:])})
+
     def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(total loss, logits, targets)``: the weighted sum of the loss terms, each logged as ``train/<name>``."""
-        step = L.Step(self, batch, self.batch_logits(batch))
+        step = self.forward_step(batch)
         values = {}
         for term in self.losses:
             term.check_batch(batch)

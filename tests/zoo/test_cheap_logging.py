@@ -132,7 +132,7 @@ def test_topk_accuracy_equals_torchmetrics_micro_accuracy():
     including logits masked to -inf (task-incremental streams)."""
     from torchmetrics.classification import MulticlassAccuracy
 
-    from zoo.classifier import TopKAccuracy
+    from zoo.metrics import TopKAccuracy
 
     torch.manual_seed(0)
     for k in (1, 5):
@@ -160,7 +160,7 @@ def test_top1_and_top5_stay_apart_after_a_perfect_first_batch():
 
 def test_batches_move_field_by_field_and_stay_put_where_they_are():
     from zoo.batch import Batch
-    from zoo.classifier import TopKAccuracy
+    from zoo.metrics import TopKAccuracy
 
     module = Classifier(model="zoo/mlp", num_classes=10, model_kwargs={"img_size": 8, "in_chans": 1, "hidden": [8]})
     batch = Batch(inputs=torch.randn(4, 1, 8, 8), targets=torch.arange(4), index=torch.arange(4))
