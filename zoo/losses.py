@@ -39,12 +39,15 @@ if TYPE_CHECKING:
 @dataclass
 class Step:
     """What one training step exposes to its loss terms: the module, the named batch, the logits of its
-    forward pass, and a scratch dict terms may share (e.g. teacher outputs computed once per step)."""
+    forward pass, a scratch dict terms may share (e.g. teacher outputs computed once per step), and ``joined``: by
+    term name, the samples that term asked to join the batch's forward (:meth:`LossTerm.join`) with their logits
+    from that same forward. ``logits`` are only the batch's own."""
 
     module: Classifier
     batch: Batch
     logits: torch.Tensor
     shared: dict[str, Any] = field(default_factory=dict)
+    joined: dict[str, tuple[Batch, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def targets(self) -> torch.Tensor:
@@ -80,6 +83,12 @@ class LossTerm(nn.Module):
 
     def after_step(self, step: Step) -> None:
         """Called after every term of the step was computed."""
+
+    def join(self, module: Classifier, batch: Batch) -> Batch | None:
+        """Samples to run in one forward pass together with the training batch (e.g. ER's buffer draw, as Mammoth's
+        ``er.py`` concatenates it: BatchNorm statistics over both), before that forward; their logits reach
+        :meth:`forward` as ``step.joined[self.name]``. Default None: nothing joins."""
+        return None
 
     def check_batch(self, batch: Batch) -> None:
         """Fail, naming the missing field and the datamodule option, when the batch lacks what the term needs."""

@@ -73,24 +73,32 @@ def test_der_loss_is_ce_plus_alpha_mse_on_unmasked_logits(cls, kwargs):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("combine", ["concat", "sum"])
-def test_er_is_one_cross_entropy_over_batch_and_draw(combine):
+@pytest.mark.parametrize("net,combine", [("mlp", "concat"), ("mlp", "sum"), ("cnn", "concat")])
+def test_er_is_one_cross_entropy_over_batch_and_draw(net, combine):
+    """concat: Mammoth er.py's step (cat, ONE forward, one cross-entropy); with BatchNorm (cnn) the statistics are
+    over the joined batch, which two forwards (batch, then draw) would not reproduce."""
     seed_everything(2)
-    model = ER(**MLP, buffer_size=30, replay_batch_size=5,
+    model = ER(**(MLP if net == "mlp" else CNN), buffer_size=30, replay_batch_size=5,
                losses=[{"class_path": "zoo.losses.CrossEntropy"}, {"class_path": "zoo.continual.ExperienceReplay", "init_args": {"combine": combine}}])
     stream = attach(model)
     old = first_batch(stream, 0, 16)
     model.buffer.add(old.raw, old.targets, old.task, torch.zeros(16, 10))
     batch = first_batch(stream, 1, 8)
     before = copy.deepcopy(model.buffer)
-    loss, _, _ = model.training_loss(batch)
-    model.buffer = before
+    model.train()
+    loss, logits, _ = model.training_loss(batch)
+    after, model.buffer = model.buffer, before
     xb, yb, _, _ = model.replay(5)
     if combine == "concat":  # Mammoth er.py: inputs = cat(inputs, buf_inputs); loss(net(inputs), cat(labels, buf_labels))
-        expected = F.cross_entropy(model(torch.cat([batch.inputs, xb])), torch.cat([batch.targets, yb]))
+        out = model(torch.cat([batch.inputs, xb]))
+        expected = F.cross_entropy(out, torch.cat([batch.targets, yb]))
+        assert torch.allclose(after.logits[16:24], out[:8], atol=1e-6)  # the buffer stores the batch's rows of that forward
+        assert torch.allclose(logits, out[:8], atol=1e-6)  # accuracy counts the batch only
+        two_forwards = (8 * F.cross_entropy(model(batch.inputs), batch.targets) + 5 * F.cross_entropy(model(xb), yb)) / 13
+        assert (net == "cnn") != (abs(two_forwards.item() - expected.item()) < 1e-6)  # the old path: same only without BatchNorm
     else:
         expected = F.cross_entropy(model(batch.inputs), batch.targets) + F.cross_entropy(model(xb), yb)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-6)
     assert ExperienceReplay().combine == "concat"  # the official combination is the default
 
 

@@ -162,6 +162,11 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         x, y, t, z = self.buffer.sample(n, replace=replace)
         return self.stream.buffer_transform(x), y, t, z
 
+    def can_join(self, batch: Batch) -> bool:
+        """Whether replayed samples can join the batch's forward (:meth:`~zoo.losses.LossTerm.join`): tensor inputs, and
+        no frozen prefix cached per sample index (replayed samples have none: they then get their own forward)."""
+        return isinstance(batch.inputs, torch.Tensor) and not (self.freeze is not None and self.freeze.cache_frozen_features)
+
     def batch_logits(self, batch: Batch) -> torch.Tensor:
         logits = super().batch_logits(batch)
         if self.training and self.buffer is not None:
@@ -170,11 +175,13 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         return logits
 
     def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The loss terms (cross-entropy, replay), then the batch is offered to the buffer (inputs before augmentation)."""
+        """The loss terms (cross-entropy, replay), then the batch is offered to the buffer (inputs before augmentation;
+        the batch's own logits: a draw joined to its forward comes after them)."""
         total, logits, y = super().training_loss(batch)
         if self.buffer is not None:
             who = f"{type(self).__name__}'s replay buffer"
-            self.buffer.add(batch.require("raw", by=who), y, batch.require("task", by=who), self.__dict__.pop("_step_logits").detach())
+            stored = self.__dict__.pop("_step_logits")[:len(y)].detach()
+            self.buffer.add(batch.require("raw", by=who), y, batch.require("task", by=who), stored)
         return total, logits, y
 
     # -- task ends ------------------------------------------------------------------------

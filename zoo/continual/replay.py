@@ -1,14 +1,15 @@
 """Replay as loss terms: each draws from the :class:`~zoo.continual.ContinualClassifier`'s buffer.
 
 - :class:`ExperienceReplay` (ER, Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019):
-  cross-entropy on a buffer draw; by default (``combine: concat``, Mammoth's ``models/er.py``) one cross-entropy
-  over the current batch and the draw together, i.e. each replayed sample weighs as much as a current one.
+  cross-entropy on a buffer draw; by default (``combine: concat``, Mammoth's ``models/er.py``) the draw joins the
+  current batch in one forward and one cross-entropy is taken over both (each replayed sample weighs as much as a
+  current one).
 - :class:`DarkReplay` (DER / DER++, Buzzega et al., NeurIPS 2020; Mammoth ``models/der.py``, ``derpp.py``):
   ``alpha`` x MSE (mean over samples and all classes, unmasked) between the current logits and those stored at
   insertion (the batch's train-mode output before the optimizer step) on one draw, plus (DER++, ``beta > 0``)
   ``beta`` x cross-entropy on a second.
 
-Under mixed precision (``bf16-mixed``) the replayed forward passes run under autocast like the batch's, and the terms
+Under mixed precision (``bf16-mixed``) the replayed (or joined) forward passes run under autocast like the batch's, and the terms
 compute their losses in float32 (:func:`~zoo.losses.full_precision`): DER's MSE is between the bf16 logits upcast and
 the float32 logits the buffer stored (Mammoth keeps every non-label buffer tensor in float32, ``utils/buffer.py``
 ``init_tensors``; its bf16 mode, ``--code_optimization 2``, only lowers the matmul precision, so its logits and
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from zoo.batch import Batch
 from zoo.losses import CrossEntropy, LossTerm, Step, full_precision
 
 if TYPE_CHECKING:
@@ -79,10 +81,14 @@ class ExperienceReplay(ReplayTerm):
     """ER: cross-entropy on a buffer draw (task-masked like the current batch).
 
     Args:
-        combine: ``concat`` (official, Mammoth ``models/er.py``: the draw joins the current batch and one
-            cross-entropy is averaged over both, ``(B·CE_batch + M·CE_draw) / (B + M)``; the term returns what it adds
-            to the module's :class:`~zoo.losses.CrossEntropy` term to make that total) or ``sum`` (``CE_batch + CE_draw``:
-            the draw weighs ``(B + M) / B`` times more, e.g. twice for ``B = M``).
+        combine: ``concat`` (official, Mammoth ``models/er.py``): the draw joins the current batch's inputs
+            (:meth:`join`, drawn before the forward), ONE forward runs over both (BatchNorm statistics over the joined
+            batch), and one cross-entropy is averaged over both, ``(B·CE_batch + M·CE_draw) / (B + M)``: the term
+            returns what it adds to the module's :class:`~zoo.losses.CrossEntropy` term to make that total. The batch's
+            own logits (accuracy, the buffer's stored logits, other terms) stay the batch's only. Where the module
+            cannot join (SubTuning's frozen features cached per sample index) the draw gets its own forward.
+            ``sum``: ``CE_batch + CE_draw`` with a separate forward of the draw: it weighs ``(B + M) / B`` times more,
+            e.g. twice for ``B = M``.
     """
 
     def __init__(self, weight: float = 1.0, batch_size: int | None = None, replace: bool = False, combine: str = "concat",
@@ -98,15 +104,28 @@ class ExperienceReplay(ReplayTerm):
             raise ValueError(f"loss term {self.name!r}: combine: concat averages the draw with the current batch's "
                              "zoo.losses.CrossEntropy term, which the module lacks; add it or set combine: sum")
 
+    def join(self, module: ContinualClassifier, batch: Batch) -> Batch | None:
+        """``concat``: the buffer draw, to run in the batch's forward (Mammoth er.py ``torch.cat((inputs, buf_inputs))``)."""
+        if self.combine != "concat" or module.buffer is None or len(module.buffer) == 0 or not module.can_join(batch):
+            return None
+        x, y, t, _ = self.draw(module)
+        return Batch(x, y, task=t)
+
     def forward(self, step: Step) -> torch.Tensor:
         if self.combine == "sum" or step.module.buffer is None or len(step.module.buffer) == 0:
             return super().forward(step)
         module = step.module
-        x, y, t, _ = self.draw(module)
+        if self.name in step.joined:  # the draw's logits from the batch's forward
+            draw, logits = step.joined[self.name]
+            draw_ce = module.criterion(full_precision(module.mask_logits(logits, draw.task)), draw.targets)
+        else:  # the module could not join it: its own forward
+            x, y, t, _ = self.draw(module)
+            draw = Batch(x, y, task=t)
+            draw_ce = replay_ce(module, x, y, t)
         ce = module.loss_term(CrossEntropy)
         current = ce.weight * ce(step)  # the batch's term as the module adds it
-        b, m = len(step.targets), len(y)
-        return m / (b + m) * (replay_ce(module, x, y, t) - current)
+        b, m = len(step.targets), len(draw)
+        return m / (b + m) * (draw_ce - current)
 
     def replay_loss(self, module: ContinualClassifier) -> torch.Tensor:
         x, y, t, _ = self.draw(module)
