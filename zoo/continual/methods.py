@@ -38,8 +38,8 @@ class ER(ContinualClassifier):
     """Experience Replay (Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019).
 
     Cross-entropy on the current batch plus cross-entropy on a reservoir-sampled buffer draw
-    (:class:`~zoo.continual.ExperienceReplay`); by default one cross-entropy over both together, as Mammoth's
-    ``models/er.py``. Mammoth's best arguments: ``configs/continual/er_seq_{mnist,cifar10}.yaml``.
+    (:class:`~zoo.continual.ExperienceReplay`); by default, as Mammoth's ``models/er.py``, the draw joins the batch
+    in one forward and one cross-entropy is taken over both. Mammoth's best arguments: ``configs/continual/er_seq_{mnist,cifar10}.yaml``.
     """
 
     replays = True
