@@ -5,7 +5,8 @@
   after ``opt.step()``, ``outputs`` computed before it).
 - DER's term is ``alpha * F.mse_loss(net(buf_inputs), buf_logits)`` (mean over samples and all classes), added to
   the batch's cross-entropy; DER++ adds ``beta`` x cross-entropy on a second draw.
-- ER (er.py) concatenates the draw to the batch and takes one cross-entropy over both (``combine: concat``).
+- ER (er.py) concatenates the draw to the batch, runs ONE forward over both (BatchNorm statistics over the joined
+  batch) and takes one cross-entropy over both (``combine: concat``).
 - The presets configs/continual/{er,der,derpp}_seq_{mnist,cifar10}.yaml hold Mammoth's best arguments
   (utils/best_args.py, buffer 500), and the replay terms' ``replace`` is settable from YAML.
 """
