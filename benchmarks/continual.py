@@ -37,7 +37,7 @@ from datamodules.continual import ContinualDataModule  # noqa: E402
 from zoo.batch import Batch  # noqa: E402
 from zoo.continual import ER, FineTune  # noqa: E402
 from zoo.continual.buffer import ReplayBuffer  # noqa: E402
-from timing import PeriodTimer  # noqa: E402
+from timing import PeriodTimer, batch_indices  # noqa: E402
 
 MLP = {"model": "zoo/mlp", "model_kwargs": {"img_size": 28, "hidden": [256, 256]}}
 BATCH, BUFFER, STEPS, WARMUP, REPEATS = 32, 5000, 150, 20, 5
@@ -130,13 +130,11 @@ def plain_er_step(data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> floa
     optimizer = torch.optim.SGD(model.parameters(), lr=STREAM["lr"])
     transform = FashionMNIST(download=False).eval_transform()
     buffer, b = ReplayBuffer(STREAM["buffer"]), STREAM["batch"]
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     task = torch.zeros(b, dtype=torch.long)
     model.train()
-    for i in range(STREAM["warmup"] + STREAM["steps"]):
+    for i, idx in enumerate(batch_indices(len(x), b, STREAM["warmup"] + STREAM["steps"])):
         if i == STREAM["warmup"]:
             start = time.perf_counter()
-        idx = perm[(i * b) % (len(x) - b):][:b]
         inputs, targets = x[idx], y[idx]
         if len(buffer):
             bx, by, _, _ = buffer.sample(b)
@@ -182,9 +180,7 @@ class FirstTask:
 
     def __iter__(self):
         raw, x, y = self.data
-        perm, b = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)), STREAM["batch"]
-        for i in range(STREAM["warmup"] + STREAM["steps"]):
-            idx = perm[(i * b) % (len(x) - b):][:b]
+        for idx in batch_indices(len(x), STREAM["batch"], STREAM["warmup"] + STREAM["steps"]):
             yield raw[idx], x[idx], y[idx]
 
 

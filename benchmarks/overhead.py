@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo.classifier import Classifier  # noqa: E402
-from timing import PeriodTimer, timed  # noqa: E402
+from timing import PeriodTimer, batch_indices, timed  # noqa: E402
 
 MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "in_chans": 3, "embed_dim": 192, "depth": 6, "num_heads": 3}
 BATCH, STEPS, WARMUP, REPEATS = 64, 30, 5, 3
@@ -124,11 +124,9 @@ def plain_small_train(data: tuple[torch.Tensor, torch.Tensor]) -> float:
     model = small_model()
     optimizer = model.configure_optimizers()
     model.train()
-    perm, b = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)), SMALL["batch"]
-    for i in range(SMALL["warmup"] + SMALL["steps"]):
+    for i, idx in enumerate(batch_indices(len(x), SMALL["batch"], SMALL["warmup"] + SMALL["steps"])):
         if i == SMALL["warmup"]:
             start = time.perf_counter()
-        idx = perm[(i * b) % (len(x) - b):][:b]
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
         optimizer.zero_grad()
         loss.backward()
@@ -170,9 +168,7 @@ class Batches:
         self.x, self.y = data
 
     def __iter__(self):
-        perm, b = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(0)), SMALL["batch"]
-        for i in range(SMALL["warmup"] + SMALL["steps"]):
-            idx = perm[(i * b) % (len(self.x) - b):][:b]
+        for idx in batch_indices(len(self.x), SMALL["batch"], SMALL["warmup"] + SMALL["steps"]):
             yield self.x[idx], self.y[idx]
 
 

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
+import torch
 from lightning.pytorch import Callback
+
+
+def batch_indices(n: int, batch: int, steps: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """The rows of each of ``steps`` batches of a plain loop: consecutive slices of one seeded permutation of ``n`` rows
+    (wrapping around), so a plain loop and its Lightning twin read the same samples in the same order."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    for i in range(steps):
+        yield perm[(i * batch) % (n - batch):][:batch]
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 0) -> float:
