@@ -79,8 +79,7 @@ def direct_batches(loader: DataLoader) -> Iterator[Any]:
     ``collate_fn``), without the iterator's per-batch bookkeeping (about 0.1 ms a batch, as much as gathering a
     small batch from memory). The batch sampler's iterator is made now, as ``iter(loader)`` makes it."""
     dataset, collate_fn = loader.dataset, loader.collate_fn
-    getitems = getattr(dataset, "__getitems__", None)
-    fetch = (lambda indices: getitems(indices)) if getitems else (lambda indices: [dataset[i] for i in indices])
+    fetch = getattr(dataset, "__getitems__", None) or (lambda indices: [dataset[i] for i in indices])
     return (collate_fn(fetch(indices)) for indices in iter(loader.batch_sampler))
 
 

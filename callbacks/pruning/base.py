@@ -25,7 +25,7 @@ from torch.nn.utils import prune
 from callbacks.pruning import selection
 from callbacks.pruning.selection import split_name
 from callbacks.pruning_schedules import PruningSchedule
-from zoo.sharding import like, reshard
+from zoo.sharding import is_sharded, like, reshard
 
 
 class MaskedPruning(Callback):
@@ -141,10 +141,8 @@ class MaskedPruning(Callback):
         self._pending = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from torch.distributed.tensor import DTensor
-
         self.reported = False
-        self.sharded = any(isinstance(p, DTensor) for p in pl_module.parameters())
+        self.sharded = is_sharded(pl_module)
         self._apply_pending(pl_module)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from zoo import sharding
+
 KEY = "adapters_base"  # the fingerprint entry, relative to the backbone's prefix
 MODES = ("trained", "full")
 
@@ -59,19 +61,12 @@ def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _drop_base(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     if prefix + KEY in state_dict:  # another adapter surgery's hook on the same backbone already did it
         return
-    if _sharded(module):  # the whole state: see the module docstring
+    if sharding.is_sharded(module):  # the whole state: see the module docstring
         return
     names = [n for n in base_names(module) if prefix + n in state_dict]
     state_dict[prefix + KEY] = fingerprint([state_dict[prefix + n] for n in names])
     for n in names:
         del state_dict[prefix + n]
-
-
-def _sharded(module: nn.Module) -> bool:
-    """Whether ``module``'s parameters are FSDP2 shards (``DTensor``)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _fill_base(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

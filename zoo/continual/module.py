@@ -215,7 +215,7 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         if (0 <= trainer.max_steps <= self.global_step
                 or (last_batch and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.current_epoch + 1)):
-            self._finish_tasks(min(math.ceil((self.current_epoch + 1) / self.stream.epochs_per_task), self.stream.num_tasks), final=True)
+            self._finish_final(epochs_done=self.current_epoch + 1)
 
     def step_end(self) -> None:
         """Work after each optimizer step (KFPF: its periodic FPF); none here."""
@@ -225,13 +225,17 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         hooks run before the checkpoint callbacks' epoch-end hooks."""
         super().on_train_epoch_end()
         if self.trainer.should_stop:
-            self._finish_tasks(min(math.ceil((self.current_epoch + 1) / self.stream.epochs_per_task), self.stream.num_tasks), final=True)
+            self._finish_final(epochs_done=self.current_epoch + 1)
 
     def on_train_end(self) -> None:
         """Fallback for a stop decided after this module's on_train_epoch_end (e.g. early stopping on training
         metrics; a no-op otherwise): the final task end is then missing from a last.ckpt written before it."""
         super().on_train_end()
-        self._finish_tasks(min(math.ceil(self.current_epoch / self.stream.epochs_per_task), self.stream.num_tasks), final=True)
+        self._finish_final(epochs_done=self.current_epoch)
+
+    def _finish_final(self, epochs_done: int) -> None:
+        """The task ends owed after ``epochs_done`` training epochs (a task started counts), the last one ``final``."""
+        self._finish_tasks(min(math.ceil(epochs_done / self.stream.epochs_per_task), self.stream.num_tasks), final=True)
 
     def _finish_tasks(self, until: int, final: bool) -> None:
         while self.tasks_finished < until:

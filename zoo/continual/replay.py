@@ -117,14 +117,13 @@ class ExperienceReplay(ReplayTerm):
         module = step.module
         if self.name in step.joined:  # the draw's logits from the batch's forward
             draw, logits = step.joined[self.name]
-            draw_ce = module.criterion(full_precision(module.mask_logits(logits, draw.task)), draw.targets)
+            draw_ce, m = module.criterion(full_precision(module.mask_logits(logits, draw.task)), draw.targets), len(draw)
         else:  # the module could not join it: its own forward
             x, y, t, _ = self.draw(module)
-            draw = Batch(x, y, task=t)
-            draw_ce = replay_ce(module, x, y, t)
+            draw_ce, m = replay_ce(module, x, y, t), len(y)
         ce = module.loss_term(CrossEntropy)
         current = ce.weight * ce(step)  # the batch's term as the module adds it
-        b, m = len(step.targets), len(draw)
+        b = len(step.targets)
         return m / (b + m) * (draw_ce - current)
 
     def replay_loss(self, module: ContinualClassifier) -> torch.Tensor:

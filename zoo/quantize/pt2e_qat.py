@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PREFIX = "activation_post_process_"
+from zoo.quantize.pt2e import OBSERVER_PREFIX as PREFIX  # the fake-quantize modules prepare_qat_pt2e adds
 
 
 def export_prepared(model: nn.Module, example: torch.Tensor, exclude: list[str] = ()) -> torch.fx.GraphModule:
@@ -124,15 +124,17 @@ def sync_mode(graph: torch.fx.GraphModule, training: bool) -> None:
 def freeze_batchnorm(graph: torch.fx.GraphModule) -> int:
     """Every ``batch_norm`` op of the graph uses (and no longer updates) its running statistics; returns how many.
     Again after each ``train()``: torchao's mode switch rewrites the BatchNorm ops."""
-    count = 0
+    count, changed = 0, False
     for node in graph.graph.nodes:
         if node.op == "call_function" and node.target in (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default):
             if node.args[5]:
                 args = list(node.args)
                 args[5] = False  # training
                 node.args = tuple(args)
+                changed = True
             count += 1
-    graph.recompile()
+    if changed:  # called every step from bn_freeze_step on: regenerate the code only when an op changed
+        graph.recompile()
     return count
 
 
