@@ -219,6 +219,7 @@ def side_by_side(args, runs) -> str:
     import torch
 
     from zoo import load_zoo_module
+    from zoo.quantize import compile_quantized
 
     ratios = []  # (label, batch, int8/float32 median)
     lines = ["| model | int8 compiled | batch | float32 ms (median / min) | int8 ms (median / min) | int8 / float32 (median / min) |",
@@ -226,8 +227,8 @@ def side_by_side(args, runs) -> str:
     for part, version, rows, meta in runs:
         folder = Path(args.out) / part / "lightning_logs" / version / "checkpoints"
         models = {"float32": load_zoo_module(folder / "last.ckpt").eval(), "int8": load_zoo_module(folder / "quantized.ckpt").eval()}
-        if meta["compiled"]:  # compiled int8 against compiled float (the int8 checkpoint recompiles itself: Quantize(compile=True))
-            models["float32"].backbone.compile()
+        if meta["compiled"]:  # compiled int8 against float compiled alike (the int8 checkpoint recompiles itself: Quantize(compile=True))
+            compile_quantized(models["float32"].backbone)
         for batch in (1, meta["batch_size"]):
             x = example_inputs(part, batch, args.minilm_max_length)
             times = {k: [] for k in models}

@@ -97,6 +97,24 @@ def test_text_encoders_quantise_within_tolerance(name, kwargs):
     assert 0 < relative_error(reference, out) < TOLERANCE
 
 
+def test_compiled_int8_runs_every_linear_on_onednn_qlinear_with_the_eager_outputs():
+    """``compile: true`` on CPU: Inductor freezing with torchao's X86 passes turns every int8 Linear (``_int_mm``) into
+    oneDNN ``qlinear_pointwise`` (the fast path, zoo.quantize.compiled); the outputs stay those of the eager int8 model."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    backbone = build_backbone("hf/bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64).eval()
+    inputs = {"input_ids": torch.randint(0, 64, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):  # (a cache hit skips the passes: no count)
+        eager = Quantize("int8_dynamic").apply(copy.deepcopy(backbone))(inputs)
+        compiled = Quantize("int8_dynamic", compile=True).apply(copy.deepcopy(backbone))
+        out = compiled(inputs)
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == 12  # 2 layers x (q k v attn-out intermediate output)
+    assert relative_error(eager, out) < 1e-4  # the same integers; float rounding of the scaling order differs
+
+
 def test_layer_the_scheme_cannot_handle_names_it_and_the_schemes_that_can():
     backbone = tiny_vit().backbone
     with pytest.raises(ValueError, match=r"'patch_embed.proj' is a torch.nn.modules.conv.Conv2d.*no zoo scheme handles Conv2d"):

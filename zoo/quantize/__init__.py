@@ -11,12 +11,14 @@ quantisation-aware training (torchao's fake quantizers on a schedule), issue 20.
 ``pt2e``            ``int8_pt2e``: PT2E static int8 of a whole exported (convolutional) backbone
 ``pt2e_qat``        QAT for ``int8_pt2e``: torchao ``prepare_qat_pt2e`` / ``convert_pt2e`` on the callback's schedule
 ``ptq``             :func:`quantize_module`: calibrate, quantise, measure (shared by both callbacks)
+``compiled``        :func:`compile_quantized`: torch.compile for int8 on CPU (Inductor freezing, oneDNN int8 GEMMs)
 ==================  ==========================================================================================
 
 Callbacks: ``callbacks.quantize.PostTrainingQuantization`` (after fit) and
 ``callbacks.quantize.QuantizationAwareTraining`` (a schedule). Configs: ``configs/quantize/``.
 """
 
+from zoo.quantize.compiled import compile_quantized
 from zoo.quantize.calibration import Calibrator, MinMax, relative_error, state_bytes, take_batches
 from zoo.quantize.layers import fold_batchnorm, has_batchnorm, select_layers
 from zoo.quantize.ptq import QuantizeReport, quantize_module

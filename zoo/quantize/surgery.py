@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from zoo.quantize.compiled import compile_quantized
 from zoo.quantize.layers import fold_batchnorm, select_layers
 from zoo.quantize.pt2e import PT2EBackbone, pt2e_layers
 from zoo.quantize.schemes import get_scheme
@@ -36,8 +37,9 @@ class Quantize(Surgery):
         fold_bn: fold BatchNorm into the preceding convolution first (:func:`~zoo.quantize.layers.fold_batchnorm`).
         act_ranks: ``int8_static``: the rank of each layer's input (torchao's static scale has that many dimensions);
             set by calibration, stored so that a reloaded model rebuilds the same scales.
-        compile: ``torch.compile`` the quantised model in place (``nn.Module.compile``, keys unchanged). On CPU
-            torchao's int8 kernels are fast only compiled (eager int8 dynamic-activation is slower than float).
+        compile: ``torch.compile`` the quantised model in place (keys unchanged; on CPU with Inductor freezing and
+            oneDNN int8 GEMMs: :func:`~zoo.quantize.compiled.compile_quantized`). On CPU torchao's int8 kernels are
+            fast only compiled (eager int8 dynamic-activation is slower than float).
         example_shape: ``int8_pt2e``: one sample's input shape the backbone is exported with; recorded by
             :meth:`recording` from the calibration inputs, stored so that a reloaded model exports the same graph.
         qat: ``int8_pt2e``: the model was quantisation-aware trained (:mod:`zoo.quantize.pt2e_qat`); reloading prepares
@@ -133,7 +135,7 @@ class Quantize(Surgery):
         self.quantized = names
         self._hooks = [h for name in names for h in plain_state(model.get_submodule(name))]
         if self.compile:
-            model.compile()
+            compile_quantized(model)
         return model
 
     def undo(self, model: nn.Module) -> nn.Module:
