@@ -42,6 +42,7 @@ class LabeledSubset(EpochItems, Dataset):
         self.cached: torch.Tensor | None = None
         self.placeholder: torch.Tensor | None = None
         self.defer = False  # gathered batches leave their transform to the datamodule's on_after_batch_transfer
+        self.cache_bytes = 0  # > 0: a deterministic batch transform's outputs are kept (see :meth:`transformed`)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -81,6 +82,26 @@ class LabeledSubset(EpochItems, Dataset):
             self._rows_of, self._rows = self.indices, torch.as_tensor(self.indices, dtype=torch.long)
         return self._rows
 
+    def transformed(self) -> torch.Tensor | None:
+        """The transformed inputs of the whole subset, in its order, made at the first call and kept while ``indices``
+        and ``transform`` stay the same -- when the transform is a deterministic :class:`BatchTransform` run in the
+        loader (not deferred to the device) and the float tensor fits in ``cache_bytes``; else ``None``. Evaluation
+        splits (read every epoch, every task) and unaugmented training splits then gather float rows instead of
+        converting and normalising each batch again: the same values, bit for bit (the transform is per sample)."""
+        transform = self.transform
+        if (self.cache_bytes <= 0 or self.defer or not isinstance(transform, BatchTransform) or transform.random
+                or not isinstance(self.dataset, TensorPairs) or len(self) == 0):
+            return None
+        of = self.__dict__.get("_transformed_of")
+        if of is None or of[0] is not self.indices or of[1] is not transform:  # (identity: comparing lists costs per batch)
+            self._transformed_of, self._transformed = (self.indices, transform), None
+            sample = transform(self.dataset.images[self.indices[0]][None])
+            if sample.numel() * sample.element_size() * len(self) <= self.cache_bytes:
+                rows = self.rows()
+                self._transformed = torch.cat([transform(self.dataset.images.index_select(0, rows[i:i + 4096]))
+                                               for i in range(0, len(rows), 4096)])
+        return self._transformed
+
     def load_batch(self, positions: torch.Tensor, epoch: int | None = None, skip: bool = False) -> Batch:
         """Items ``positions`` at once: ``Batch(inputs, targets, raw)`` as :meth:`load` gives them, collated (one
         indexing of the data, one transform call); with ``skip`` the cached items get the placeholder instead."""
@@ -101,7 +122,9 @@ class LabeledSubset(EpochItems, Dataset):
         if self.defer:
             return Batch(inputs=Pending(raw, keys, transform, hit, None if hit is None else self.placeholder), targets=targets, raw=raw)
         if hit is None:
-            return Batch(inputs=transform(raw, keys=keys), targets=targets, raw=raw)
+            kept = self.transformed()
+            inputs = transform(raw, keys=keys) if kept is None else kept.index_select(0, positions)
+            return Batch(inputs=inputs, targets=targets, raw=raw)
         inputs, load = self.placeholder.expand(len(positions), *self.placeholder.shape).clone(), ~hit
         if load.any():
             inputs[load] = transform(raw[load], keys=None if keys is None else keys[load]).to(inputs.dtype)
@@ -203,6 +226,10 @@ class ClassificationDataModule(Splits, LightningDataModule):
             to the device (``on_after_batch_transfer``: on the GPU when there is one). Code that reads this
             datamodule's loaders outside the Trainer calls :meth:`transform_batch` on each batch (``eval_view``
             is always transformed in its loader).
+        cache_mb: with ``fast`` and without ``transform_on_device``, a split whose transform is deterministic
+            (evaluation splits; training without ``augment``) keeps its transformed float inputs after the first
+            batch when they fit in this many MiB (:meth:`LabeledSubset.transformed`): later batches gather float
+            rows instead of converting and normalising again (issue 17). ``0``: transform every batch.
     """
 
     num_classes: int = 0
@@ -227,6 +254,7 @@ class ClassificationDataModule(Splits, LightningDataModule):
         fast: bool = True,
         transform_on_device: bool = False,
         eval_batch_size: int | None = None,
+        cache_mb: int = 256,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -235,6 +263,8 @@ class ClassificationDataModule(Splits, LightningDataModule):
             raise ValueError(f"samples_per_class={samples_per_class}: expected a positive integer or null")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb={cache_mb}: expected a size in MiB >= 0 (0: transform every batch)")
         if eval_batch_size is not None and eval_batch_size < 1:
             raise ValueError(f"eval_batch_size={eval_batch_size}: expected a positive integer or null (= batch_size)")
         # An explicit dict: LightningCLI hands a datamodule nested in another (ContinualDataModule) the outer one's
@@ -242,8 +272,9 @@ class ClassificationDataModule(Splits, LightningDataModule):
         self.save_hyperparameters(dict(
             data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction, seed=seed,
             samples_per_class=samples_per_class, image_size=image_size, augment=augment, download=download, with_index=with_index,
-            fast=fast, transform_on_device=transform_on_device, eval_batch_size=eval_batch_size,
+            fast=fast, transform_on_device=transform_on_device, eval_batch_size=eval_batch_size, cache_mb=cache_mb,
         ))
+        self.cache_mb = cache_mb
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.own_eval_batch_size = eval_batch_size
@@ -320,13 +351,13 @@ class ClassificationDataModule(Splits, LightningDataModule):
         """The training split; a random transform is seeded per (seed, epoch, sample)."""
         seed = None if self.deterministic_train_transform else self.hparams.seed
         subset = LabeledSubset(data, indices, targets, self.train_transform(), self.with_index, augment_seed=seed)
-        subset.defer = self.transform_on_device
+        subset.defer, subset.cache_bytes = self.transform_on_device, self.cache_mb * 2**20
         return subset
 
     def eval_subset(self, data: Dataset, indices: Sequence[int], targets: Sequence[int], with_index: bool = False) -> LabeledSubset:
         """An evaluation split, in a fixed seeded order (so ``limit_val_batches`` reads a sample of every class)."""
         subset = LabeledSubset(data, eval_order(indices, self.hparams.seed), targets, self.eval_transform(), with_index)
-        subset.defer = self.transform_on_device
+        subset.defer, subset.cache_bytes = self.transform_on_device, self.cache_mb * 2**20
         return subset
 
     def eval_view(self, split: str = "train") -> LabeledSubset:

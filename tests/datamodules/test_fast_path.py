@@ -242,3 +242,31 @@ def test_eval_batch_size_reads_the_same_samples_in_larger_batches():
     assert len(list(large.train_dataloader())[0]) == 16  # training batches keep batch_size
     with pytest.raises(ValueError, match="eval_batch_size=0"):
         Digits(eval_batch_size=0)
+
+
+def test_deterministic_splits_keep_their_transformed_inputs_with_the_same_batches():
+    """``cache_mb``: evaluation splits and an unaugmented training split transform their inputs once and then gather
+    float rows -- the same batches as transforming every batch (``cache_mb: 0``), resized too; an augmented training
+    split, a deferred transform or a split over the budget transform every batch."""
+    kw = dict(samples_per_class=30, image_size=16, batch_size=32, seed=3)
+    kept, fresh = Digits(**kw), Digits(cache_mb=0, **kw)
+    kept.setup()
+    fresh.setup()
+    for split in ("train", "val", "test"):
+        make = getattr(kept, f"{split}_dataloader")
+        assert_same(list(make()), list(getattr(fresh, f"{split}_dataloader")()))
+        assert kept.split(split).transformed() is not None and fresh.split(split).transformed() is None
+    assert_same(resumed(kept.train_dataloader, 1, 3), batches(fresh.train_dataloader(), 1))
+    rows = kept.test_set.rows()
+    assert torch.equal(kept.test_set.transformed(), kept.test_set.transform(kept.test_set.dataset.images[rows]))
+    augmented, deferred = Digits(augment=True, **kw), Digits(transform_on_device=True, **kw)
+    augmented.setup()
+    deferred.setup()
+    assert augmented.train_set.transformed() is None and augmented.val_set.transformed() is not None
+    assert deferred.val_set.transformed() is None
+    small = Digits(**kw)
+    small.setup()
+    small.test_set.cache_bytes = 100  # under one sample's floats
+    assert small.test_set.transformed() is None
+    with pytest.raises(ValueError, match="cache_mb=-1"):
+        Digits(cache_mb=-1)
