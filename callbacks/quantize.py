@@ -228,6 +228,12 @@ class QuantizationAwareTraining(Callback):
         if self._scheme.pt2e and pruning:
             raise ValueError(f"QuantizationAwareTraining(scheme='int8_pt2e') runs the exported graph, where {', '.join(pruning)}'s "
                              "masking hooks do not run: prune in an earlier fit, or use scheme int8_dynamic / int8_weight_only")
+        taps = [t.name for t in getattr(pl_module, "losses", []) if callable(getattr(t, "request", None)) and t.request("student")]
+        if self._scheme.pt2e and taps:
+            raise ValueError(f"QuantizationAwareTraining(scheme='int8_pt2e') replaces the student's backbone by its exported graph, "
+                             f"which has none of the layers that the loss terms {', '.join(taps)} read features from: distil logits "
+                             "only (soft_target_kl, hard_distill, decoupled_kd) during int8_pt2e QAT, or use scheme int8_dynamic / "
+                             "int8_weight_only")
         mine = trainer.callbacks.index(self)
         late = [type(c).__name__ for c in trainer.callbacks[mine + 1:] if isinstance(c, MaskedPruning)]
         if late and self.convert:

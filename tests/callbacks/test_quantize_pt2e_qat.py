@@ -123,3 +123,11 @@ def test_pt2e_qat_refuses_what_it_cannot_do(tmp_path):
         QuantizationAwareTraining("int8_pt2e", layers=["stages.*"])
     with pytest.raises(ValueError, match=r"MagnitudePruning's masking hooks do not run"):
         fit([MagnitudePruning(OneShot(0.5, at=1)), QuantizationAwareTraining("int8_pt2e")], tmp_path)
+    from zoo.distillation.losses import FeatureHint
+
+    module = cnn()
+    module.add_loss(FeatureHint("stages.0", "stages.0"))  # reads a student layer the exported graph does not have
+    trainer = Trainer(logger=False, callbacks=[QuantizationAwareTraining("int8_pt2e")], enable_progress_bar=False, max_steps=4,
+                      enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"feature_hint.*distil logits only"):
+        trainer.fit(module, Digits(batch_size=32))
