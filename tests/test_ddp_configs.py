@@ -50,6 +50,8 @@ CASES = {
     # fake quantisation from step 0, int8 at the end
     "quantize/qat_vit.yaml": ({"QuantizationAwareTraining": {"start_step": 0, "freeze_step": 1}}, [*SHORT, *SMALL_BATCHES]),
     "quantize/ptq_vit.yaml": ({"PostTrainingQuantization": {"calibration_batches": 1}}, [*SHORT, *SMALL_BATCHES]),
+    # the convnet QAT (int8_pt2e; on its stand-in model): the exported graph's quantizers from step 0, converted at the end
+    "quantize/qat_lite0.yaml": ({"QuantizationAwareTraining": {"start_step": 0, "freeze_step": 1}}, [*SHORT, *SMALL_BATCHES]),
 }
 
 
@@ -259,6 +261,12 @@ def test_qat_then_int8(ddp_runs):
     run_dir, states = _result(ddp_runs, "quantize/qat_vit.yaml")
     _assert_same_weights(states)
     assert "val/acc" in _tags(run_dir)["scalars"]
+
+
+def test_pt2e_qat_keeps_the_ranks_quantizers_equal_and_saves_the_int8_model(ddp_runs):
+    run_dir, states = _result(ddp_runs, "quantize/qat_lite0.yaml")
+    _assert_same_weights(states)  # after conversion: the int8 graph's weights and the calibrated q/dq parameters
+    assert _one(run_dir, "quantized.ckpt").stat().st_size > 0
 
 
 def test_ptq_saves_the_int8_model(ddp_runs):
