@@ -15,33 +15,39 @@ weights loaded after its first call (``torch._dynamo.reset()`` to recompile). Th
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 from torch import nn
 
 
 class _Freezing:
-    """Calls a compiled callable with Inductor freezing on. Dynamo reads the flag when it traces (to keep the weights as
-    constants) and Inductor when it compiles, both at a call (a new input shape recompiles), so ``torch.compile``'s
-    ``options={"freezing": True}`` (applied at Inductor's compile only) is not enough: every call sets it."""
+    """Calls a compiled callable with Inductor freezing on while ``model`` is on the CPU. Dynamo reads the flag when it
+    traces (to keep the weights as constants) and Inductor when it compiles, both at a call (a new input shape or device
+    recompiles), so ``torch.compile``'s ``options={"freezing": True}`` (applied at Inductor's compile only) is not
+    enough: every call sets it. On another device the call runs as plain ``torch.compile`` (torchao's X86 passes, which
+    run only under freezing, would put oneDNN ops on its tensors)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, model: nn.Module):
+        self.fn, self.model = fn, weakref.ref(model)
 
     def __call__(self, *args, **kwargs):
         from torch._inductor import config
 
+        model = self.model()
+        tensor = None if model is None else next(itertools.chain(model.parameters(), model.buffers()), None)
+        if tensor is not None and tensor.device.type != "cpu":
+            return self.fn(*args, **kwargs)
         with config.patch(freezing=True):
             return self.fn(*args, **kwargs)
 
 
 def compile_quantized(model: nn.Module, **compile_kwargs) -> nn.Module:
     """``model.compile(**compile_kwargs)`` in place (state_dict keys unchanged; compilation happens at the first call);
-    on CPU its calls run with Inductor freezing and torchao's X86 passes registered (oneDNN int8 GEMMs)."""
-    model.compile(**compile_kwargs)
-    tensor = next(model.parameters(), None)
-    tensor = tensor if tensor is not None else next(model.buffers(), None)
-    if tensor is None or tensor.device.type == "cpu":
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers the int8 weight-prepack passes)
+    calls on the CPU run with Inductor freezing and torchao's X86 passes registered (oneDNN int8 GEMMs)."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers the int8 weight-prepack passes)
 
-        # nn.Module.compile keeps the compiled __call__ in _compiled_call_impl (dropped on copy and pickle, as compile is)
-        model._compiled_call_impl = _Freezing(model._compiled_call_impl)
+    model.compile(**compile_kwargs)
+    # nn.Module.compile keeps the compiled __call__ in _compiled_call_impl (dropped on copy and pickle, as compile is)
+    model._compiled_call_impl = _Freezing(model._compiled_call_impl, model)
     return model
