@@ -120,3 +120,28 @@ def test_bad_inputs_fail_with_a_message():
         Quantize("int8_pt2e", layers=["blocks.*"])
     with pytest.raises(ValueError, match=r"no Conv1d/Conv2d/Conv3d/Linear layer in Sequential"):
         Quantize("int8_pt2e").select(nn.Sequential(nn.ReLU()))
+
+
+def test_compiled_int8_runs_every_convolution_on_onednn_int8():
+    """``compile: true``: the converted graph runs through :func:`zoo.quantize.compile_quantized` (Inductor freezing
+    with torchao's X86 passes), which lowers every q/dq + convolution to oneDNN's int8 convolution; the outputs stay
+    within the tolerance of the uncompiled int8 graph (requantisation rounding differs)."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    data = [b.inputs for b in batches(2)]
+    x = batches(1, seed=1)[0].inputs
+    outs = {}
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):  # (a cache hit skips the passes: no count)
+        for compiled in (False, True):
+            backbone = Quantize("int8_pt2e", compile=compiled, example_shape=[1, 32, 32]).apply(copy.deepcopy(net))
+            backbone.observe(data)
+            outs[compiled] = backbone(x)
+    assert counters["inductor"]["qconv_weight_prepack_matcher_count"] == 2  # both convolutions
+    assert relative_error(outs[False], outs[True]) < TOLERANCE

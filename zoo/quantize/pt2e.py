@@ -136,7 +136,14 @@ class PT2EBackbone(nn.Module):
 
                 move_exported_model_to_eval(graph)  # BatchNorm on running statistics, no dropout; then folded
             graph = convert_pt2e(graph)
-            self._converted.append(torch.compile(graph) if self.compile_converted else graph)
+            if self.compile_converted:
+                # Inductor's freezing (the PT2E X86 recipe) folds the int8 weights into prepacked oneDNN weights and
+                # lowers q/dq + conv to int8 convolutions; without it the compiled graph runs float convolutions
+                # between q/dq: compile_quantized runs every call with it (inference only, hence _run's no_grad)
+                from zoo.quantize.compiled import compile_quantized
+
+                graph = compile_quantized(graph)
+            self._converted.append(graph)
         return self._converted[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,12 +154,7 @@ class PT2EBackbone(nn.Module):
         graph = self.converted()
         if not self.compile_converted:
             return graph(x)
-        # Inductor's freezing (the PT2E X86 recipe) folds the int8 weights into prepacked oneDNN weights and lowers q/dq +
-        # conv to int8 convolutions; without it the compiled graph runs float convolutions between q/dq. It is read when a
-        # graph (re)compiles, at a call (a new batch size may recompile), so every call sets it; inference only.
-        from torch._inductor import config
-
-        with config.patch(freezing=True), torch.no_grad():
+        with torch.no_grad():  # freezing compiles inference graphs only
             return graph(x)
 
     def float_model(self) -> nn.Module:
