@@ -147,6 +147,7 @@ class LabeledSubset(EpochItems, Dataset):
         view.transform, view.with_index, view.augment_seed = transform, with_index, None
         view.cached = view.placeholder = None
         view.defer = False  # read outside the Trainer: transformed in the loader
+        view.cache_bytes = 0  # read once (or a few items of it): transforming the whole view up front would cost more
         return view
 
     def in_order(self) -> LabeledSubset:
@@ -154,6 +155,7 @@ class LabeledSubset(EpochItems, Dataset):
         order = sorted(range(len(self)), key=self.indices.__getitem__)
         view = copy.copy(self)
         view.indices, view.targets = [self.indices[p] for p in order], [self.targets[p] for p in order]
+        view.cache_bytes = 0  # read once, e.g. for predictions
         return view
 
 

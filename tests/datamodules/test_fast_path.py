@@ -264,6 +264,7 @@ def test_deterministic_splits_keep_their_transformed_inputs_with_the_same_batche
     deferred.setup()
     assert augmented.train_set.transformed() is None and augmented.val_set.transformed() is not None
     assert deferred.val_set.transformed() is None
+    assert kept.eval_view("train").transformed() is None  # a view is read once: nothing kept
     small = Digits(**kw)
     small.setup()
     small.test_set.cache_bytes = 100  # under one sample's floats
