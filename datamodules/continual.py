@@ -75,7 +75,7 @@ class TaskSet(EpochItems, Dataset):
     def gather_items(self, indices: torch.Tensor, epoch: int | None = None) -> Batch:
         """The collated ``[item(i, epoch) for i in indices]``, gathered at once from the subset."""
         p = self.position_tensor.index_select(0, indices)
-        sample = self.subset.load_batch(p, epoch)
+        sample = self.subset.load_batch(p, epoch, with_raw=self.with_raw)
         raw = None
         if self.with_raw:
             raw = sample.raw if sample.raw.dtype == torch.uint8 else sample.inputs

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as nnf
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms.v2 import functional as F
 
 from zoo.batch import FIELDS, Batch, Deferred
@@ -156,6 +156,17 @@ class Gathered(Sequence):
             raise IndexError(k)
         self.batch = finish(self.batch)  # read sample by sample: transformed here
         return Batch(**{f: None if getattr(self.batch, f) is None else getattr(self.batch, f)[k] for f in FIELDS})
+
+
+def take_rows(data: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``data[positions]``; a view of ``data`` (no copy) when ``positions`` are consecutive and this is not a loader
+    worker (a view sent from a worker would move all of ``data`` to shared memory)."""
+    n = len(positions)
+    if n and get_worker_info() is None:
+        first = int(positions[0])
+        if int(positions[-1]) - first == n - 1 and (n < 3 or bool((positions.diff() == 1).all())):
+            return data[first:first + n]
+    return data.index_select(0, positions)
 
 
 def collate(samples: Any) -> Batch:

@@ -77,7 +77,7 @@ class TokenSubset(LabeledSubset):
     def gatherable(self) -> bool:
         return isinstance(self.dataset, TokenRows) and self.transform is None
 
-    def load_batch(self, positions: torch.Tensor, epoch: int | None = None, skip: bool = False) -> Batch:
+    def load_batch(self, positions: torch.Tensor, epoch: int | None = None, skip: bool = False, with_raw: bool = True) -> Batch:
         rows = self.rows()[positions]
         return Batch(inputs=self.dataset.gather(rows), targets=self.dataset.targets_tensor[rows])
 

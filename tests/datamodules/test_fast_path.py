@@ -258,7 +258,9 @@ def test_deterministic_splits_keep_their_transformed_inputs_with_the_same_batche
         assert kept.split(split).transformed() is not None and fresh.split(split).transformed() is None
     assert_same(resumed(kept.train_dataloader, 1, 3), batches(fresh.train_dataloader(), 1))
     rows = kept.test_set.rows()
-    assert torch.equal(kept.test_set.transformed(), kept.test_set.transform(kept.test_set.dataset.images[rows]))
+    inputs, targets = kept.test_set.transformed()
+    assert torch.equal(inputs, kept.test_set.transform(kept.test_set.dataset.images[rows]))
+    assert torch.equal(targets, kept.test_set.dataset.targets_tensor[rows])
     augmented, deferred = Digits(augment=True, **kw), Digits(transform_on_device=True, **kw)
     augmented.setup()
     deferred.setup()
@@ -271,3 +273,24 @@ def test_deterministic_splits_keep_their_transformed_inputs_with_the_same_batche
     assert small.test_set.transformed() is None
     with pytest.raises(ValueError, match="cache_mb=-1"):
         Digits(cache_mb=-1)
+
+
+def test_evaluation_batches_are_views_of_the_kept_inputs_and_an_in_place_change_remakes_them():
+    """Batches of consecutive positions (evaluation in order) are views of the kept inputs, not copies; a step that
+    changes its batch in place does not corrupt the next pass (the kept inputs are made again); the kept inputs made
+    inside an evaluation loop (inference mode) are plain tensors that a training step can use."""
+    kw = dict(samples_per_class=30, image_size=16, batch_size=32, eval_batch_size=50, seed=3)
+    kept, fresh = Digits(**kw), Digits(cache_mb=0, **kw)
+    kept.setup()
+    fresh.setup()
+    with torch.inference_mode():
+        first = list(kept.test_dataloader())
+    inputs, _ = kept.test_set.transformed()
+    assert not inputs.is_inference() and first[1].inputs.data_ptr() == inputs[50].data_ptr()  # a view, no copy
+    expected = list(fresh.test_dataloader())
+    assert_same(first, expected)
+    first[0].inputs.mul_(0)  # a step changing its inputs in place
+    assert_same(list(kept.test_dataloader()), expected)
+    assert kept.test_set.transformed()[0] is not inputs
+    shuffled = next(iter(kept.train_dataloader()))  # shuffled positions: gathered copies
+    assert shuffled.inputs.data_ptr() != kept.train_set.transformed()[0].data_ptr()

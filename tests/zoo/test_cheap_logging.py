@@ -144,6 +144,11 @@ def test_topk_accuracy_equals_torchmetrics_micro_accuracy():
             ref.update(logits, y)
         assert ours.total == 165 and torch.equal(ours.compute(), ref.compute())
         assert 0 < ours.compute() < 1
+    # ties count against the target: two classes left by a task mask, the target masked out, is no top-5 hit
+    masked = torch.tensor([[1.0, 2.0] + [float("-inf")] * 8] * 2)
+    assert TopKAccuracy(top_k=5).hits(masked, torch.tensor([7, 1])) == 1
+    assert TopKAccuracy(top_k=2).hits(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), torch.tensor([0])) == 0  # three tied for 2 places
+    assert TopKAccuracy(top_k=2).hits(torch.tensor([[float("nan"), 1.0, 0.0]]), torch.tensor([0])) == 0
 
 
 def test_top1_and_top5_stay_apart_after_a_perfect_first_batch():
