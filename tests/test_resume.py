@@ -1,5 +1,6 @@
 """Exact mid-epoch resume: for every technique's main config, a run killed (SIGKILL) mid-epoch and resumed from
-its latest step checkpoint ends with exactly the weights of a run that was never interrupted.
+its latest step checkpoint ends with exactly the weights of a run that was never interrupted, and logs the same epoch
+values (the resumed epoch's ``train/*`` means and accuracy over the whole epoch).
 
 Configs run on tiny stand-in data (tests/standin.py, ``# standin:`` lines as in tests/test_configs.py), shrunk
 to 3 batches an epoch and 5 steps, with a step checkpoint every 2 steps. The killed run (a forked child of this
@@ -105,6 +106,34 @@ def weights(run) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in run.model.state_dict().items()}
 
 
+class Recorder(Callback):
+    """The logged values of each training epoch (``train/*`` but the step loss) that ended in this process, read at
+    the next epoch's start and at the end (a callback's epoch-end hook runs before the module logs)."""
+
+    def __init__(self):
+        self.epochs: dict[int, dict[str, float]] = {}
+        self.ends: list[int] = []  # global step at each epoch end
+        self._ended: int | None = None
+
+    def _record(self, trainer) -> None:
+        if self._ended is not None:
+            self.epochs[self._ended] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and k != "train/loss_step"}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._ended = trainer.current_epoch
+        self.ends.append(trainer.global_step)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._record(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._record(trainer)
+
+
+def recorder(run) -> Recorder:
+    return next(c for c in run.trainer.callbacks if isinstance(c, Recorder))
+
+
 def _killed_child(args: list[str], cwd: Path) -> None:
     os.environ["ZOO_NUM_THREADS"] = "1"  # a forked child must not start an OpenMP pool
     torch.set_num_threads(1)
@@ -146,7 +175,8 @@ def _same_optimization(reference, resumed) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(case: str, standin_dir: Path, tmp_path: Path, monkeypatch):
     config, init_args = CASES[case]
-    reference = fit(shrunk_args(config, standin_dir, tmp_path / "reference", init_args), tmp_path, monkeypatch)
+    record = (f"--trainer.callbacks+={__name__}.Recorder",)
+    reference = fit(shrunk_args(config, standin_dir, tmp_path / "reference", init_args) + list(record), tmp_path, monkeypatch)
     killed = tmp_path / "killed"
     args = shrunk_args(config, standin_dir, killed, init_args)
     fit_killed(args, tmp_path)
@@ -155,9 +185,14 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(case: str, standin_di
     assert state["global_step"] == EVERY
     loader = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert [(s["epoch"], s["batches"]) for s in loader] == [(0, EVERY)]  # mid-epoch: one batch of epoch 0 left
-    resumed = fit([*args, f"--ckpt_path={last}"], tmp_path, monkeypatch)
+    resumed = fit([*args, *record, f"--ckpt_path={last}"], tmp_path, monkeypatch)
     _same_optimization(reference, resumed)
     assert_same_weights(weights(reference), weights(resumed))
+    # every epoch that ended after the resume logs what the uninterrupted run logged, the resumed epoch its means over
+    # the whole epoch (zoo.epoch_state); a checkpoint at an epoch's last batch resumes at the next epoch
+    ref, res = recorder(reference), recorder(resumed)
+    assert min(res.epochs) == (1 if EVERY in ref.ends else 0) and "train/loss_epoch" in ref.epochs[0]
+    assert {e: ref.epochs[e] for e in res.epochs} == res.epochs
 
 
 def test_augmented_dropout_run_needs_the_loader_state_and_the_rng_states(standin_dir: Path, tmp_path: Path, monkeypatch):

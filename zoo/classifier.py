@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
 
+from zoo import epoch_state
 from zoo import losses as L
 from zoo import sharding
 from zoo import surgery as S
@@ -365,6 +366,15 @@ class Classifier(LightningModule):
         checkpoint["zoo_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.sharded:  # parameters without a gradient yet have no optimizer state, which a sharded resume needs
             sharding.fill_optimizer_states(checkpoint, self)
+        epoch_state.save(self, checkpoint)  # the running train/* sums and accuracy counters of the epoch
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        epoch_state.load(self, checkpoint)
+
+    def on_train_start(self) -> None:
+        """A run resumed mid-epoch takes up the epoch's running values (:mod:`zoo.epoch_state`): it logs the epoch
+        means of a run never interrupted."""
+        epoch_state.restore(self)
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -240,6 +240,7 @@ class SNNetModule(Classifier):
         check_find_unused(self.trainer.strategy)  # the first hook after DDP wrapped the model, before any step
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.init_batch_size is not None and not bool(self.net.ls_initialized):  # a resume brings the solved layers
             self.init_stitching(self.init_images(self.init_batch_size))
 
@@ -298,6 +299,7 @@ class SNNetModule(Classifier):
         checkpoint["snnet"] = {"sampler": self.sampler.state_dict(), "active": self.net.active}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         weights = checkpoint.get("state_dict", {})  # none in a sharded run's folder (the weights load from the shards)
         for key in [k for k in weights if k.startswith("teacher.")]:  # checkpoints of before zoo.snnet kept the teacher
             del weights[key]
