@@ -113,6 +113,16 @@ def test_pt2e_qat_window_freezing_fidelity_resume_and_reload(tmp_path):
     reloaded.load_state_dict(state["state_dict"])
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(x), int8)
+    # undone (the module's recorded surgery, in reverse): a plain float graph without quantizers computing what the
+    # trained float weights compute
+    plain = cnn()
+    plain.load_state_dict(probe.state)
+    quantizing = lambda m: "FakeQuantize" in type(m).__name__ or "Observer" in type(m).__name__  # noqa: E731
+    assert any(quantizing(m) for m in module.backbone.prepared.modules())
+    graph = module.unload_surgery()
+    assert not any(quantizing(m) for m in graph.modules())
+    with torch.no_grad():
+        assert relative_error(plain.eval().backbone(x), graph(x)) < 1e-5
 
 
 def test_pt2e_qat_refuses_what_it_cannot_do(tmp_path):
