@@ -104,6 +104,38 @@ def test_evaluate_task_gives_the_old_loaders_accuracies_and_logits(scenario):
     assert len({acc for acc, _ in old}) > 1
 
 
+@pytest.mark.parametrize("seen_only", [True, False])
+def test_class_incremental_rows_test_the_classes_seen_so_far_as_mammoth(seen_only):
+    """``eval_seen_classes`` (default, Mammoth's ``evaluate``): the accuracy matrix's row ``t`` predicts among the
+    classes of tasks ``0..t`` (their labels are ``0 .. 2(t + 1) - 1``), computed by hand at every task end from the old
+    loaders' logits; false: among all classes."""
+    from lightning.pytorch import Callback, Trainer, seed_everything
+
+    from zoo.continual import FineTune
+
+    by_hand = {True: {}, False: {}}
+
+    class ByHand(Callback):
+        def on_task_end(self, trainer, module, task, final):
+            module.eval()
+            for j in range(task + 1):
+                _, logits = old_evaluate_task(module, j)
+                targets = torch.cat([b.targets for b in DataLoader(module.stream.task_set("test", j), batch_size=256, collate_fn=module.stream.collate_fn)])
+                for seen, z in ((True, logits[:, :2 * (task + 1)]), (False, logits)):
+                    by_hand[seen][task, j] = float((z.argmax(-1) == targets).double().mean())
+            module.train()
+
+    seed_everything(0)
+    module = FineTune(**MLP, eval_seen_classes=seen_only)
+    trainer = Trainer(max_epochs=5, reload_dataloaders_every_n_epochs=1, limit_train_batches=4, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[ByHand()])
+    trainer.fit(module, ContinualDataModule(Digits(batch_size=16), classes_per_task=2))
+    got = {k: float(module.acc_matrix[k]) for k in by_hand[seen_only]}
+    assert len(got) == 15 and got == pytest.approx(by_hand[seen_only], rel=1e-6)  # (the matrix is float32)
+    assert by_hand[True] != pytest.approx(by_hand[False], abs=0.01)  # the two protocols differ on this stream
+    assert all(by_hand[True][4, j] == by_hand[False][4, j] for j in range(5))  # but not after the last task
+
+
 def test_profile_data_is_the_items_stacked_in_the_seeded_order():
     from zoo.subtuning.profile import stack_dataset
 

@@ -79,6 +79,7 @@ class DER(ContinualClassifier):
         fpf_modules: list[str] | None = None,
         fpf_num_modules: int = 2,
         seed: int = 0,
+        eval_seen_classes: bool = True,
         surgery: list[Surgery] | None = None,
         losses: list[LossTerm] | None = None,
         alpha: float = 0.3,
@@ -87,6 +88,7 @@ class DER(ContinualClassifier):
                          lr_scheduler=lr_scheduler, scheduler_interval=scheduler_interval, label_smoothing=label_smoothing,
                          buffer_size=buffer_size, buffer_policy=buffer_policy, replay_batch_size=replay_batch_size, fpf_steps=fpf_steps,
                          fpf_lr=fpf_lr, fpf_alpha=fpf_alpha, fpf_modules=fpf_modules, fpf_num_modules=fpf_num_modules, seed=seed,
+                         eval_seen_classes=eval_seen_classes,
                          surgery=surgery, losses=losses)
 
     def preset_terms(self) -> list[LossTerm]:
@@ -121,6 +123,7 @@ class DERpp(DER):
         fpf_modules: list[str] | None = None,
         fpf_num_modules: int = 2,
         seed: int = 0,
+        eval_seen_classes: bool = True,
         surgery: list[Surgery] | None = None,
         losses: list[LossTerm] | None = None,
         alpha: float = 0.1,
@@ -130,6 +133,7 @@ class DERpp(DER):
                          lr_scheduler=lr_scheduler, scheduler_interval=scheduler_interval, label_smoothing=label_smoothing,
                          buffer_size=buffer_size, buffer_policy=buffer_policy, replay_batch_size=replay_batch_size, fpf_steps=fpf_steps,
                          fpf_lr=fpf_lr, fpf_alpha=fpf_alpha, fpf_modules=fpf_modules, fpf_num_modules=fpf_num_modules, seed=seed,
+                         eval_seen_classes=eval_seen_classes,
                          surgery=surgery, losses=losses, alpha=alpha)
 
 
@@ -164,6 +168,7 @@ class KFPF(ContinualClassifier):
         fpf_modules: list[str] | None = None,
         fpf_num_modules: int = 2,
         seed: int = 0,
+        eval_seen_classes: bool = True,
         surgery: list[Surgery] | None = None,
         losses: list[LossTerm] | None = None,
         fpf_every: int = 100,
@@ -174,6 +179,7 @@ class KFPF(ContinualClassifier):
                          lr_scheduler=lr_scheduler, scheduler_interval=scheduler_interval, label_smoothing=label_smoothing,
                          buffer_size=buffer_size, buffer_policy=buffer_policy, replay_batch_size=replay_batch_size, fpf_steps=fpf_steps,
                          fpf_lr=fpf_lr, fpf_alpha=fpf_alpha, fpf_modules=fpf_modules, fpf_num_modules=fpf_num_modules, seed=seed,
+                         eval_seen_classes=eval_seen_classes,
                          surgery=surgery, losses=losses)
         self._fpf_step = -1  # the optimizer step of the last periodic FPF
 

@@ -73,6 +73,9 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             the ``fpf_num_modules`` modules with the largest measured drift.
         fpf_num_modules: how many modules FPF picks by drift.
         seed: seed of the buffer's random stream.
+        eval_seen_classes: class-incremental streams: after task ``t`` every task is tested over the classes seen so
+            far (the logits of later tasks' classes ignored), as Mammoth's ``evaluate`` does (the accuracy matrix's
+            rows before the last, so forgetting and BWT, follow); false: over all classes. The last row is the same.
         surgery: transforms of the backbone, e.g. ``zoo.subtuning.Freeze`` (SubTuning inside the stream).
         losses: the loss terms (default cross-entropy); a preset adds its replay term unless one of its type is given.
     """
@@ -98,6 +101,7 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         fpf_modules: list[str] | None = None,
         fpf_num_modules: int = 2,
         seed: int = 0,
+        eval_seen_classes: bool = True,
         surgery: list[Surgery] | None = None,
         losses: list[LossTerm] | None = None,
     ):
@@ -241,7 +245,7 @@ class ContinualClassifier(FrozenPrefix, Classifier):
         while self.tasks_finished < until:
             t = self.tasks_finished
             self.end_of_task(t)
-            self.acc_matrix[t, :t + 1] = torch.tensor([self.evaluate_task(j) for j in range(t + 1)])
+            self.acc_matrix[t, :t + 1] = torch.tensor([self.evaluate_task(j, after=t) for j in range(t + 1)])
             self.tasks_finished += 1
             self.announce_task_end(t, final and self.tasks_finished == until)
 
@@ -262,17 +266,25 @@ class ContinualClassifier(FrozenPrefix, Classifier):
             self.fpf(self.hparams.fpf_steps)
 
     @torch.no_grad()
-    def evaluate_task(self, task: int, batch_size: int = 1024) -> float:
+    def evaluate_task(self, task: int, batch_size: int = 1024, after: int | None = None) -> float:
         """Test accuracy on one task of the stream (the whole backbone runs). The test set is read from memory in
         large batches (:func:`~datamodules.tensor.eval_batches`), each rank its share; the counts are summed over
-        the ranks, so every rank returns the same accuracy. ``fast_dev_run``: the first ``batch_size`` samples."""
+        the ranks, so every rank returns the same accuracy. ``fast_dev_run``: the first ``batch_size`` samples.
+        ``after``: the last task trained; with ``eval_seen_classes`` a class-incremental prediction is then the best
+        of the classes of tasks ``0..after`` (Mammoth's ``outputs[:, :n_seen_classes]``)."""
         trainer = self.trainer
+        seen = None
+        if after is not None and self.hparams.get("eval_seen_classes", False) and self.stream.scenario == "class":
+            seen = self.task_mask[:after + 1].any(0)
         limit = batch_size if trainer.fast_dev_run else None
         was_training, counts = self.training, torch.zeros(2, dtype=torch.float64, device=self.device)
         self.eval()
         for batch in eval_batches(self.stream.task_set("test", task), batch_size, self.device, trainer.global_rank, trainer.world_size,
                                   limit=limit, collate_fn=self.stream.collate_fn):
-            counts[0] += (self.mask_logits(self(batch.inputs), batch.task).argmax(-1) == batch.targets).sum()
+            logits = self.mask_logits(self(batch.inputs), batch.task)
+            if seen is not None:
+                logits = logits.masked_fill(~seen, torch.finfo(logits.dtype).min)
+            counts[0] += (logits.argmax(-1) == batch.targets).sum()
             counts[1] += len(batch)
         self.train(was_training)
         correct, total = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
