@@ -93,8 +93,9 @@ class LabeledSubset(EpochItems, Dataset):
             return None
         of = self.__dict__.get("_transformed_of")  # (indices, transform, version of the inputs when made)
         kept = self.__dict__.get("_transformed")
+        # (identity: comparing lists costs per batch)
         if of is None or of[0] is not self.indices or of[1] is not transform or (kept is not None and kept[0]._version != of[2]):
-            self._transformed_of, self._transformed = (self.indices, transform, 0), None  # (identity: comparing lists costs per batch)
+            self._transformed_of, self._transformed = (self.indices, transform, 0), None
             sample = transform(self.dataset.images[self.indices[0]][None])
             if sample.numel() * sample.element_size() * len(self) <= self.cache_bytes:
                 rows = self.rows()
@@ -108,8 +109,9 @@ class LabeledSubset(EpochItems, Dataset):
         """Items ``positions`` at once: ``Batch(inputs, targets, raw)`` as :meth:`load` gives them, collated (one
         indexing of the data, one transform call); with ``skip`` the cached items get the placeholder instead;
         without ``with_raw`` a batch of :meth:`transformed` inputs has no ``raw``."""
+        skipping = skip and self.cached is not None and self.placeholder is not None
         kept = self.transformed()
-        if kept is not None and not with_raw and not (skip and self.cached is not None and self.placeholder is not None):
+        if kept is not None and not with_raw and not skipping:
             return Batch(inputs=take_rows(kept[0], positions), targets=take_rows(kept[1], positions))
         rows = self.rows().index_select(0, positions)  # index_select: the same rows as ``[rows]``, several times faster
         raw, targets = self.dataset.images.index_select(0, rows), self.dataset.targets_tensor.index_select(0, rows)
@@ -120,7 +122,7 @@ class LabeledSubset(EpochItems, Dataset):
         if transform.random and self.augment_seed is not None:
             keys = sample_keys(self.augment_seed, epoch, positions)
         hit = None  # the cached samples (with ``skip``)
-        if skip and self.cached is not None and self.placeholder is not None:
+        if skipping:
             inside = positions < len(self.cached)
             hit = torch.zeros(len(positions), dtype=torch.bool)
             hit[inside] = self.cached[positions[inside]]
