@@ -22,7 +22,7 @@ the LightningCLI way::
 from __future__ import annotations
 
 import inspect
-
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,14 @@ from zoo.metrics import accuracy_metrics
 
 
 HIT_BATCH_ELEMENTS = 2**18  # Classifier.count_hits counts kept batches together once they hold this many logits
+
+
+@dataclass
+class KeptBatches:
+    """The batches :meth:`Classifier.count_hits` holds for one metric collection, and how many logits they hold."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    elements: int = 0
 
 
 def param_groups(module: nn.Module, skip: set[str] = frozenset()) -> list[dict[str, Any]]:
@@ -252,16 +260,16 @@ class Classifier(LightningModule):
         """Keep this batch (a reference, no copy) for :meth:`flush_hits`, which counts the hits of every accuracy in
         ``metrics`` over the kept batches at once: at epoch end, or here once they hold ``HIT_BATCH_ELEMENTS`` logits.
         The same values as ``metrics.update`` per step, at a fraction of its cost (issue 17)."""
-        kept = self.__dict__.setdefault("hit_batches", {}).setdefault(id(metrics), [0])  # [logits held, (logits, targets)...]
-        kept.append((logits, targets))
-        kept[0] += logits.numel()
-        if kept[0] >= HIT_BATCH_ELEMENTS:
+        kept = self.__dict__.setdefault("hit_batches", {}).setdefault(id(metrics), KeptBatches())
+        kept.batches.append((logits, targets))
+        kept.elements += logits.numel()
+        if kept.elements >= HIT_BATCH_ELEMENTS:
             self.flush_hits(metrics)
 
     def flush_hits(self, metrics: MetricCollection) -> bool:
         """Update ``metrics`` with the hits of the batches kept by :meth:`count_hits` (integer counts: the same as batch
         by batch); whether the metrics were updated at all."""
-        kept = self.__dict__.setdefault("hit_batches", {}).pop(id(metrics), [0])[1:]
+        kept = self.__dict__.setdefault("hit_batches", {}).pop(id(metrics), KeptBatches()).batches
         if kept:
             logits, targets = kept[0] if len(kept) == 1 else (torch.cat(parts) for parts in zip(*kept))
             for metric in metrics.values():
