@@ -13,10 +13,14 @@ hides everything else and for a small one where the data path and the loop show 
   keeps its fastest call (one evaluation is ~0.06 s; this machine's speed drifts by up to 1.5x over seconds).
 - The floor under Lightning: the same MLP as a minimal ``LightningModule`` (cross-entropy, nothing else) trained by a
   bare ``Trainer`` (no logger, no callbacks) over the plain loop's pre-built batches: ``lightning_floor_vs_plain``
-  is what Lightning's own per-step loop costs on this model, which no data path or module can remove.
+  is what Lightning's own per-step loop costs on this model, which no data path or module can remove;
+  ``lightning_manual_floor_vs_plain`` the same with manual optimisation (``automatic_optimization = False``: zero_grad,
+  ``manual_backward`` and ``step`` in ``training_step``), Lightning's leanest loop. ``small_model_vs_lightning_floor``
+  is the zoo over the (automatic) floor: what the zoo's own data path, module and default callbacks add.
 
 Last line: JSON with ``lightning_vs_plain_torch`` (goal <= 1.05), ``small_model_vs_plain_torch`` (goal <= 1.25),
-``small_eval_vs_plain_torch`` (goal <= 1.5) and ``lightning_floor_vs_plain``, time ratios. ``--smoke`` runs a few
+``small_eval_vs_plain_torch`` (goal <= 1.5), ``lightning_floor_vs_plain``, ``lightning_manual_floor_vs_plain`` and
+``small_model_vs_lightning_floor``, time ratios. ``--smoke`` runs a few
 steps of each, to check that the script works (its figures mean nothing).
 
     python benchmarks/overhead.py [--smoke] [--data-dir data]
@@ -161,6 +165,22 @@ class Floor(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=SMALL["lr"])
 
 
+class ManualFloor(Floor):
+    """:class:`Floor` with manual optimisation: Lightning's loop without its automatic-optimisation closure."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
 class Batches:
     """The plain loop's batches (the same shuffled slices of the pre-built tensors) as an iterable."""
 
@@ -172,12 +192,12 @@ class Batches:
             yield self.x[idx], self.y[idx]
 
 
-def floor_small_train(data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Seconds per step of :class:`Floor` under a bare Trainer over :class:`Batches`."""
+def floor_small_train(data: tuple[torch.Tensor, torch.Tensor], module: type[LightningModule] = Floor) -> float:
+    """Seconds per step of :class:`Floor` (or ``module``) under a bare Trainer over :class:`Batches`."""
     timer = PeriodTimer(warmup=SMALL["warmup"])
     trainer = Trainer(max_steps=SMALL["warmup"] + SMALL["steps"], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0)
-    trainer.fit(Floor(), train_dataloaders=Batches(data))
+    trainer.fit(module(), train_dataloaders=Batches(data))
     return (timer.end - timer.start) / timer.steps
 
 
@@ -218,22 +238,25 @@ def zoo_small(data_dir: str, test_data: tuple[torch.Tensor, torch.Tensor]) -> tu
     return (timer.end - timer.start) / timer.steps, min(zoo_e), min(plain_e)
 
 
-def small_case(data_dir: str) -> tuple[float, float, float]:
-    """Median zoo/plain ratios (training step, evaluation) and the floor/plain training ratio, alternating runs."""
+def small_case(data_dir: str) -> dict[str, float]:
+    """Median ratios of training step times (zoo, floor, manual floor over plain; zoo over floor) and the zoo/plain
+    ratio of the fastest evaluations, alternating runs."""
     data = fmnist_tensors(data_dir)
-    plain_t, plain_e, zoo_t, zoo_e, floor_t = [], [], [], [], []
+    plain_t, plain_e, zoo_t, zoo_e, floor_t, manual_t = [], [], [], [], [], []
     for _ in range(SMALL["repeats"]):
         plain_t.append(plain_small_train(data["train"]))
         floor_t.append(floor_small_train(data["train"]))
+        manual_t.append(floor_small_train(data["train"], ManualFloor))
         t, e, p = zoo_small(data_dir, data["test"])
         zoo_t.append(t)
         zoo_e.append(e)
         plain_e.append(p)
     med = statistics.median
-    print(f"small MLP, batch {SMALL['batch']}: plain {med(plain_t) * 1000:.2f} ms/step, minimal LightningModule {med(floor_t) * 1000:.2f} ms/step, "
-          f"zoo fit {med(zoo_t) * 1000:.2f} ms/step; test split (batches of {SMALL['eval_batch']}, fastest): plain {min(plain_e):.4f} s, "
+    print(f"small MLP, batch {SMALL['batch']}: plain {med(plain_t) * 1000:.2f} ms/step, minimal LightningModule {med(floor_t) * 1000:.2f} ms/step "
+          f"(manual optimisation {med(manual_t) * 1000:.2f}), zoo fit {med(zoo_t) * 1000:.2f} ms/step; test split (batches of {SMALL['eval_batch']}, fastest): plain {min(plain_e):.4f} s, "
           f"zoo {min(zoo_e):.4f} s")
-    return med(zoo_t) / med(plain_t), min(zoo_e) / min(plain_e), med(floor_t) / med(plain_t)
+    return {"train": med(zoo_t) / med(plain_t), "eval": min(zoo_e) / min(plain_e), "floor": med(floor_t) / med(plain_t),
+            "manual_floor": med(manual_t) / med(plain_t), "zoo_over_floor": med(zoo_t) / med(floor_t)}
 
 
 def main() -> None:
@@ -252,11 +275,14 @@ def main() -> None:
     ratio = statistics.median(light) / statistics.median(plain)
     print(f"plain PyTorch: {statistics.median(plain) / STEPS * 1000:.1f} ms/step   Lightning + zoo.Classifier: {statistics.median(light) / STEPS * 1000:.1f} ms/step")
     print(f"Lightning / plain: {ratio:.3f}x (goal <= 1.05)")
-    small_train, small_eval, floor = small_case(args.data_dir)
-    print(f"small model, zoo / plain: training {small_train:.3f}x (goal <= 1.25; a minimal LightningModule: {floor:.3f}x), "
-          f"evaluation {small_eval:.3f}x (goal <= 1.5)" + ("   [--smoke: not a measurement]" if args.smoke else ""))
-    print(json.dumps({"lightning_vs_plain_torch": round(ratio, 4), "small_model_vs_plain_torch": round(small_train, 4),
-                      "small_eval_vs_plain_torch": round(small_eval, 4), "lightning_floor_vs_plain": round(floor, 4), "smoke": args.smoke}))
+    small = small_case(args.data_dir)
+    print(f"small model, zoo / plain: training {small['train']:.3f}x (goal <= 1.25; a minimal LightningModule: {small['floor']:.3f}x, "
+          f"with manual optimisation {small['manual_floor']:.3f}x; the zoo over the minimal module {small['zoo_over_floor']:.3f}x), "
+          f"evaluation {small['eval']:.3f}x (goal <= 1.5)" + ("   [--smoke: not a measurement]" if args.smoke else ""))
+    print(json.dumps({"lightning_vs_plain_torch": round(ratio, 4), "small_model_vs_plain_torch": round(small["train"], 4),
+                      "small_eval_vs_plain_torch": round(small["eval"], 4), "lightning_floor_vs_plain": round(small["floor"], 4),
+                      "lightning_manual_floor_vs_plain": round(small["manual_floor"], 4),
+                      "small_model_vs_lightning_floor": round(small["zoo_over_floor"], 4), "smoke": args.smoke}))
 
 
 if __name__ == "__main__":
