@@ -29,15 +29,19 @@ first, the output projection last. GPT-2's are ``Conv1D``: weights stored transp
 submodules of the block; ``output`` also holds the dropout, the residual and the LayerNorm after ``output.dense``,
 so the FFN as *one* module (:func:`ffns`, what EMoE converts) is the whole block there.
 
-A new family is one :class:`Family` entry in :data:`FAMILIES`. SN-Net also reads ``stem``, ``tail``, ``layout`` and
-``stage_entry`` (how to run an anchor piece by piece); families without a ``layout`` cannot be stitched.
+A new family is one :class:`Family` entry in :data:`FAMILIES`. Every family's ``tail`` (what runs between the last
+block and the pooling) gives :func:`features` the backbone's pooled features from its last block's output (SubTuning's
+split forward pass, SN-Net's stitches). SN-Net also reads ``stem``, ``layout`` and ``stage_entry`` (how to run an anchor
+piece by piece); families without a ``layout`` cannot be stitched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -53,7 +57,7 @@ class Family:
     ffn_layers: tuple[str, ...] = ()  # the FFN's dense layers (relative to a block), input projection(s) first, output last
     ffn_transposed: bool = False  # those layers are HF Conv1D: weights stored transposed (in x out)
     stem: tuple[str, ...] = ()  # attributes of the root called in turn on the input to get block 0's input (SN-Net)
-    tail: tuple[str, ...] = ()  # attributes called on the last block's output before the root's ``forward_head`` (SN-Net)
+    tail: tuple[str, ...] = ()  # attributes of the root called in turn on the last block's output before the pooling
     layout: str = ""  # the features between blocks: "NLC" (tokens), "NCHW" or "NHWC"; "" unknown
     stage_entry: str = ""  # submodule of a stage run before its first block (Swin's ``downsample``)
 
@@ -98,12 +102,13 @@ FAMILIES: tuple[Family, ...] = (
            lambda r: [(f"layers.{s}.blocks.{j}", f"layers.{s}") for s, stage in enumerate(r.layers) for j in range(len(stage.blocks))],
            ("attn",), ("mlp",), ("mlp.fc1", "mlp.fc2"), stem=("patch_embed",), tail=("norm",), layout="NHWC", stage_entry="downsample"),
     Family("efficientnet", _timm("timm.models.efficientnet.EfficientNet"),
-           lambda r: [(f"blocks.{i}.{j}", f"blocks.{i}") for i, stage in enumerate(r.blocks) for j in range(len(stage))]),
+           lambda r: [(f"blocks.{i}.{j}", f"blocks.{i}") for i, stage in enumerate(r.blocks) for j in range(len(stage))],
+           tail=("conv_head", "bn2")),
     Family("bert", _has("encoder.layer"), _indexed("encoder.layer"), ("attention",), ("intermediate", "output"),
            ("intermediate.dense", "output.dense")),
     Family("llama", lambda r, hf: _has("layers")(r, hf) and hasattr(r, "norm"), _indexed("layers"), ("self_attn",), ("mlp",),
-           ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
-    Family("gpt2", _has("h"), _indexed("h"), ("attn",), ("mlp",), ("mlp.c_fc", "mlp.c_proj"), ffn_transposed=True),
+           ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), tail=("norm",)),
+    Family("gpt2", _has("h"), _indexed("h"), ("attn",), ("mlp",), ("mlp.c_fc", "mlp.c_proj"), ffn_transposed=True, tail=("ln_f",)),
 )
 
 
@@ -133,6 +138,20 @@ def find_family(backbone: nn.Module) -> Family | None:
 def blocks(backbone: nn.Module) -> list[tuple[str, str]]:
     """``(block, stage)`` names of ``backbone``'s blocks, relative to :func:`root_of`, in forward order."""
     return family_of(backbone).blocks(root_of(backbone))
+
+
+def features(backbone: nn.Module, hidden: torch.Tensor, inputs: Any = None) -> torch.Tensor:
+    """``backbone``'s pooled features (what it returns) from its last block's output ``hidden``: the family's ``tail``,
+    then timm's ``forward_head(pre_logits=True)``, or an :class:`~zoo.backbones.HFEncoder`'s pooling over ``inputs``'
+    attention mask."""
+    from zoo.backbones import HFEncoder
+
+    root = root_of(backbone)
+    for name in family_of(backbone).tail:
+        hidden = getattr(root, name)(hidden)
+    if isinstance(backbone, HFEncoder):
+        return backbone.pool(hidden, inputs)
+    return root.forward_head(hidden, pre_logits=True)
 
 
 def by_name(name: str) -> Family:

@@ -1,5 +1,6 @@
 """zoo.families: every family of the registry, built tiny, has its blocks / attention / FFN where the registry says,
-and the techniques that read the registry (SubTuning, EMoE, SN-Net, the pruning report's roles) agree with it."""
+and the techniques that read the registry (SubTuning's layers and split forward pass, EMoE, SN-Net, the pruning
+report's roles) agree with it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from zoo import families
 from zoo.backbones import build_backbone
 from zoo.emoe.convert import KIND_OF, ffn_family, find_ffns
 from zoo.snnet.layers import anchor_blocks, check_anchor
-from zoo.subtuning import candidate_layers
+from zoo.subtuning import LayerChain, candidate_layers
 
 HF = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 48, "vocab_size": 100}
 
@@ -80,8 +81,13 @@ def test_every_family_has_its_parts_where_the_registry_says_and_the_techniques_a
             assert _dense_width(dense[-1], family.ffn_transposed, "in") == ffn_width
     assert bool(family.ffn) == bool(family.ffn_layers) == (ffn_width is not None)
 
-    # SubTuning's candidate layers are the registry's blocks
+    # SubTuning's candidate layers are the registry's blocks, and its split forward pass (up to any block, then from it
+    # through the family's tail and pooling: zoo.families.features) gives what the whole model gives
     assert candidate_layers(backbone) == blocks
+    chain, whole = LayerChain(backbone), backbone(x)
+    for start in range(len(blocks) + 1):
+        h, ctx = chain.prefix(x, start)
+        assert torch.equal(chain.suffix(h, ctx, x, start), whole), start
 
     # EMoE: the FFNs it converts are the registry's, and the type-based fallback finds the same ones
     at = "model." if root is not backbone else ""

@@ -79,9 +79,7 @@ def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def finish(backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits from the features leaving the last block (final norm, pooling, head)."""
-    for name in family(backbone).tail:
-        x = getattr(backbone, name)(x)
-    return head(backbone.forward_head(x))
+    return head(families.features(backbone, x))
 
 
 def channels_last(x: torch.Tensor, layout: str) -> torch.Tensor:

@@ -85,19 +85,8 @@ class LayerChain:
         return h
 
     def tail(self, h: torch.Tensor, x: Any) -> torch.Tensor:
-        """From the last block's output to the pooled features."""
-        root = self.root
-        if self.family == "vit":
-            return root.forward_head(root.norm(h), pre_logits=True)
-        if self.family == "resnet":
-            return root.forward_head(h, pre_logits=True)
-        if self.family == "efficientnet":
-            return root.forward_head(root.bn2(root.conv_head(h)), pre_logits=True)
-        if self.family == "llama":
-            h = root.norm(h)
-        elif self.family == "gpt2":
-            h = root.ln_f(h)
-        return self.backbone.pool(h, x)
+        """From the last block's output to the pooled features (:func:`zoo.families.features`)."""
+        return families.features(self.backbone, h, x)
 
     def suffix(self, h: torch.Tensor, ctx: tuple[tuple, dict], x: Any, start: int, layers: Sequence[nn.Module] | None = None) -> torch.Tensor:
         return self.tail(self.run(h, ctx, start, len(self), layers), x)
