@@ -41,6 +41,7 @@ from callbacks.run_dir import RemoveFailedRunDir
 from callbacks.summary import ModelSummary
 from datamodules.base import ClassificationDataModule
 from zoo import runtime, sharding
+from zoo.adapters import checkpoint as adapter_checkpoints
 from zoo.classifier import Classifier
 
 
@@ -90,6 +91,7 @@ class ZooCLI(LightningCLI):
         extra.append(RemoveFailedRunDir())
         trainer = super().instantiate_trainer(callbacks=extra, **kwargs)
         runtime.configure_threads(processes_per_node=trainer.num_devices)
+        adapter_checkpoints.check_sharded_resume(self._section("ckpt_path"), trainer.strategy)
         return trainer
 
     def parse_arguments(self, parser, args) -> None:

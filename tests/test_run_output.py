@@ -3,6 +3,7 @@ thread defaults, no stray folders or warnings (issue 14)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -141,12 +142,32 @@ def test_thread_defaults_share_the_idle_cores(monkeypatch):
         runtime.configure_threads()
 
 
+def test_library_notes_nobody_can_act_on_are_dropped_and_other_records_kept():
+    """torchao's Enum registrations (torch's _pytree logger) and bitsandbytes' optional CPU kernel (logged when peft
+    imports it, on CPUs with AVX512-BF16): the messages as those libraries log them."""
+    runtime.quiet()
+    notes = {"torch.utils._pytree": ("%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type.",
+                                     ("<enum 'KernelPreference'>",)),
+             "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", ("No module named 'kernels'",))}
+    for name, (message, args) in notes.items():
+        logger, seen = logging.getLogger(name), []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: seen.append(record.getMessage())  # (torch's loggers do not propagate to pytest's)
+        logger.addHandler(handler)
+        try:
+            logger.warning(message, *args)
+            logger.warning("something else from %s", name)
+        finally:
+            logger.removeHandler(handler)
+        assert seen == [f"something else from {name}"], name
+
+
 def test_a_clean_first_run_prints_no_noise_and_failed_runs_leave_no_folder(tmp_path):
     conf = write(tmp_path / "c.yaml", {"trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1}, "model": MODEL, "data": DATA})
     proc = zoo(["fit", "--config", conf, *QUIET], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
-    for noise in ("LeafSpec", "litlogger", "litmodels", "Total FLOPs", "module(s) in eval mode"):
+    for noise in ("LeafSpec", "litlogger", "litmodels", "Total FLOPs", "module(s) in eval mode", "transfer_batch_to_device"):
         assert noise not in text, noise
     assert "| Params" in text and "trainable" in text  # the model summary is still there
     assert sorted(p.name for p in (tmp_path / "runs" / "lightning_logs").iterdir()) == ["version_0"]

@@ -5,7 +5,9 @@
   gives each process its share: ``cores // processes_per_node``, less the cores other programs keep busy
   (the 1-minute load average), at least 1. ``OMP_NUM_THREADS`` or ``ZOO_NUM_THREADS`` set by the user win.
 - **Warnings.** :func:`quiet` hides the ones a zoo user cannot act on (Lightning's litlogger/litmodels tips,
-  its ``_pytree`` deprecation, "module(s) in eval mode" for frozen teachers and BatchNorm).
+  its ``_pytree`` deprecation, "module(s) in eval mode" for frozen teachers and BatchNorm, its note that the module's
+  own ``transfer_batch_to_device`` is used (the zoo's, on purpose), torch's notes on torchao registering Enums,
+  bitsandbytes' missing optional 4-bit CPU kernel when peft imports it).
 - **Errors.** :func:`short_error` finds the zoo's own message inside jsonargparse's and Lightning's wrapping,
   so the command prints it alone; ``ZOO_TRACEBACK=1`` shows the full traceback instead.
 """
@@ -58,6 +60,22 @@ def configure_threads(processes_per_node: int = 1) -> int:
     return threads
 
 
+# logger -> the start of a message it logs that a zoo user cannot act on (a library's note to other libraries)
+LIBRARY_NOTES = {
+    "torch.utils._pytree": "%s is an Enum subclass and is now natively supported",  # torchao's register_constant calls
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",  # an optional kernel package, at peft's import
+}
+
+
+class _DropNote(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
@@ -69,10 +87,15 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed")
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):  # once, however often the CLI is built
             logger.addFilter(_DropTips())
+    for name, start in LIBRARY_NOTES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNote) for f in logger.filters):
+            logger.addFilter(_DropNote(start))
 
 
 def _own_frame(exc: BaseException) -> bool:
