@@ -40,8 +40,7 @@ from callbacks.checkpoint import Checkpoint
 from callbacks.run_dir import RemoveFailedRunDir
 from callbacks.summary import ModelSummary
 from datamodules.base import ClassificationDataModule
-from zoo import runtime, sharding
-from zoo.adapters import checkpoint as adapter_checkpoints
+from zoo import reshard, runtime, sharding
 from zoo.classifier import Classifier
 
 
@@ -91,7 +90,7 @@ class ZooCLI(LightningCLI):
         extra.append(RemoveFailedRunDir())
         trainer = super().instantiate_trainer(callbacks=extra, **kwargs)
         runtime.configure_threads(processes_per_node=trainer.num_devices)
-        adapter_checkpoints.check_sharded_resume(self._section("ckpt_path"), trainer.strategy)
+        reshard.check_checkpoint(self._section("ckpt_path"), trainer.strategy, fitting=self.subcommand == "fit")
         return trainer
 
     def parse_arguments(self, parser, args) -> None:

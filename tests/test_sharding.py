@@ -270,3 +270,30 @@ def test_lora_adapters_train_shard_and_load_on_one_process(runs):
 
 if __name__ == "__main__":
     run_plan(sys.argv[1], keep_going=True)  # a failed case is recorded and the next one tried
+
+
+def test_a_sharded_folder_converts_to_a_plain_file_and_back(runs, tmp_path):
+    """``zoo.reshard`` on the classifier case's step-2 folder (written by ModelParallelStrategy): the plain file holds
+    the folder's weights and its optimizer states by position, which the module's own optimizer loads; converted back,
+    the optimizer states are the folder's, name for name (tests/zoo/test_reshard.py checks the other direction against
+    torch's full optimizer state dict)."""
+    from tests.zoo.test_reshard import same
+    from zoo import load_zoo_module, reshard
+    from zoo.runtime import load_checkpoint
+
+    assert runs["codes"] == [0, 0], runs["logs"]
+    folder = runs["root"] / "classifier" / "ckpt" / f"step={EVERY}.ckpt"
+    saved = load_checkpoint(folder, optimizers=True)
+    assert folder.is_dir() and reshard.optimizer_layout(saved) == "sharded" and saved["optimizer_states"][0]["state"]
+    reshard.convert(folder, tmp_path / "plain.ckpt", "plain")
+    plain = torch.load(tmp_path / "plain.ckpt", weights_only=False)
+    assert reshard.optimizer_layout(plain) == "plain" and same(plain["state_dict"], saved["state_dict"])
+    module = load_zoo_module(tmp_path / "plain.ckpt")
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    optimizer.load_state_dict(plain["optimizer_states"][0])
+    params = dict(module.named_parameters())
+    for name, state in saved["optimizer_states"][0]["state"].items():
+        assert all(torch.equal(optimizer.state[params[name]][k], v) for k, v in state.items() if k != "step"), name
+    reshard.convert(tmp_path / "plain.ckpt", tmp_path / "sharded.ckpt", "sharded")
+    assert same(torch.load(tmp_path / "sharded.ckpt", weights_only=False)["optimizer_states"], saved["optimizer_states"])

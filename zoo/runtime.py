@@ -148,10 +148,12 @@ def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / "meta.pt").is_file() and (path / ".metadata").is_file()
 
 
-def load_distributed_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint") -> dict:
+def load_distributed_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint",
+                                optimizers: bool = False) -> dict:
     """A sharded run's checkpoint folder as one checkpoint dict, on one process without a process group: Lightning's
-    ``meta.pt`` with ``state_dict`` (whole tensors, the LightningModule's keys) read from the shards. The optimizer
-    states stay in the folder (their sharded layout resumes only under the strategy: ``--ckpt_path <folder>``)."""
+    ``meta.pt`` with ``state_dict`` (whole tensors, the LightningModule's keys) read from the shards; with
+    ``optimizers`` also ``optimizer_states`` (whole tensors, keyed by parameter name, as a consolidated file holds
+    them; :mod:`zoo.reshard`). Otherwise they stay in the folder (resumed by the strategy: ``--ckpt_path <folder>``)."""
     import torch
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
@@ -162,15 +164,20 @@ def load_distributed_checkpoint(path: str | os.PathLike, map_location: Any = "cp
         checkpoint = torch.load(path / "meta.pt", map_location=map_location, weights_only=False)
         loaded: dict = {}
         # as torch.distributed.checkpoint.format_utils.dcp_to_torch_save (this process only), the weights only
-        _load_state_dict(loaded, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
+        keys = None if optimizers else {"state_dict"}
+        _load_state_dict(loaded, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
     except Exception as exc:
         raise ValueError(f"{what} {str(path)!r} is a distributed checkpoint folder that cannot be read "
                          f"({type(exc).__name__}: {exc})") from exc
     checkpoint["state_dict"] = {k: v.to(map_location) if map_location is not None else v for k, v in loaded["state_dict"].items()}
+    if optimizers:
+        count = sum(1 for k in loaded if k.startswith("optimizer_"))
+        checkpoint["optimizer_states"] = [loaded[f"optimizer_{i}"] for i in range(count)]
     return checkpoint
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint", mmap: bool = False) -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint", mmap: bool = False,
+                    optimizers: bool = False) -> dict:
     """``torch.load`` of a checkpoint file with a clear message for a missing, empty or truncated file
     (``mmap``: tensors are read only when used, for callers that need a few entries). A sharded run's
     distributed-checkpoint folder loads too (:func:`load_distributed_checkpoint`)."""
@@ -180,7 +187,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", what: st
     import torch
 
     if is_distributed_checkpoint(path):
-        return load_distributed_checkpoint(path, map_location, what)
+        return load_distributed_checkpoint(path, map_location, what, optimizers)
     path = check_checkpoint_file(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)

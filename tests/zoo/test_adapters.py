@@ -3,19 +3,14 @@ trained-only checkpoints rebuilt by load_zoo_module, bad inputs."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 
-import cli
 from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
 from zoo.adapters import KeysValues, LoRA, lora_layers, select
-from zoo.adapters.checkpoint import check_sharded_resume, holds_trained_only, whole_checkpoint
 from zoo.backbones import build_backbone, load_zoo_module
 from zoo.batch import Batch, collate
 from zoo.classifier import Classifier
@@ -172,55 +167,6 @@ def test_checkpoint_holds_only_what_trained_and_reloads(tmp_path, surgery):
     Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0).fit(module, DataLoader([Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(0))] * 8, batch_size=8,
                                                         collate_fn=collate), ckpt_path=tmp_path / "adapted.ckpt")  # resume: strict load
-
-
-def _same(a, b) -> bool:
-    """Nested containers equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def test_trained_only_checkpoint_is_refused_sharded_before_training_and_written_whole(tmp_path):
-    """A trained-only file cannot resume under a sharding strategy (Lightning's sharded single-file loader needs every
-    parameter): refused up front, naming the file and the command; ``whole_checkpoint`` writes the whole state."""
-    base = _classifier()
-    _fit_and_save(base, tmp_path / "base.ckpt", steps=1)
-    module = Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[LoRA(parts=["attention", "ffn"], r=2)])
-    _fit_and_save(module, tmp_path / "adapted.ckpt")
-    sharded = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    with pytest.raises(ValueError, match=r"adapted\.ckpt' holds only the trained parameters.*ModelParallelStrategy.*"
-                                         r"python -m zoo\.adapters\.checkpoint \S+adapted\.ckpt \S+adapted_whole\.ckpt"):
-        check_sharded_resume(tmp_path / "adapted.ckpt", sharded)
-    check_sharded_resume(tmp_path / "adapted.ckpt", DDPStrategy())  # whole-parameter strategies load it (the hooks fill the base)
-
-    whole_checkpoint(tmp_path / "adapted.ckpt", tmp_path / "whole.ckpt")
-    check_sharded_resume(tmp_path / "whole.ckpt", sharded)
-    saved = torch.load(tmp_path / "whole.ckpt", weights_only=True)
-    before = torch.load(tmp_path / "adapted.ckpt", weights_only=True)
-    assert not holds_trained_only(saved["state_dict"])
-    params = dict(module.named_parameters())
-    assert set(saved["state_dict"]) >= set(params) and all(torch.equal(saved["state_dict"][n], p) for n, p in params.items())
-    assert _same(saved["optimizer_states"], before["optimizer_states"]) and saved["optimizer_states"][0]["state"]  # copied as saved
-    assert _same(saved["loops"], before["loops"]) and saved["global_step"] == before["global_step"] == 2
-    x = torch.randn(5, 1, 8, 8)
-    assert torch.equal(load_zoo_module(tmp_path / "whole.ckpt").eval()(x), module.eval()(x))  # strict: every key there
-    with pytest.raises(ValueError, match="already holds the whole state"):
-        whole_checkpoint(tmp_path / "whole.ckpt", tmp_path / "again.ckpt")
-
-    # the zoo command refuses it when the trainer is built, before any process starts
-    model = {"class_path": "zoo.Classifier", "init_args": {"model": str(tmp_path / "base.ckpt"), "surgery": [
-        {"class_path": "zoo.adapters.LoRA", "init_args": {"parts": ["attention", "ffn"], "r": 2}}]}}
-    args = ["fit", f"--model={json.dumps(model)}", "--data=datamodules.Digits", "--trainer.accelerator=cpu", "--trainer.devices=2",
-            "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy", "--trainer.strategy.init_args.data_parallel_size=2",
-            "--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.logger=false",
-            f"--ckpt_path={tmp_path / 'adapted.ckpt'}"]
-    with pytest.raises(ValueError, match=r"adapted\.ckpt' holds only the trained parameters"):
-        cli.main(args)
 
 
 def test_checkpoint_of_an_unrebuildable_base_fails_loading(tmp_path):

@@ -20,25 +20,20 @@ Sharded (FSDP2, :mod:`zoo.sharding`) the checkpoint holds the whole state, as ``
 distributed state dict (``get_model_state_dict``) maps every key to a module attribute, so it cannot carry the
 fingerprint entry, and Lightning's single-file sharded loader requires every parameter. Each rank still writes only
 its shards; such a checkpoint resumes sharded and loads on one process (:func:`zoo.load_zoo_module`) like any other.
-For the same reason a trained-only file (from a run without sharding) cannot resume sharded: the CLI refuses it before
-training (:func:`check_sharded_resume`), and :func:`whole_checkpoint` writes the whole state once::
-
-    python -m zoo.adapters.checkpoint runs/.../last.ckpt runs/.../last_whole.ckpt
+For the same reason a trained-only file (from a run without sharding) cannot resume sharded as it is: the CLI refuses
+it before training, and :mod:`zoo.reshard` writes it whole (:func:`fill_base`) in the sharded layout.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from zoo import runtime, sharding
+from zoo import sharding
 
 KEY = "adapters_base"  # the fingerprint entry, relative to the backbone's prefix
 MODES = ("trained", "full")
@@ -130,56 +125,11 @@ def holds_trained_only(state_dict: dict) -> bool:
     return any(k == KEY or k.endswith("." + KEY) for k in state_dict)
 
 
-def check_sharded_resume(ckpt_path: str | os.PathLike | None, strategy: Any) -> None:
-    """Refuse, before training, to resume or evaluate a trained-only checkpoint file under a sharding strategy (its
-    single-file loader needs every parameter and fails deep inside with a missing key): name the file and the way out."""
-    if not ckpt_path or not sharding.is_sharding(strategy) or runtime.is_distributed_checkpoint(ckpt_path):
-        return
-    if str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
-        return
-    saved = runtime.load_checkpoint(ckpt_path, what="--ckpt_path", mmap=True)
-    if holds_trained_only(saved.get("state_dict") or {}):
-        whole = Path(ckpt_path).with_name(Path(ckpt_path).stem + "_whole.ckpt")
-        raise ValueError(
-            f"--ckpt_path {str(ckpt_path)!r} holds only the trained parameters (an adapter surgery's `checkpoint: trained`, "
-            f"saved without sharding), and {sharding.describe(strategy)} loads a single checkpoint file only whole. Write the "
-            f"whole state once, `python -m zoo.adapters.checkpoint {ckpt_path} {whole}` (add `--seed <the run's seed_everything>` "
-            "for a base that is not pretrained), and resume from that file; or resume without sharding (one process or DDP).")
-
-
-def whole_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, seed: int | None = None) -> Path:
-    """Write the trained-only checkpoint ``src`` to ``dst`` with the whole state dict: the base parameters are rebuilt
-    from the module's hyperparameters (:func:`zoo.load_zoo_module`, after ``seed_everything(seed)`` when given: the
-    run's ``seed_everything``, for a base that is not pretrained) and checked against the saved fingerprint, as
-    loading does; everything else (optimizer, loops, callbacks, hyperparameters) is copied as saved."""
-    from lightning.pytorch import seed_everything
-
-    from zoo.backbones import load_zoo_module
-
-    ckpt = runtime.load_checkpoint(src, what="the trained-only checkpoint")
-    state = ckpt["state_dict"]
-    if not holds_trained_only(state):
-        raise ValueError(f"{str(src)!r} already holds the whole state (no {KEY!r} entry): nothing to add")
-    if seed is not None:
-        seed_everything(seed, verbose=False)
-    module = load_zoo_module(src)  # the rebuilt base, loaded as a resume would (fails on a different base)
-    for key in [k for k in state if k == KEY or k.endswith("." + KEY)]:
-        prefix = key[: -len(KEY)]
-        errors: list[str] = []
-        _fill_base(module.get_submodule(prefix.rstrip(".")), state, prefix, {}, True, [], [], errors)
+def fill_base(module: nn.Module, state_dict: dict, what: str = "checkpoint") -> None:
+    """Make a trained-only ``state_dict`` of ``module`` whole, in place: each fingerprint entry checked against
+    ``module``'s own base (rebuilt from its hyperparameters) and replaced by its base tensors, as loading does."""
+    for key in [k for k in state_dict if k == KEY or k.endswith("." + KEY)]:
+        prefix, errors = key[: -len(KEY)], []
+        _fill_base(module.get_submodule(prefix.rstrip(".")), state_dict, prefix, {}, True, [], [], errors)
         if errors:
-            raise ValueError(f"{src}: {errors[0]}")
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, dst)
-    return dst
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write a trained-only adapter checkpoint with the whole state dict "
-                                                 "(the base rebuilt from the module's hyperparameters), e.g. to resume it sharded.")
-    parser.add_argument("src", help="the trained-only checkpoint (.ckpt)")
-    parser.add_argument("dst", help="where to write the whole checkpoint")
-    parser.add_argument("--seed", type=int, default=None, help="the run's seed_everything (a base that is not pretrained is rebuilt with it)")
-    args = parser.parse_args()
-    print(whole_checkpoint(args.src, args.dst, args.seed))
+            raise ValueError(f"{what}: {errors[0]}")

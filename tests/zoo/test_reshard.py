@@ -1,0 +1,134 @@
+"""zoo.reshard: a checkpoint moves between the unsharded and the sharded layout (optimizer states by position / by
+name, trained-only adapter states made whole), checked against torch's own full optimizer state dict; the CLI's
+check refuses a checkpoint the strategy cannot read, before training. The sharded side (a real ModelParallelStrategy
+folder converted and converted back) is in tests/test_sharding.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from torch.utils.data import DataLoader
+
+from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
+from zoo import reshard
+from zoo.adapters import LoRA
+from zoo.adapters.checkpoint import holds_trained_only
+from zoo.backbones import load_zoo_module
+from zoo.batch import Batch, collate
+from zoo.classifier import Classifier
+
+
+def same(a, b) -> bool:
+    """Nested containers equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def fit(module, path, steps=3):
+    torch.manual_seed(0)
+    data = [Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % 4)) for i in range(32)]
+    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", devices=1, limit_val_batches=0)
+    trainer.fit(module, DataLoader(data, batch_size=8, collate_fn=collate))
+    trainer.save_checkpoint(path)
+    return trainer
+
+
+def classifier(**kw):
+    torch.manual_seed(0)
+    return Classifier(model=TINY_VIT, num_classes=4, model_kwargs={**TINY_VIT_KWARGS, "depth": 3}, **kw)
+
+
+def test_plain_to_sharded_is_torchs_full_optimizer_state_and_back_is_the_original(tmp_path):
+    module = classifier()
+    trainer = fit(module, tmp_path / "plain.ckpt")
+    reference = get_optimizer_state_dict(module, trainer.optimizers[0], options=StateDictOptions(full_state_dict=True))
+    plain = torch.load(tmp_path / "plain.ckpt", weights_only=False)
+    assert reshard.optimizer_layout(plain) == "plain" and len(plain["optimizer_states"][0]["state"]) > 10
+
+    reshard.convert(tmp_path / "plain.ckpt", tmp_path / "sharded.ckpt", "sharded")
+    sharded = torch.load(tmp_path / "sharded.ckpt", weights_only=False)
+    assert reshard.optimizer_layout(sharded) == "sharded"
+    assert same(sharded["optimizer_states"][0], reference)  # what a sharded run saves in a consolidated file
+    assert same(sharded["state_dict"], plain["state_dict"]) and same(sharded["loops"], plain["loops"])
+
+    reshard.convert(tmp_path / "sharded.ckpt", tmp_path / "back.ckpt", "plain")
+    assert same(torch.load(tmp_path / "back.ckpt", weights_only=False)["optimizer_states"], plain["optimizer_states"])
+
+
+def test_trained_only_adapter_state_is_made_whole_and_a_different_base_is_refused(tmp_path):
+    base = classifier()
+    fit(base, tmp_path / "base.ckpt", steps=1)
+    module = Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[LoRA(parts=["attention", "ffn"], r=2)])
+    fit(module, tmp_path / "adapted.ckpt")
+    assert holds_trained_only(torch.load(tmp_path / "adapted.ckpt", weights_only=False)["state_dict"])
+    reshard.convert(tmp_path / "adapted.ckpt", tmp_path / "sharded.ckpt", "sharded")
+    state = torch.load(tmp_path / "sharded.ckpt", weights_only=False)["state_dict"]
+    params = dict(module.named_parameters())
+    assert not holds_trained_only(state) and all(torch.equal(state[n], p) for n, p in params.items())
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(load_zoo_module(tmp_path / "sharded.ckpt").eval()(x), module.eval()(x))  # strict: every key there
+
+    with torch.no_grad():  # the base changes after the adapter run: its fingerprint no longer matches
+        checkpoint = torch.load(tmp_path / "base.ckpt", weights_only=False)
+        next(iter(v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone."))).add_(1.0)
+        torch.save(checkpoint, tmp_path / "base.ckpt")
+    with pytest.raises(ValueError, match="adapted.ckpt: the adapter run's base, rebuilt from the module's hyperparameters, differs"):
+        reshard.convert(tmp_path / "adapted.ckpt", tmp_path / "again.ckpt", "sharded")
+
+
+def test_the_cli_check_refuses_what_the_strategy_cannot_read_naming_the_command(tmp_path):
+    module = classifier(surgery=[LoRA(parts=["ffn"], r=2)])
+    fit(module, tmp_path / "adapted.ckpt")
+    fit(classifier(), tmp_path / "plain.ckpt")
+    folder = tmp_path / "sharded_run.ckpt"
+    folder.mkdir()
+    (folder / "meta.pt").write_bytes(b"")
+    (folder / ".metadata").write_bytes(b"")
+    sharded, ddp = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), DDPStrategy()
+
+    def refused(path, strategy, fitting, to):
+        with pytest.raises(ValueError, match=rf"--ckpt_path '{path}'.*python -m zoo\.reshard {path} \S+_{to}\.ckpt --to {to}"):
+            reshard.check_checkpoint(str(path), strategy, fitting)
+
+    refused(tmp_path / "plain.ckpt", sharded, True, "sharded")  # optimizer states by position
+    reshard.check_checkpoint(str(tmp_path / "plain.ckpt"), sharded, False)  # evaluation reads the weights only
+    refused(tmp_path / "adapted.ckpt", sharded, False, "sharded")  # the base is missing
+    refused(folder, ddp, True, "plain")
+    refused(folder, SingleDeviceStrategy("cpu"), False, "plain")  # `zoo test` on one device
+    reshard.check_checkpoint(str(folder), sharded, True)
+    reshard.check_checkpoint(str(tmp_path / "plain.ckpt"), ddp, True)
+    reshard.check_checkpoint(str(tmp_path / "adapted.ckpt"), ddp, True)
+    reshard.convert(tmp_path / "plain.ckpt", tmp_path / "converted.ckpt", "sharded")
+    reshard.check_checkpoint(str(tmp_path / "converted.ckpt"), sharded, True)
+    reshard.check_checkpoint(str(tmp_path / "converted.ckpt"), ddp, True)  # torch matches name-keyed states by order
+    for name in ("last", "best", None):
+        reshard.check_checkpoint(name, sharded, True)
+    with pytest.raises(ValueError, match=r"to='whole': expected one of \('sharded', 'plain'\)"):
+        reshard.convert(tmp_path / "plain.ckpt", tmp_path / "x.ckpt", "whole")
+
+
+def test_the_zoo_command_refuses_it_when_the_trainer_is_built(tmp_path):
+    """Before any process starts: a trained-only adapter file with ModelParallelStrategy on 2 CPU processes."""
+    import json
+
+    import cli
+
+    base = classifier()
+    fit(base, tmp_path / "base.ckpt", steps=1)
+    fit(Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[LoRA(parts=["ffn"], r=2)]), tmp_path / "adapted.ckpt")
+    model = {"class_path": "zoo.Classifier", "init_args": {"model": str(tmp_path / "base.ckpt"), "surgery": [
+        {"class_path": "zoo.adapters.LoRA", "init_args": {"parts": ["ffn"], "r": 2}}]}}
+    args = ["fit", f"--model={json.dumps(model)}", "--data=datamodules.Digits", "--trainer.accelerator=cpu", "--trainer.devices=2",
+            "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy", "--trainer.strategy.init_args.data_parallel_size=2",
+            "--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.logger=false", f"--ckpt_path={tmp_path / 'adapted.ckpt'}"]
+    with pytest.raises(ValueError, match=r"adapted\.ckpt' holds only the trained parameters of an adapter run.*--to sharded"):
+        cli.main(args)
