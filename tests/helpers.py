@@ -67,6 +67,22 @@ def tiny_base_checkpoint(path: Path, num_classes: int = 4):
     return data, kw
 
 
+def fit_and_save(module, path: Path, steps: int = 2):
+    """Train ``module`` ``steps`` steps on one CPU over 16 random 8x8 images of 4 classes (batches of 8), save the
+    checkpoint at ``path``; the Trainer."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from zoo.batch import Batch, collate
+
+    data = [Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % 4)) for i in range(16)]
+    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", devices=1, limit_val_batches=0)
+    trainer.fit(module, DataLoader(data, batch_size=8, collate_fn=collate))
+    trainer.save_checkpoint(path)
+    return trainer
+
+
 # A pair of ranks started as ``torchrun`` would (gloo, one thread each), running a plan of CLI runs in turn: one
 # process start-up for many runs. ``plan``: ``[{"cwd": <dir>, "runs": [[cli args], ...]}, ...]``; each rank writes
 # ``<cwd>/status{rank}.txt`` ("ok" or the traceback). Used by tests/test_ddp_configs.py and tests/test_sharding.py.

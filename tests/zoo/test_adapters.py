@@ -9,7 +9,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
+from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, fit_and_save
 from zoo.adapters import KeysValues, LoRA, lora_layers, select
 from zoo.backbones import build_backbone, load_zoo_module
 from zoo.batch import Batch, collate
@@ -140,22 +140,13 @@ def test_keys_values_on_llama_and_bert():
         f"model.encoder.layer.{i}.output.dense.{w}" for i in range(2) for w in ("bias", "weight")]
 
 
-def _fit_and_save(module, path, steps=2):
-    data = [Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % 4)) for i in range(16)]
-    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      accelerator="cpu", devices=1, limit_val_batches=0)
-    trainer.fit(module, DataLoader(data, batch_size=8, collate_fn=collate))
-    trainer.save_checkpoint(path)
-    return trainer
-
-
 @pytest.mark.parametrize("surgery", [LoRA(parts=["attention", "ffn"], r=2, dora=True), KeysValues(part="values", blocks=[1])],
                          ids=["dora", "values"])
 def test_checkpoint_holds_only_what_trained_and_reloads(tmp_path, surgery):
     base = _classifier()  # the "pretrained" base: a saved zoo module, rebuilt from its path
-    _fit_and_save(base, tmp_path / "base.ckpt", steps=1)
+    fit_and_save(base, tmp_path / "base.ckpt", steps=1)
     module = Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[surgery])
-    _fit_and_save(module, tmp_path / "adapted.ckpt")
+    fit_and_save(module, tmp_path / "adapted.ckpt")
     saved = torch.load(tmp_path / "adapted.ckpt", weights_only=True)["state_dict"]
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad and "lora_" not in n]
     assert frozen and not any(n in saved for n in frozen)

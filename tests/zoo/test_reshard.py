@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-from torch.utils.data import DataLoader
 
-from tests.helpers import TINY_VIT, TINY_VIT_KWARGS
+from tests.helpers import TINY_VIT, TINY_VIT_KWARGS, fit_and_save
 from zoo import reshard
 from zoo.adapters import LoRA
 from zoo.adapters.checkpoint import holds_trained_only
 from zoo.backbones import load_zoo_module
-from zoo.batch import Batch, collate
 from zoo.classifier import Classifier
 
 
@@ -32,16 +29,6 @@ def same(a, b) -> bool:
     return a == b
 
 
-def fit(module, path, steps=3):
-    torch.manual_seed(0)
-    data = [Batch(inputs=torch.randn(1, 8, 8), targets=torch.tensor(i % 4)) for i in range(32)]
-    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      accelerator="cpu", devices=1, limit_val_batches=0)
-    trainer.fit(module, DataLoader(data, batch_size=8, collate_fn=collate))
-    trainer.save_checkpoint(path)
-    return trainer
-
-
 def classifier(**kw):
     torch.manual_seed(0)
     return Classifier(model=TINY_VIT, num_classes=4, model_kwargs={**TINY_VIT_KWARGS, "depth": 3}, **kw)
@@ -49,7 +36,7 @@ def classifier(**kw):
 
 def test_plain_to_sharded_is_torchs_full_optimizer_state_and_back_is_the_original(tmp_path):
     module = classifier()
-    trainer = fit(module, tmp_path / "plain.ckpt")
+    trainer = fit_and_save(module, tmp_path / "plain.ckpt")
     reference = get_optimizer_state_dict(module, trainer.optimizers[0], options=StateDictOptions(full_state_dict=True))
     plain = torch.load(tmp_path / "plain.ckpt", weights_only=False)
     assert reshard.optimizer_layout(plain) == "plain" and len(plain["optimizer_states"][0]["state"]) > 10
@@ -66,9 +53,9 @@ def test_plain_to_sharded_is_torchs_full_optimizer_state_and_back_is_the_origina
 
 def test_trained_only_adapter_state_is_made_whole_and_a_different_base_is_refused(tmp_path):
     base = classifier()
-    fit(base, tmp_path / "base.ckpt", steps=1)
+    fit_and_save(base, tmp_path / "base.ckpt", steps=1)
     module = Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[LoRA(parts=["attention", "ffn"], r=2)])
-    fit(module, tmp_path / "adapted.ckpt")
+    fit_and_save(module, tmp_path / "adapted.ckpt")
     assert holds_trained_only(torch.load(tmp_path / "adapted.ckpt", weights_only=False)["state_dict"])
     reshard.convert(tmp_path / "adapted.ckpt", tmp_path / "sharded.ckpt", "sharded")
     state = torch.load(tmp_path / "sharded.ckpt", weights_only=False)["state_dict"]
@@ -87,8 +74,8 @@ def test_trained_only_adapter_state_is_made_whole_and_a_different_base_is_refuse
 
 def test_the_cli_check_refuses_what_the_strategy_cannot_read_naming_the_command(tmp_path):
     module = classifier(surgery=[LoRA(parts=["ffn"], r=2)])
-    fit(module, tmp_path / "adapted.ckpt")
-    fit(classifier(), tmp_path / "plain.ckpt")
+    fit_and_save(module, tmp_path / "adapted.ckpt")
+    fit_and_save(classifier(), tmp_path / "plain.ckpt")
     folder = tmp_path / "sharded_run.ckpt"
     folder.mkdir()
     (folder / "meta.pt").write_bytes(b"")
@@ -123,8 +110,8 @@ def test_the_zoo_command_refuses_it_when_the_trainer_is_built(tmp_path):
     import cli
 
     base = classifier()
-    fit(base, tmp_path / "base.ckpt", steps=1)
-    fit(Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[LoRA(parts=["ffn"], r=2)]), tmp_path / "adapted.ckpt")
+    fit_and_save(base, tmp_path / "base.ckpt", steps=1)
+    fit_and_save(Classifier(model=str(tmp_path / "base.ckpt"), num_classes=4, surgery=[LoRA(parts=["ffn"], r=2)]), tmp_path / "adapted.ckpt")
     model = {"class_path": "zoo.Classifier", "init_args": {"model": str(tmp_path / "base.ckpt"), "surgery": [
         {"class_path": "zoo.adapters.LoRA", "init_args": {"parts": ["ffn"], "r": 2}}]}}
     args = ["fit", f"--model={json.dumps(model)}", "--data=datamodules.Digits", "--trainer.accelerator=cpu", "--trainer.devices=2",
