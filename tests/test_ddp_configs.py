@@ -60,10 +60,18 @@ class RankState(Callback):
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
+        self.train_loss_sums = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # before the module's: its running sums of this rank
+        total = getattr(pl_module, "epoch_sums", {}).get("train/loss")
+        self.train_loss_sums = None if total is None else (float(total[0]), total[1])
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         net = getattr(pl_module, "net", None)
+        logged = trainer.callback_metrics.get("train/loss_epoch")
         torch.save({
+            "train_loss_sums": self.train_loss_sums,  # (sum of loss x batch size, samples) of the last epoch on this rank
+            "train_loss_epoch": None if logged is None else float(logged),
             "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
             "global_step": trainer.global_step,
             "acc_matrix": getattr(pl_module, "acc_matrix", None),
@@ -178,6 +186,10 @@ def _one(run_dir: Path, pattern: str) -> Path:
 def test_quickstart(ddp_runs):
     run_dir, states = _result(ddp_runs, "quickstart.yaml")
     _assert_same_weights(states)
+    # the epoch's train/loss_epoch is the mean over both ranks' samples, the same on both (not rank 0's own mean)
+    (t0, n0), (t1, n1) = (s["train_loss_sums"] for s in states)
+    assert t0 / n0 != t1 / n1  # the ranks saw different samples
+    assert states[0]["train_loss_epoch"] == states[1]["train_loss_epoch"] == pytest.approx((t0 + t1) / (n0 + n1), rel=1e-6)
     assert {"train/loss_step", "val/acc"} <= _tags(run_dir)["scalars"]
     assert list(run_dir.rglob("*.ckpt")), "the checkpoint callback wrote nothing"
 

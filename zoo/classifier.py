@@ -36,8 +36,7 @@ from zoo import losses as L
 from zoo import sharding
 from zoo import surgery as S
 from zoo.backbones import build_backbone
-from zoo.batch import FIELDS as BATCH_FIELDS
-from zoo.batch import Batch, as_batch
+from zoo.batch import Batch, as_batch, to_device
 from zoo.metrics import accuracy_metrics
 
 
@@ -84,7 +83,7 @@ class Classifier(LightningModule):
             off: at the trainer's ``log_every_n_steps`` only (the steps the logger writes anyway). Either way the
             epoch values (``train/loss_epoch``, ``train/<term>``, ``train/acc``, ``val/*``, ``test/*``) are
             accumulated on the device without a host sync and logged once at epoch end, the same values as
-            per-step ``self.log`` (issue 17, cheap logging). A callback's own ``on_*_epoch_end`` runs before the
+            per-step ``self.log`` (issue 17, cheap logging), over every rank's samples. A callback's own ``on_*_epoch_end`` runs before the
             module's, so it sees them from the next hook on (ModelCheckpoint, EarlyStopping run after the module).
 
     Subclass it to make a new method: override :meth:`batch_logits` (how a batch becomes logits),
@@ -287,17 +286,26 @@ class Classifier(LightningModule):
         total[0] = total[0] + value * batch_size
         total[1] += batch_size
 
+    def epoch_mean(self, key: str) -> torch.Tensor:
+        """The mean of the values :meth:`accumulate` added to ``key`` on every rank (each sample counted once), and
+        start anew. A collective under several processes: every rank calls it, for the same keys in the same order."""
+        total, n = self.epoch_sums.pop(key)
+        n = torch.tensor(float(n), dtype=total.dtype, device=total.device)
+        if self.trainer.world_size > 1:
+            total, n = (self.trainer.strategy.reduce(t, reduce_op="sum") for t in (total, n))
+        return total / n
+
     def on_train_epoch_end(self) -> None:
-        """Log the epoch means (``train/loss_epoch`` and ``train/loss`` for callbacks, ``train/<term>``) and the
-        training metrics (computed over the epoch and reset by Lightning), then start the next epoch's sums."""
-        for key in [k for k in self.epoch_sums if k.startswith("train/")]:
-            total, n = self.epoch_sums.pop(key)
-            mean = total / n
+        """Log the epoch means over every rank's samples (``train/loss_epoch`` and ``train/loss`` for callbacks,
+        ``train/<term>``) and the training metrics (computed over the epoch and reset by Lightning), then start the
+        next epoch's sums. (``sync_dist``: the means are the same on every rank already.)"""
+        for key in sorted(k for k in self.epoch_sums if k.startswith("train/")):
+            mean = self.epoch_mean(key)
             if key == "train/loss":
-                self.log("train/loss_epoch", mean, prog_bar=True, on_step=False, on_epoch=True, batch_size=1)
-                self.log(key, mean, logger=False, on_step=False, on_epoch=True, batch_size=1)
+                self.log("train/loss_epoch", mean, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+                self.log(key, mean, logger=False, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
             else:
-                self.log(key, mean, on_step=False, on_epoch=True, batch_size=1)
+                self.log(key, mean, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
         if self.flush_hits(self.train_metrics):
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
 
@@ -318,9 +326,7 @@ class Classifier(LightningModule):
         """Log ``<split>/loss`` (the mean over the split, summed over ranks) and the split's metrics, once."""
         if f"{split}/loss" not in self.epoch_sums:
             return
-        total, n = self.epoch_sums.pop(f"{split}/loss")
-        reduce = self.trainer.strategy.reduce
-        mean = reduce(total, reduce_op="mean") / reduce(torch.tensor(float(n), dtype=total.dtype, device=total.device), reduce_op="mean")
+        mean = self.epoch_mean(f"{split}/loss")
         self.log(f"{split}/loss", mean, prog_bar=split == "val", on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
         self.flush_hits(metrics)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
@@ -342,12 +348,11 @@ class Classifier(LightningModule):
         return self.mask_logits(self.batch_logits(batch), batch.task).softmax(-1)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """A :class:`~zoo.batch.Batch` field by field (Lightning's generic walk over a dataclass costs tens of
-        microseconds a step, more than a small model's data); anything else as Lightning moves it."""
+        """A :class:`~zoo.batch.Batch` field by field (:func:`zoo.batch.to_device`, faster than Lightning's generic
+        walk); anything else as Lightning moves it."""
         if not isinstance(batch, Batch):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        moved = {f: _to(getattr(batch, f), device) for f in BATCH_FIELDS}
-        return batch if all(moved[f] is getattr(batch, f) for f in BATCH_FIELDS) else batch.replace(**moved)
+        return to_device(batch, device)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay beyond norms and biases: what any submodule declares with its
@@ -384,17 +389,3 @@ class Classifier(LightningModule):
         means of a run never interrupted."""
         epoch_state.restore(self)
 
-
-def _to(value: Any, device: torch.device) -> Any:
-    """``value`` on ``device``: a tensor (itself when it is there already), a dict of tensors (tokenizer outputs), or
-    anything else through Lightning's ``move_data_to_device`` (e.g. deferred inputs)."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=True)
-    if type(value) is dict and all(isinstance(v, torch.Tensor) for v in value.values()):
-        out = {k: _to(v, device) for k, v in value.items()}
-        return value if all(out[k] is value[k] for k in value) else out
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    return move_data_to_device(value, device)
