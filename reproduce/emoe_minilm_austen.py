@@ -8,7 +8,7 @@ Three experiments (Qiu et al., EMoE), each dense vs EMoE with the same seed, dat
    (layer 4, 64 experts of 24 neurons, top-16), with the official routing (capacity factor 1.5, expert dropout
    0.1, gate noise 1.0, load-balance loss 0.01) and k-means (10 restarts).
 2. A small ViT trained here on Fashion-MNIST classes 0-4 (no ViT weights exist offline), then finetuned
-   on classes 5-9 with few images per class; EMoE: the paper's ViT setting (last block, 24 experts, top-4).
+   on classes 5-9 with few images per class; EMoE: the official ViT setting (blocks L-4 and L-2, 24 experts, top-4).
 3. SmolLM2-135M (real Llama weights): converted on the official Llama layers scaled by depth (64 experts,
    top-k), checked for exactness at k = N and scored for perplexity on Jane Austen text at k < N,
    against a random balanced split of the same neurons (no clustering) at the same k.

@@ -23,8 +23,8 @@ def test_adapters_on_experts_and_gate_train_and_the_experts_stay_bit_identical(t
                      "--trainer.enable_checkpointing=false", "--trainer.callbacks+=tests.compose.test_lora_subtuning.Snapshot")
     module, trainer = run.model, run.trainer
     assert [type(s) for s in module.surgery] == [Moefy, ExpertLoRA] and trainer.global_step == 3
-    ((name, layer),) = emoe_layers(module.backbone)  # stand-in depth 2: the paper's ViT choice is the last block
-    assert name.startswith("blocks.1.mlp") and layer.num_experts == 24 and layer.router_kind == "linear"
+    ((name, layer),) = emoe_layers(module.backbone)  # stand-in depth 2: the official ViT choice is block 0 (L - 4 .. cut)
+    assert name.startswith("blocks.0.mlp") and layer.num_experts == 24 and layer.router_kind == "linear"
     wrappers = [m for m in module.backbone.modules() if isinstance(m, ParamWrapper)]
     assert sorted(w.parameter_name for w in wrappers) == ["fc1_weight", "fc2_weight", "router"]
     assert all(w.num_experts == (1 if w.parameter_name == "router" else 24) for w in wrappers)  # one pair per expert
@@ -43,7 +43,7 @@ def test_adapters_on_experts_and_gate_train_and_the_experts_stay_bit_identical(t
         adapted = module(x)
         module.surgery[1].undo(module.backbone)
         merged = module(x)
-    plain = module.backbone.get_submodule("blocks.1.mlp")
+    plain = module.backbone.get_submodule("blocks.0.mlp")
     assert isinstance(plain, EMoEFFN) and not any(isinstance(m, ParamWrapper) for m in module.backbone.modules())
     assert (merged - adapted).abs().max() <= 1e-5
     fc1 = next(t for n, t in snap.tensors.items() if n.endswith("fc1_weight"))

@@ -34,7 +34,7 @@ def test_default_selection_reaches_the_experts_and_the_report_lists_them(tmp_pat
     module = run.model
     (cb,) = [c for c in run.trainer.callbacks if isinstance(c, MagnitudePruning)]
     layers = emoe_layers(module.backbone)
-    assert [n for n, _ in layers] == ["blocks.1.mlp"]  # the paper's ViT choice for 2 blocks: the last
+    assert [n for n, _ in layers] == ["blocks.0.mlp"]  # the official ViT choice ([L-4, L-2], cut to the blocks) for 2 blocks
     experts = [f"backbone.{n}.{w}" for n, _ in layers for w in EXPERTS]
     assert set(experts) <= set(cb.targets) and not any(t.endswith("_bias") for t in cb.targets)
     assert cb.history[-1][1] == 0.5 and not cb.masks(module)  # the schedule's end, masks baked in

@@ -59,7 +59,7 @@ def test_tutel_gshard_loss_counts_first_choices_only():
 
 
 def test_default_weight_is_official_per_family():
-    assert Moefy().aux_loss == "load_importance" and Moefy().capacity_factor == 1.5
+    assert Moefy().aux_loss == "load_importance" and Moefy().capacity_factor is None  # None: the family's (tests/fidelity/test_emoe_routing_defaults.py)
     vit = EMoEModule(TINY_VIT, pretrained=False, model_kwargs=TINY_VIT_KWARGS, num_experts=8, top_k=2, layers=["*"])
     terms = [t for t in vit.losses if isinstance(t, BalanceLoss)]
     assert vit.balance_loss_weight == 0.01 and len(terms) == 1 and terms[0].weight == 0.01 and terms[0].reduction == "sum"

@@ -178,7 +178,7 @@ def test_layer_selection_and_paper_defaults():
     assert [n for n, _ in emoe_layers(moefy(vit, 4, 1, layers=["blocks.2.mlp"]))] == ["blocks.2.mlp"]
     assert len(emoe_layers(moefy(vit, 4, 1, layers=["blocks.*"]))) == 4
     assert paper_defaults("bert", 12) == (64, 16, [10])
-    assert paper_defaults("timm", 12) == (24, 4, [9, 11])
+    assert paper_defaults("timm", 12) == (24, 4, [8, 10])  # official ViT-S: ['F'] * 8 + ['S', 'F'] * 2
     assert paper_defaults("llama", 30) == (64, 16, [15, 18, 21, 24, 27])  # from L/2 every L/8 (official 7B: 16, 20, 24, 28)
 
 
@@ -338,9 +338,11 @@ def test_module_is_a_classifier_with_moefy_and_balance_loss():
     for k, v in preset.state_dict().items():
         assert torch.equal(v, parts.state_dict()[k]), k
     batch = Batch(torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,)))
+    torch.manual_seed(1)  # the same expert dropout masks in both (ViT: p 0.1)
     loss, logits, _ = preset.train().training_loss(batch)
     aux = torch.stack([m.aux_loss for _, m in preset.emoe_layers()]).sum()  # summed over layers, as the official scripts
     torch.testing.assert_close(loss, nn.functional.cross_entropy(logits, batch.targets) + 0.01 * aux)
+    torch.manual_seed(1)
     torch.testing.assert_close(parts.train().training_loss(batch)[0], loss)
 
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from zoo import families
-from zoo.emoe.defaults import FAMILIES, expert_dropout as default_dropout, paper_defaults  # noqa: F401 (re-exported)
+from zoo.emoe.defaults import DROPOUT_AFTER_ACTIVATION, FAMILIES, expert_dropout as default_dropout, paper_defaults  # noqa: F401 (re-exported)
+from zoo.emoe.defaults import routing as default_routing
 from zoo.emoe.layers import EMoEFFN, _check_args
 from zoo.emoe.routing import check_routing
 
@@ -235,7 +236,7 @@ def moefy(
     seed: int = 0,
     cluster_inits: int = 10,
     router: str = "cosine",
-    capacity_factor: float = 1.5,
+    capacity_factor: float | None = None,
     batch_prioritized: bool = True,
     fp32_gate: bool = True,
     expert_dropout: float | None = None,
@@ -246,11 +247,13 @@ def moefy(
     ``layers``: indices into :func:`find_ffns` (model order, negative allowed) or names/fnmatch
     patterns of the FFN blocks (for BERT-like models the layer, e.g. ``model.encoder.layer.4``); None: all.
     Returns the converted model (an :class:`EMoEFFN` when ``model`` is itself one FFN block). All arguments are checked (widths, ``top_k``, names) before any weight is touched.
-    The routing arguments are :class:`EMoEFFN`'s (official defaults); ``expert_dropout`` None: the family's official one
-    (:data:`zoo.emoe.defaults.EXPERT_DROPOUT`).
+    The routing arguments are :class:`EMoEFFN`'s (official defaults); ``expert_dropout`` and ``capacity_factor`` None:
+    the family's official ones (:mod:`zoo.emoe.defaults`: dropout 0.1 for BERT / GPT-2 / ViT, after the activation for
+    ViT; capacity 1.5, none for Llama). ``gate_noise`` is 0 here (a deterministic conversion); :class:`Moefy` takes the
+    family's official noise.
     """
     _check_args(num_experts, top_k, gate, dispatch, gate_noise, cluster_inits=cluster_inits)
-    check_routing(router, capacity_factor, aux_loss, expert_dropout or 0.0)
+    check_routing(router, capacity_factor or 0.0, aux_loss, expert_dropout or 0.0)
     found = find_ffns(model)
     if not found:
         already = " (it is already converted)" if emoe_layers(model) else ""
@@ -261,12 +264,13 @@ def moefy(
     if not inplace:
         model = copy.deepcopy(model)
     kw = dict(num_experts=num_experts, top_k=top_k, gate=gate, gate_noise=gate_noise, balance_loss=balance_loss, dispatch=dispatch, seed=seed,
-              cluster_inits=cluster_inits, router=router, capacity_factor=capacity_factor, batch_prioritized=batch_prioritized,
-              fp32_gate=fp32_gate, aux_loss=aux_loss)
+              cluster_inits=cluster_inits, router=router, batch_prioritized=batch_prioritized, fp32_gate=fp32_gate, aux_loss=aux_loss)
     for name, family in targets:
         module = model.get_submodule(name)
         drop = default_dropout(family) if expert_dropout is None else expert_dropout
-        ffn, templates = _convert(module, family, **kw, expert_dropout=drop)
+        capacity = default_routing(family)[1] if capacity_factor is None else capacity_factor
+        ffn, templates = _convert(module, family, **kw, expert_dropout=drop, capacity_factor=capacity,
+                                  dropout_after_act=family in DROPOUT_AFTER_ACTIVATION)
         object.__setattr__(ffn, "_dense_templates", {k: _placeholder(v, ffn) for k, v in templates.items()})
         if family == "bert":
             module.intermediate = ffn

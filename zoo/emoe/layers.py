@@ -95,7 +95,8 @@ class EMoEFFN(nn.Module):
             0: no limit (ours before).
         batch_prioritized: within one choice rank, tokens with the highest routing probability get slots first (official).
         fp32_gate: routing logits computed in float32 with autocast off (official ``fp32_gate=True``).
-        expert_dropout: dropout on the experts' hidden pre-activations (official ``moe_drop``, ``gelu(dropout(x))``).
+        expert_dropout: dropout inside the experts (official ``moe_drop``): on the hidden pre-activations,
+            ``gelu(dropout(x))`` (BERT, GPT-2), or with ``dropout_after_act`` after the activation, ``dropout(gelu(x))`` (ViT).
         balance_loss: compute the auxiliary load-balance loss in training; read it from ``aux_loss``.
         aux_loss: ``load_importance`` (official: tutel with ``is_gshard_loss=False``), ``gshard`` (tutel's GShard loss,
             first choices) or ``gshard_topk`` (ours before: GShard over all ``top_k`` choices).
@@ -134,6 +135,7 @@ class EMoEFFN(nn.Module):
         fp32_gate: bool = True,
         expert_dropout: float = 0.0,
         aux_loss: str = "load_importance",
+        dropout_after_act: bool = False,
     ):
         super().__init__()
         width, dim = fc1_weight.shape
@@ -167,6 +169,7 @@ class EMoEFFN(nn.Module):
         self.hidden_dropout = hidden_dropout or nn.Identity()
         self.out_dropout = out_dropout or nn.Identity()
         self.expert_dropout = nn.Dropout(expert_dropout) if expert_dropout > 0 else nn.Identity()
+        self.dropout_after_act = bool(dropout_after_act)
         self.router: nn.Parameter | CosineRouter | None = None
         if gate == "learned" and router == "linear":
             self.router = nn.Parameter(self.mean_keys(), requires_grad=self.fc1_weight.requires_grad)
@@ -233,7 +236,8 @@ class EMoEFFN(nn.Module):
         self.routing_counts = counts.clone() if self.routing_counts is None else self.routing_counts.to(counts.device) + counts
 
     def _hidden(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, wu: torch.Tensor | None, bu: torch.Tensor | None) -> torch.Tensor:
-        h = self.act(self.expert_dropout(F.linear(x, w1, b1)))
+        h = F.linear(x, w1, b1)
+        h = self.expert_dropout(self.act(h)) if self.dropout_after_act else self.act(self.expert_dropout(h))
         if wu is not None:
             h = h * F.linear(x, wu, bu)
         return self.hidden_dropout(h)

@@ -44,9 +44,10 @@ class EMoEModule(Classifier):
             ``top_k = num_experts // 4`` when only ``num_experts`` is given.
         layers: FFNs to convert, by index among the model's FFNs or by name (fnmatch patterns work,
             ``["*"]`` is every FFN); None: the official choice scaled by depth (:mod:`zoo.emoe.defaults`: BERT ``L-2``;
-            GPT-2 ``floor(44 L / 48)``; Llama from ``L/2`` every ``L/8``; ViT every other block of the last third).
+            GPT-2 ``floor(44 L / 48)``; Llama from ``L/2`` every ``L/8``; ViT ``L-4`` and ``L-2``).
         gate: ``emergent`` (mean keys, not trained: the paper's avg-k) or ``learned``.
-        gate_noise: Gaussian noise on the routing scores in training (std ``gate_noise / num_experts``).
+        gate_noise: Gaussian noise on the routing scores in training (std ``gate_noise / num_experts``); None: the
+            family's official one (1, none for Llama).
         balance_loss_weight: weight of the auxiliary load-balance loss added to the cross-entropy (0: off); None: the
             official 0.01 for BERT / GPT-2 / ViT, 0 for Llama-like models (whose official code has no router loss).
         cluster_seed, cluster_inits: seed and number of restarts of the balanced k-means (official: 10).
@@ -67,12 +68,12 @@ class EMoEModule(Classifier):
         top_k: int | None = None,
         layers: list[int | str] | None = None,
         gate: str = "emergent",
-        gate_noise: float = 1.0,
+        gate_noise: float | None = None,
         balance_loss_weight: float | None = None,
         cluster_seed: int = 0,
         cluster_inits: int = 10,
         router: str = "cosine",
-        capacity_factor: float = 1.5,
+        capacity_factor: float | None = None,
         batch_prioritized: bool = True,
         fp32_gate: bool = True,
         expert_dropout: float | None = None,
