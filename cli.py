@@ -90,7 +90,7 @@ class ZooCLI(LightningCLI):
         extra.append(RemoveFailedRunDir())
         trainer = super().instantiate_trainer(callbacks=extra, **kwargs)
         runtime.configure_threads(processes_per_node=trainer.num_devices)
-        reshard.check_checkpoint(self._section("ckpt_path"), trainer.strategy, fitting=self.subcommand == "fit")
+        reshard.check_checkpoint(self._section("ckpt_path"), trainer.strategy)
         return trainer
 
     def parse_arguments(self, parser, args) -> None:

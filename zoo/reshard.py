@@ -1,12 +1,13 @@
 """Move a run between sharded and unsharded strategies: one conversion of its checkpoint, then ``--ckpt_path``.
 
 A sharded run (``ModelParallelStrategy``, FSDP2) saves a distributed-checkpoint folder, or one file whose optimizer
-states are keyed by parameter name (torch's full optimizer state dict), and reads optimizer states by name and a file
-only whole. The other strategies (one device, DDP) read files only (a sharded run's single file too: torch matches
-its optimizer states by order), save optimizer states keyed by position (``optimizer.state_dict()``), and adapters
-save there only what was trained (:mod:`zoo.adapters.checkpoint`). So a sharded run's folder does not resume
-unsharded, nor an unsharded run's file sharded, as they are (Lightning fails deep inside, on a directory, a missing
-key or a shape). :func:`convert` writes one file in
+states are numbered in the module's parameter order; it reads a file only whole, and numbered states by that order.
+The other strategies (one device, DDP) read files only (a sharded run's single file too: torch matches states by the
+optimizer groups' order), number optimizer states in the optimizer groups' order (``optimizer.state_dict()``), and
+adapters save there only what was trained (:mod:`zoo.adapters.checkpoint`). So a sharded run's folder does not
+resume unsharded, nor an unsharded run's file sharded, as they are (Lightning fails deep inside, on a directory, a
+missing key or a shape). ``--to sharded`` keys the optimizer states by parameter name, which the sharded loader reads
+whatever the order. :func:`convert` writes one file in
 the other layout; the ``zoo`` command refuses a checkpoint of the wrong layout before training
 (:func:`check_checkpoint`), naming the command::
 
@@ -109,24 +110,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, seed: int |
     return dst
 
 
-def check_checkpoint(ckpt_path: Any, strategy: Any, fitting: bool) -> None:
+def check_checkpoint(ckpt_path: Any, strategy: Any) -> None:
     """Refuse, before training, a checkpoint the strategy cannot read: under ``ModelParallelStrategy`` a trained-only
-    file, or (fitting) one with position-keyed optimizer states; elsewhere a sharded run's folder. The message names
-    the file and the :func:`convert` command."""
+    file, elsewhere a sharded run's folder. The message names the file and the :func:`convert` command. (An unsharded
+    run's whole file under ``ModelParallelStrategy`` is not told apart from a sharded run's here: both number their
+    optimizer states; see the module docstring.)"""
     if not ckpt_path or str(ckpt_path) in SPECIAL or "://" in str(ckpt_path):
         return
     sharded = type(strategy).__name__ == "ModelParallelStrategy"
     if runtime.is_distributed_checkpoint(ckpt_path):
         problem = None if sharded else "is a sharded run's checkpoint folder, which only ModelParallelStrategy reads"
     else:
-        saved = runtime.load_checkpoint(ckpt_path, what="--ckpt_path", mmap=True)
-        layout = optimizer_layout(saved) if fitting else None
+        saved = runtime.load_checkpoint(ckpt_path, what="--ckpt_path", mmap=True) if sharded else {}
+        problem = None
         if sharded and holds_trained_only(saved.get("state_dict") or {}):
             problem = "holds only the trained parameters of an adapter run, and ModelParallelStrategy reads a file only whole"
-        elif sharded and layout == "plain":
-            problem = "was saved without sharding (optimizer states by position; ModelParallelStrategy reads them by name)"
-        else:
-            problem = None
     if problem:
         to = "sharded" if sharded else "plain"
         out = Path(str(ckpt_path).rstrip("/"))

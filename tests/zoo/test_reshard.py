@@ -82,23 +82,21 @@ def test_the_cli_check_refuses_what_the_strategy_cannot_read_naming_the_command(
     (folder / ".metadata").write_bytes(b"")
     sharded, ddp = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), DDPStrategy()
 
-    def refused(path, strategy, fitting, to):
+    def refused(path, strategy, to):
         with pytest.raises(ValueError, match=rf"--ckpt_path '{path}'.*python -m zoo\.reshard {path} \S+_{to}\.ckpt --to {to}"):
-            reshard.check_checkpoint(str(path), strategy, fitting)
+            reshard.check_checkpoint(str(path), strategy)
 
-    refused(tmp_path / "plain.ckpt", sharded, True, "sharded")  # optimizer states by position
-    reshard.check_checkpoint(str(tmp_path / "plain.ckpt"), sharded, False)  # evaluation reads the weights only
-    refused(tmp_path / "adapted.ckpt", sharded, False, "sharded")  # the base is missing
-    refused(folder, ddp, True, "plain")
-    refused(folder, SingleDeviceStrategy("cpu"), False, "plain")  # `zoo test` on one device
-    reshard.check_checkpoint(str(folder), sharded, True)
-    reshard.check_checkpoint(str(tmp_path / "plain.ckpt"), ddp, True)
-    reshard.check_checkpoint(str(tmp_path / "adapted.ckpt"), ddp, True)
-    reshard.convert(tmp_path / "plain.ckpt", tmp_path / "converted.ckpt", "sharded")
-    reshard.check_checkpoint(str(tmp_path / "converted.ckpt"), sharded, True)
-    reshard.check_checkpoint(str(tmp_path / "converted.ckpt"), ddp, True)  # torch matches name-keyed states by order
+    refused(tmp_path / "adapted.ckpt", sharded, "sharded")  # the base is missing
+    refused(folder, ddp, "plain")
+    refused(folder, SingleDeviceStrategy("cpu"), "plain")  # `zoo test` on one device
+    reshard.check_checkpoint(str(folder), sharded)
+    reshard.check_checkpoint(str(tmp_path / "plain.ckpt"), ddp)
+    reshard.check_checkpoint(str(tmp_path / "adapted.ckpt"), ddp)
+    reshard.convert(tmp_path / "adapted.ckpt", tmp_path / "converted.ckpt", "sharded", seed=0)  # a random base: the run's seed
+    reshard.check_checkpoint(str(tmp_path / "converted.ckpt"), sharded)
+    reshard.check_checkpoint(str(tmp_path / "converted.ckpt"), ddp)  # torch matches name-keyed states by order
     for name in ("last", "best", None):
-        reshard.check_checkpoint(name, sharded, True)
+        reshard.check_checkpoint(name, sharded)
     with pytest.raises(ValueError, match=r"to='whole': expected one of \('sharded', 'plain'\)"):
         reshard.convert(tmp_path / "plain.ckpt", tmp_path / "x.ckpt", "whole")
 
