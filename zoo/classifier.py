@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
 
-from zoo import epoch_state
+from zoo import epoch_state, reshard
 from zoo import losses as L
 from zoo import sharding
 from zoo import surgery as S
@@ -379,6 +379,8 @@ class Classifier(LightningModule):
         checkpoint["zoo_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.sharded:  # parameters without a gradient yet have no optimizer state, which a sharded resume needs
             sharding.fill_optimizer_states(checkpoint, self)
+        elif "optimizer_states" in checkpoint:  # by parameter name: the file also resumes sharded (zoo.reshard)
+            reshard.name_optimizer_states(checkpoint, self, self.trainer.optimizers)
         epoch_state.save(self, checkpoint)  # the running train/* sums and accuracy counters of the epoch
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

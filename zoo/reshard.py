@@ -7,7 +7,8 @@ optimizer groups' order), number optimizer states in the optimizer groups' order
 adapters save there only what was trained (:mod:`zoo.adapters.checkpoint`). So a sharded run's folder does not
 resume unsharded, nor an unsharded run's file sharded, as they are (Lightning fails deep inside, on a directory, a
 missing key or a shape). ``--to sharded`` keys the optimizer states by parameter name, which the sharded loader reads
-whatever the order. :func:`convert` writes one file in
+whatever the order; :class:`~zoo.classifier.Classifier` saves unsharded runs that way (:func:`name_optimizer_states`),
+so only older unsharded files, trained-only adapter files and sharded folders need converting. :func:`convert` writes one file in
 the other layout; the ``zoo`` command refuses a checkpoint of the wrong layout before training
 (:func:`check_checkpoint`), naming the command::
 
@@ -27,7 +28,6 @@ from typing import Any
 import torch
 
 from zoo import runtime
-from zoo.adapters.checkpoint import fill_base, holds_trained_only
 
 LAYOUTS = ("sharded", "plain")
 SPECIAL = ("last", "best", "hpc", "registry")  # Lightning's ckpt_path names, resolved by the Trainer
@@ -55,6 +55,19 @@ def _to_sharded(state: dict, names: list[str]) -> dict:
             "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
 
 
+def name_optimizer_states(checkpoint: dict, module: Any, optimizers: list) -> None:
+    """Key the position-keyed optimizer states of an unsharded run's ``checkpoint`` by parameter name, in place (what
+    :class:`~zoo.classifier.Classifier` saves): the sharded loader reads names whatever their order, and torch's
+    ``Optimizer.load_state_dict`` matches them by the groups' order, so the file resumes under either kind of strategy."""
+    states = checkpoint.get("optimizer_states") or []
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    for i, (state, optimizer) in enumerate(zip(states, optimizers)):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        positions = [p for g in state.get("param_groups", []) for p in g.get("params", [])]
+        if positions and all(isinstance(p, int) for p in positions) and len(positions) == len(params) and all(id(p) in names for p in params):
+            states[i] = _to_sharded(state, [names[id(p)] for p in params])
+
+
 def _position_names(module: Any, checkpoint: dict) -> list[list[str]]:
     """Per optimizer, the parameter name of each position: the module's own parameter groups (its
     ``configure_optimizers``), checked against the saved groups' sizes."""
@@ -78,6 +91,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, seed: int |
     """Write checkpoint ``src`` (a file or a sharded run's folder) to the file ``dst`` in the ``to`` layout: whole
     weights (a trained-only adapter state made whole, its base rebuilt from the module's hyperparameters, after
     ``seed_everything(seed)`` for a base that is not pretrained) and the optimizer states keyed as that layout keys them."""
+    from zoo.adapters.checkpoint import fill_base, holds_trained_only
+
     if to not in LAYOUTS:
         raise ValueError(f"to={to!r}: expected one of {LAYOUTS}")
     checkpoint = runtime.load_checkpoint(src, what="the checkpoint to convert", optimizers=True)
@@ -112,9 +127,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, seed: int |
 
 def check_checkpoint(ckpt_path: Any, strategy: Any) -> None:
     """Refuse, before training, a checkpoint the strategy cannot read: under ``ModelParallelStrategy`` a trained-only
-    file, elsewhere a sharded run's folder. The message names the file and the :func:`convert` command. (An unsharded
-    run's whole file under ``ModelParallelStrategy`` is not told apart from a sharded run's here: both number their
-    optimizer states; see the module docstring.)"""
+    file, elsewhere a sharded run's folder. The message names the file and the :func:`convert` command. (A position-keyed
+    file from before :func:`name_optimizer_states` is not told apart from a sharded run's consolidated file, which is
+    numbered too, in another order: convert such a file before resuming it sharded.)"""
+    from zoo.adapters.checkpoint import holds_trained_only
+
     if not ckpt_path or str(ckpt_path) in SPECIAL or "://" in str(ckpt_path):
         return
     sharded = type(strategy).__name__ == "ModelParallelStrategy"

@@ -314,9 +314,10 @@ class CheckRestored(Callback):
         state = module.state_dict()
         assert set(state) == set(self.ckpt["state_dict"])
         assert all(torch.equal(state[k], v) for k, v in self.ckpt["state_dict"].items())
-        opt = trainer.optimizers[0].state_dict()["state"]
-        saved = self.ckpt["optimizer_states"][0]["state"]
-        assert all(torch.equal(opt[i]["exp_avg"], saved[i]["exp_avg"]) for i in saved)
+        live, saved = trainer.optimizers[0].state_dict(), self.ckpt["optimizer_states"][0]  # saved: keyed by name, in group order
+        order = [(i, n) for gl, gs in zip(live["param_groups"], saved["param_groups"]) for i, n in zip(gl["params"], gs["params"])]
+        assert len(order) == len(live["state"]) == len(saved["state"])
+        assert all(torch.equal(live["state"][i]["exp_avg"], saved["state"][n]["exp_avg"]) for i, n in order)
         self.checked = True
 
 

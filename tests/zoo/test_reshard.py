@@ -34,21 +34,24 @@ def classifier(**kw):
     return Classifier(model=TINY_VIT, num_classes=4, model_kwargs={**TINY_VIT_KWARGS, "depth": 3}, **kw)
 
 
-def test_plain_to_sharded_is_torchs_full_optimizer_state_and_back_is_the_original(tmp_path):
+def test_unsharded_checkpoints_key_optimizer_states_as_torchs_full_state_dict_and_convert_to_positions(tmp_path):
+    """An unsharded run's checkpoint holds the optimizer states by name (Classifier.on_save_checkpoint), exactly torch's
+    full optimizer state dict, which the sharded loader reads; ``--to plain`` gives ``optimizer.state_dict()`` back,
+    and ``--to sharded`` of a position-keyed file (an older checkpoint) gives the names again."""
     module = classifier()
-    trainer = fit_and_save(module, tmp_path / "plain.ckpt")
+    trainer = fit_and_save(module, tmp_path / "run.ckpt")
     reference = get_optimizer_state_dict(module, trainer.optimizers[0], options=StateDictOptions(full_state_dict=True))
+    saved = torch.load(tmp_path / "run.ckpt", weights_only=False)
+    assert len(saved["optimizer_states"][0]["state"]) > 10 and reshard.optimizer_layout(saved) == "sharded"
+    assert same(saved["optimizer_states"][0], reference)
+
+    reshard.convert(tmp_path / "run.ckpt", tmp_path / "plain.ckpt", "plain")
     plain = torch.load(tmp_path / "plain.ckpt", weights_only=False)
-    assert reshard.optimizer_layout(plain) == "plain" and len(plain["optimizer_states"][0]["state"]) > 10
+    assert same(plain["optimizer_states"][0], trainer.optimizers[0].state_dict())  # torch's own positions
+    assert same(plain["state_dict"], saved["state_dict"]) and same(plain["loops"], saved["loops"])
 
     reshard.convert(tmp_path / "plain.ckpt", tmp_path / "sharded.ckpt", "sharded")
-    sharded = torch.load(tmp_path / "sharded.ckpt", weights_only=False)
-    assert reshard.optimizer_layout(sharded) == "sharded"
-    assert same(sharded["optimizer_states"][0], reference)  # what a sharded run saves in a consolidated file
-    assert same(sharded["state_dict"], plain["state_dict"]) and same(sharded["loops"], plain["loops"])
-
-    reshard.convert(tmp_path / "sharded.ckpt", tmp_path / "back.ckpt", "plain")
-    assert same(torch.load(tmp_path / "back.ckpt", weights_only=False)["optimizer_states"], plain["optimizer_states"])
+    assert same(torch.load(tmp_path / "sharded.ckpt", weights_only=False)["optimizer_states"][0], reference)
 
 
 def test_trained_only_adapter_state_is_made_whole_and_a_different_base_is_refused(tmp_path):
@@ -117,3 +120,23 @@ def test_the_zoo_command_refuses_it_when_the_trainer_is_built(tmp_path):
             "--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.logger=false", f"--ckpt_path={tmp_path / 'adapted.ckpt'}"]
     with pytest.raises(ValueError, match=r"adapted\.ckpt' holds only the trained parameters of an adapter run.*--to sharded"):
         cli.main(args)
+
+
+def test_an_unsharded_run_resumes_sharded_as_it_is(tmp_path):
+    """One process, then 2 sharded processes from its last.ckpt (no conversion): the optimizer states are taken up
+    (Adam's step count runs on, 2 then 4)."""
+    from tests.helpers import ROOT, run_cli
+
+    common = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+              "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    sharded = ["--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+               "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.strategy.init_args.tensor_parallel_size=1",
+               "--trainer.strategy.init_args.save_distributed_checkpoint=false", "--trainer.strategy.init_args.timeout=0:01:00"]
+    env = {"OMP_NUM_THREADS": "1"}
+    run_cli([*common, "--trainer.max_epochs=1", f"--checkpoint.dirpath={tmp_path / 'one'}"], cwd=tmp_path, env=env)
+    run_cli([*common, *sharded, "--trainer.max_epochs=2", f"--checkpoint.dirpath={tmp_path / 'two'}",
+             f"--ckpt_path={tmp_path / 'one' / 'last.ckpt'}"], cwd=tmp_path, env=env)
+    for run, step in (("one", 2), ("two", 4)):
+        saved = torch.load(tmp_path / run / "last.ckpt", weights_only=False)
+        steps = {float(s["step"]) for s in saved["optimizer_states"][0]["state"].values()}
+        assert saved["global_step"] == step and steps == {float(step)}, (run, saved["global_step"], steps)
