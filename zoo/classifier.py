@@ -379,7 +379,7 @@ class Classifier(LightningModule):
         checkpoint["zoo_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.sharded:  # parameters without a gradient yet have no optimizer state, which a sharded resume needs
             sharding.fill_optimizer_states(checkpoint, self)
-        elif "optimizer_states" in checkpoint:  # by parameter name: the file also resumes sharded (zoo.reshard)
+        elif checkpoint.get("optimizer_states"):  # by parameter name: the file also resumes sharded (zoo.reshard)
             reshard.name_optimizer_states(checkpoint, self, self.trainer.optimizers)
         epoch_state.save(self, checkpoint)  # the running train/* sums and accuracy counters of the epoch
 
