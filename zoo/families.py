@@ -140,14 +140,14 @@ def blocks(backbone: nn.Module) -> list[tuple[str, str]]:
     return family_of(backbone).blocks(root_of(backbone))
 
 
-def features(backbone: nn.Module, hidden: torch.Tensor, inputs: Any = None) -> torch.Tensor:
+def features(backbone: nn.Module, hidden: torch.Tensor, inputs: Any = None, family: Family | None = None) -> torch.Tensor:
     """``backbone``'s pooled features (what it returns) from its last block's output ``hidden``: the family's ``tail``,
     then timm's ``forward_head(pre_logits=True)``, or an :class:`~zoo.backbones.HFEncoder`'s pooling over ``inputs``'
-    attention mask."""
+    attention mask. ``family``: the backbone's, when the caller already knows it (a forward pass need not look it up)."""
     from zoo.backbones import HFEncoder
 
     root = root_of(backbone)
-    for name in family_of(backbone).tail:
+    for name in (family or family_of(backbone)).tail:
         hidden = getattr(root, name)(hidden)
     if isinstance(backbone, HFEncoder):
         return backbone.pool(hidden, inputs)

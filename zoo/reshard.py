@@ -55,17 +55,24 @@ def _to_sharded(state: dict, names: list[str]) -> dict:
             "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
 
 
+def _group_names(module: Any, optimizer: Any) -> list[str] | None:
+    """The name of each of ``optimizer``'s parameters in its groups' order (torch's positions); None if one is not
+    ``module``'s."""
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return [names[id(p)] for p in params] if all(id(p) in names for p in params) else None
+
+
 def name_optimizer_states(checkpoint: dict, module: Any, optimizers: list) -> None:
     """Key the position-keyed optimizer states of an unsharded run's ``checkpoint`` by parameter name, in place (what
     :class:`~zoo.classifier.Classifier` saves): the sharded loader reads names whatever their order, and torch's
     ``Optimizer.load_state_dict`` matches them by the groups' order, so the file resumes under either kind of strategy."""
     states = checkpoint.get("optimizer_states") or []
-    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
     for i, (state, optimizer) in enumerate(zip(states, optimizers)):
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         positions = [p for g in state.get("param_groups", []) for p in g.get("params", [])]
-        if positions and all(isinstance(p, int) for p in positions) and len(positions) == len(params) and all(id(p) in names for p in params):
-            states[i] = _to_sharded(state, [names[id(p)] for p in params])
+        names = _group_names(module, optimizer)
+        if positions and all(isinstance(p, int) for p in positions) and names is not None and len(positions) == len(names):
+            states[i] = _to_sharded(state, names)
 
 
 def _position_names(module: Any, checkpoint: dict) -> list[list[str]]:
@@ -76,14 +83,16 @@ def _position_names(module: Any, checkpoint: dict) -> list[list[str]]:
         configured = configured["optimizer"]
     optimizers = list(configured) if isinstance(configured, (list, tuple)) else [configured]
     optimizers = [o["optimizer"] if isinstance(o, dict) else o for o in optimizers]
-    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
     out = []
     for optimizer, saved in zip(optimizers, checkpoint["optimizer_states"]):
         sizes = [len(g["params"]) for g in optimizer.param_groups]
         if sizes != [len(g["params"]) for g in saved["param_groups"]]:
             raise ValueError(f"the checkpoint's optimizer groups hold {[len(g['params']) for g in saved['param_groups']]} "
                              f"parameters, {type(module).__name__}'s own groups {sizes}: cannot name its positions")
-        out.append([names[id(p)] for g in optimizer.param_groups for p in g["params"]])
+        names = _group_names(module, optimizer)
+        if names is None:
+            raise ValueError(f"{type(module).__name__}'s optimizer holds a parameter that is not the module's: cannot name its positions")
+        out.append(names)
     return out
 
 
@@ -96,8 +105,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, seed: int |
     if to not in LAYOUTS:
         raise ValueError(f"to={to!r}: expected one of {LAYOUTS}")
     checkpoint = runtime.load_checkpoint(src, what="the checkpoint to convert", optimizers=True)
-    module = None
-    if holds_trained_only(checkpoint["state_dict"]) or (to == "sharded" and optimizer_layout(checkpoint) == "plain"):
+    layout, module = optimizer_layout(checkpoint), None
+    if holds_trained_only(checkpoint["state_dict"]) or (to == "sharded" and layout == "plain"):
         from lightning.pytorch import seed_everything
 
         from zoo.backbones import load_zoo_module
@@ -114,7 +123,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, seed: int |
                              f"trained on{hint}") from exc
         fill_base(module, checkpoint["state_dict"], what=str(src))
     states = checkpoint.get("optimizer_states") or []
-    if states and optimizer_layout(checkpoint) != to:
+    if states and layout != to:
         if to == "plain":
             checkpoint["optimizer_states"] = [_to_plain(s) for s in states]
         else:

@@ -120,15 +120,20 @@ def release_and_thaw(surgery: Any, model: nn.Module) -> nn.Module:
     return model
 
 
+def fingerprint_keys(state_dict: dict) -> list[str]:
+    """The fingerprint entries of a trained-only state dict (one per backbone an adapter surgery changed)."""
+    return [k for k in state_dict if k == KEY or k.endswith("." + KEY)]
+
+
 def holds_trained_only(state_dict: dict) -> bool:
     """Whether a state dict is trained-only (has a fingerprint entry in place of base parameters)."""
-    return any(k == KEY or k.endswith("." + KEY) for k in state_dict)
+    return bool(fingerprint_keys(state_dict))
 
 
 def fill_base(module: nn.Module, state_dict: dict, what: str = "checkpoint") -> None:
     """Make a trained-only ``state_dict`` of ``module`` whole, in place: each fingerprint entry checked against
     ``module``'s own base (rebuilt from its hyperparameters) and replaced by its base tensors, as loading does."""
-    for key in [k for k in state_dict if k == KEY or k.endswith("." + KEY)]:
+    for key in fingerprint_keys(state_dict):
         prefix, errors = key[: -len(KEY)], []
         _fill_base(module.get_submodule(prefix.rstrip(".")), state_dict, prefix, {}, True, [], [], errors)
         if errors:

@@ -230,7 +230,7 @@ def moefy(
     layers: Sequence[int | str] | None = None,
     inplace: bool = False,
     gate: str = "emergent",
-    gate_noise: float = 0.0,
+    gate_noise: float | None = 0.0,
     balance_loss: bool = False,
     dispatch: str = "sparse",
     seed: int = 0,
@@ -249,10 +249,10 @@ def moefy(
     Returns the converted model (an :class:`EMoEFFN` when ``model`` is itself one FFN block). All arguments are checked (widths, ``top_k``, names) before any weight is touched.
     The routing arguments are :class:`EMoEFFN`'s (official defaults); ``expert_dropout`` and ``capacity_factor`` None:
     the family's official ones (:mod:`zoo.emoe.defaults`: dropout 0.1 for BERT / GPT-2 / ViT, after the activation for
-    ViT; capacity 1.5, none for Llama). ``gate_noise`` is 0 here (a deterministic conversion); :class:`Moefy` takes the
-    family's official noise.
+    ViT; capacity 1.5, none for Llama). ``gate_noise`` is 0 by default here (a deterministic conversion); None, as
+    :class:`Moefy` passes by default, is the family's official noise (1, none for Llama).
     """
-    _check_args(num_experts, top_k, gate, dispatch, gate_noise, cluster_inits=cluster_inits)
+    _check_args(num_experts, top_k, gate, dispatch, gate_noise or 0.0, cluster_inits=cluster_inits)
     check_routing(router, capacity_factor or 0.0, aux_loss, expert_dropout or 0.0)
     found = find_ffns(model)
     if not found:
@@ -260,17 +260,18 @@ def moefy(
         raise ValueError(f"{type(model).__name__} has no supported FFN block{already}. Supported: {SUPPORTED}")
     targets = select_layers(found, layers)
     for name, family in targets:
-        _check_args(num_experts, top_k, gate, dispatch, gate_noise, ffn_width(model.get_submodule(name), family))
+        _check_args(num_experts, top_k, gate, dispatch, gate_noise or 0.0, ffn_width(model.get_submodule(name), family))
     if not inplace:
         model = copy.deepcopy(model)
-    kw = dict(num_experts=num_experts, top_k=top_k, gate=gate, gate_noise=gate_noise, balance_loss=balance_loss, dispatch=dispatch, seed=seed,
+    kw = dict(num_experts=num_experts, top_k=top_k, gate=gate, balance_loss=balance_loss, dispatch=dispatch, seed=seed,
               cluster_inits=cluster_inits, router=router, batch_prioritized=batch_prioritized, fp32_gate=fp32_gate, aux_loss=aux_loss)
     for name, family in targets:
         module = model.get_submodule(name)
         drop = default_dropout(family) if expert_dropout is None else expert_dropout
-        capacity = default_routing(family)[1] if capacity_factor is None else capacity_factor
-        ffn, templates = _convert(module, family, **kw, expert_dropout=drop, capacity_factor=capacity,
-                                  dropout_after_act=family in DROPOUT_AFTER_ACTIVATION)
+        noise, capacity = default_routing(family)
+        ffn, templates = _convert(module, family, **kw, expert_dropout=drop, dropout_after_act=family in DROPOUT_AFTER_ACTIVATION,
+                                  gate_noise=noise if gate_noise is None else gate_noise,
+                                  capacity_factor=capacity if capacity_factor is None else capacity_factor)
         object.__setattr__(ffn, "_dense_templates", {k: _placeholder(v, ffn) for k, v in templates.items()})
         if family == "bert":
             module.intermediate = ffn

@@ -19,7 +19,6 @@ from __future__ import annotations
 from torch import nn
 
 from zoo.emoe.convert import SUPPORTED, demoefy, emoe_layers, ffn_width, find_ffns, moefy, paper_defaults, select_layers
-from zoo.emoe.defaults import routing
 from zoo.emoe.layers import GATES, _check_args
 from zoo.emoe.routing import check_routing
 from zoo.surgery import Surgery
@@ -84,8 +83,7 @@ class Moefy(Surgery):
 
     def transform(self, model: nn.Module) -> nn.Module:
         num_experts, top_k, names = self.resolve(model)
-        noise = routing(find_ffns(model)[0][1])[0] if self.gate_noise is None else self.gate_noise
-        return moefy(model, num_experts, top_k, layers=names or None, inplace=True, gate=self.gate, gate_noise=noise,
+        return moefy(model, num_experts, top_k, layers=names or None, inplace=True, gate=self.gate, gate_noise=self.gate_noise,
                      balance_loss=self.balance_loss, seed=self.cluster_seed, cluster_inits=self.cluster_inits, router=self.router,
                      capacity_factor=self.capacity_factor, batch_prioritized=self.batch_prioritized, fp32_gate=self.fp32_gate,
                      expert_dropout=self.expert_dropout, aux_loss=self.aux_loss)

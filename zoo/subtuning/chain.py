@@ -28,7 +28,7 @@ class LayerChain:
     def __init__(self, backbone: nn.Module):
         self.backbone = backbone
         self.root = families.root_of(backbone)
-        self.family = families.family_of(backbone, who="SubTuning").name
+        self.family = families.family_of(backbone, who="SubTuning")
         self.names = [b for b, _ in families.blocks(backbone)]
         self.layers = [self.root.get_submodule(n) for n in self.names]
 
@@ -86,7 +86,7 @@ class LayerChain:
 
     def tail(self, h: torch.Tensor, x: Any) -> torch.Tensor:
         """From the last block's output to the pooled features (:func:`zoo.families.features`)."""
-        return families.features(self.backbone, h, x)
+        return families.features(self.backbone, h, x, self.family)
 
     def suffix(self, h: torch.Tensor, ctx: tuple[tuple, dict], x: Any, start: int, layers: Sequence[nn.Module] | None = None) -> torch.Tensor:
         return self.tail(self.run(h, ctx, start, len(self), layers), x)
